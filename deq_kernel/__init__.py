@@ -1,0 +1,26 @@
+"""deq_kernel: the Gaussian-process kernel of infinitely wide deep equilibrium models.
+
+The covariance of ``f(x) = v . h*(x)``, ``h* = phi(W h* + U x + b)``, as width goes to
+infinity (Gao, Huo, Liu and Gao, NeurIPS 2023), computed exactly, with implicit
+gradients, for GPyTorch, BoTorch and scikit-learn.
+"""
+
+from __future__ import annotations
+
+from . import activations, settings
+from .activations import ACTIVATIONS, Activation, get_activation
+from .functional import equilibrium_covariance
+from .solver import ConvergenceError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "ConvergenceError",
+    "__version__",
+    "activations",
+    "equilibrium_covariance",
+    "get_activation",
+    "settings",
+]

@@ -1,0 +1,85 @@
+"""Solver settings, as context managers (in the manner of ``gpytorch.settings``).
+
+Each setting holds a thread-local value, so concurrent calls from several threads
+can use different settings without seeing each other's::
+
+    with deq_kernel.settings.max_iterations(5):
+        K = deq_kernel.equilibrium_covariance(x)   # may raise ConvergenceError
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+__all__ = ["max_iterations", "tolerance_factor"]
+
+
+class _Setting:
+    """A thread-local value with a default, set for the duration of a ``with`` block."""
+
+    _default: ClassVar[Any]
+    _local: ClassVar[threading.local]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._local = threading.local()
+
+    def __init__(self, value: Any) -> None:
+        self._value = self._validate(value)
+
+    @classmethod
+    def _validate(cls, value: Any) -> Any:
+        return value
+
+    @classmethod
+    def value(cls) -> Any:
+        stack = getattr(cls._local, "stack", None)
+        return stack[-1] if stack else cls._default
+
+    def __enter__(self) -> _Setting:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        stack.append(self._value)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._local.stack.pop()
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class max_iterations(_Setting):
+    """Largest number of Newton iterations a fixed-point solve may take (default 100).
+
+    A solve that has not met its stopping rule after this many iterations raises
+    :class:`deq_kernel.ConvergenceError`; it never returns the unconverged values.
+    """
+
+    _default = 100
+
+    @classmethod
+    def _validate(cls, value: Any) -> int:
+        return _positive_int("max_iterations", value)
+
+
+class tolerance_factor(_Setting):
+    """The stopping rule's tolerance, in units of the working dtype's machine epsilon.
+
+    A fixed point is accepted when its residual is at most ``tolerance_factor * eps``
+    (relative to the size of the terms of the equation). The default, 64, sits a
+    little above the rounding floor of the residual's evaluation.
+    """
+
+    _default = 64.0
+
+    @classmethod
+    def _validate(cls, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+            raise ValueError(f"tolerance_factor must be a number >= 1, got {value!r}")
+        return float(value)
