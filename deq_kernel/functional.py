@@ -1,0 +1,330 @@
+r"""``equilibrium_covariance``: validation, shapes and dispatch to the solver.
+
+For inputs :math:`x, x' \in \mathbb{R}^d` the infinitely wide deep equilibrium model
+:math:`h^* = \phi(W h^* + U x + b)`, :math:`f = v \cdot h^*` (Gao et al., NeurIPS 2023) has
+
+.. math::
+    s(x, x') &= \sum_i \sigma_{u,i}^2 x_i x'_i / d + \sigma_b^2, \\
+    K^*(x, x') &= \sigma_w^2\, E[\phi(u)\phi(v)] + s(x, x'), \\
+    k(x, x') &= \sigma_v^2\, E[\phi(u)\phi(v)],
+
+with :math:`(u, v)` centred Gaussian with covariance
+:math:`[[K^*(x,x), K^*(x,x')], [K^*(x,x'), K^*(x',x')]]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .activations import Activation, PiecewiseLinear, get_activation, safe_sqrt
+from .solver import homogeneous_pairs, solve_diagonal, solve_pairs
+
+__all__ = ["OUTPUTS", "equilibrium_covariance"]
+
+#: Values accepted for ``output``.
+OUTPUTS = ("nngp", "preactivation")
+
+ArrayLike = Any
+
+
+def equilibrium_covariance(
+    x1: ArrayLike,
+    x2: ArrayLike | None = None,
+    *,
+    activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
+    weight_variance: float | Tensor = 1.0,
+    input_variance: float | Tensor = 1.0,
+    bias_variance: float | Tensor = 0.0,
+    output_variance: float | Tensor = 1.0,
+    diag: bool = False,
+    output: str = "nngp",
+    **activation_kwargs: Any,
+) -> Tensor:
+    r"""Covariance of an infinitely wide deep equilibrium model.
+
+    Parameters
+    ----------
+    x1 : tensor or array-like, shape ``(..., n, d)``
+        Inputs. Array-likes become float64 tensors; tensors keep their dtype
+        (float32 or float64) and device.
+    x2 : tensor or array-like, shape ``(..., m, d)``, optional
+        Second inputs; ``None`` means ``x1`` (a symmetric matrix whose diagonal is
+        computed by the O(n) diagonal path).
+    activation : str, Activation or callable
+        One of :data:`deq_kernel.activations.ACTIVATIONS` or any smooth elementwise torch
+        function.
+    weight_variance, input_variance, bias_variance, output_variance : float or tensor
+        :math:`\sigma_w^2, \sigma_u^2, \sigma_b^2, \sigma_v^2`, non-negative; tensors broadcast
+        against the batch shape. ``input_variance`` may have a last dimension of size ``d``
+        (one variance per input dimension, ARD): its last dimension is always the feature
+        dimension, so a per-batch scalar has shape ``(*batch, 1)``. ``weight_variance`` must
+        be below the activation's bound (``activation.weight_variance_bound``; relu: 2).
+    diag : bool
+        Return only the diagonal ``k(x1_i, x2_i)``, shape ``(..., n)``, in O(n).
+    output : {"nngp", "preactivation"}
+        ``"nngp"``: the output kernel :math:`k`; ``"preactivation"``: the equilibrium
+        pre-activation covariance :math:`K^*` (``output_variance`` is then unused).
+    **activation_kwargs
+        Activation options, e.g. ``negative_slope`` for ``leaky_relu``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(..., n, m)``, or ``(..., n)`` with ``diag=True``. Differentiable in the
+        inputs and every hyperparameter (implicit function theorem).
+
+    Raises
+    ------
+    ValueError, TypeError
+        For malformed inputs or hyperparameters, naming the argument.
+    deq_kernel.ConvergenceError
+        If a fixed point is not found to tolerance (never returns unconverged values).
+
+    Examples
+    --------
+    >>> import torch, deq_kernel
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> deq_kernel.equilibrium_covariance(x, weight_variance=1.0)  # relu
+    tensor([[0.5000, 0.2172],
+            [0.2172, 0.5000]], dtype=torch.float64)
+    >>> deq_kernel.equilibrium_covariance(x, weight_variance=1.0, output="preactivation")
+    tensor([[1.0000, 0.2172],
+            [0.2172, 1.0000]], dtype=torch.float64)
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+    if not isinstance(diag, bool):
+        raise TypeError(f"diag must be a bool, got {diag!r}")
+    act = get_activation(activation, **activation_kwargs)
+
+    x1 = _as_input(x1, "x1")
+    symmetric = x2 is None or x2 is x1
+    x2 = x1 if symmetric else _as_input(x2, "x2", like=x1)
+    if x1.dtype != x2.dtype:
+        dtype = torch.promote_types(x1.dtype, x2.dtype)
+        x1, x2 = x1.to(dtype), x2.to(dtype)
+    d = x1.shape[-1]
+    if x2.shape[-1] != d:
+        raise ValueError(f"x2 must have the same number of features as x1 (d={d}), got x2 of shape {tuple(x2.shape)}")
+    if diag and not symmetric and x2.shape[-2] != x1.shape[-2]:
+        raise ValueError(f"with diag=True, x2 must have as many points as x1 ({x1.shape[-2]}), got {x2.shape[-2]}")
+
+    w = _as_hyper(weight_variance, "weight_variance", x1)
+    iv = _as_hyper(input_variance, "input_variance", x1)
+    b = _as_hyper(bias_variance, "bias_variance", x1)
+    ov = _as_hyper(output_variance, "output_variance", x1)
+    if iv.dim() >= 1 and iv.shape[-1] not in (1, d):
+        raise ValueError(
+            f"input_variance must be a scalar or have last dimension 1 or d={d} "
+            f"(one variance per input dimension), got shape {tuple(iv.shape)}"
+        )
+    act.check_weight_variance(w)
+    batch = _batch_shape(x1, x2, w=w, iv=iv, b=b, ov=ov)
+
+    # s(x, x') = <x * input_variance / d, x'> + bias_variance
+    scale = (iv / d).unsqueeze(-2) if iv.dim() >= 2 else iv / d
+    x1s = x1 * scale
+    s11 = (x1s * x1).sum(-1) + b.unsqueeze(-1)
+    w_point, ov_point = w.unsqueeze(-1), ov.unsqueeze(-1)
+    q1, d1 = solve_diagonal(act, s11, w_point)
+
+    if diag and symmetric:
+        out = ov_point * d1 if output == "nngp" else q1
+        return out.expand(*batch, x1.shape[-2])
+
+    if symmetric:
+        s22, q2 = s11, q1
+    else:
+        s22 = (x2 * scale * x2).sum(-1) + b.unsqueeze(-1)
+        q2, _ = solve_diagonal(act, s22, w_point)
+    pairs = _Pairs(x1, x1s, x2, scale, b, q1, q2, d1, s11, s22, symmetric)
+    if diag:
+        out = _pair_output(act, pairs, w_point, ov_point, output, outer=False)
+        return out.expand(*batch, x1.shape[-2])
+    out = _pair_output(act, pairs, w_point.unsqueeze(-1), ov_point.unsqueeze(-1), output, outer=True)
+    return out.expand(*batch, x1.shape[-2], x2.shape[-2])
+
+
+class _Pairs(NamedTuple):
+    """Per-point quantities the pair computation needs."""
+
+    x1: Tensor
+    x1s: Tensor  # x1 * input_variance / d
+    x2: Tensor
+    scale: Tensor  # input_variance / d, broadcasting against x
+    bias: Tensor
+    q1: Tensor
+    q2: Tensor
+    d1: Tensor
+    s11: Tensor
+    s22: Tensor
+    symmetric: bool
+
+
+def _cat_features(*parts: Tensor) -> Tensor:
+    shape = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    return torch.cat([p.expand(*shape, p.shape[-1]) for p in parts], dim=-1)
+
+
+def _inner(p: _Pairs, left: Tensor, right: Tensor, *, outer: bool) -> Tensor:
+    """``left_i right_j s(x1_i, x2_j)`` for all pairs (``outer``) or elementwise pairs.
+
+    With per-point factors folded into the operands, the whole normalised matrix
+    ``s12 / sqrt(q1 q2)`` comes out of a single matrix product.
+    """
+    if not outer:
+        return ((p.x1s * p.x2).sum(-1) + p.bias.unsqueeze(-1)) * left * right
+    if p.symmetric:
+        # One operand for both sides makes the product bitwise symmetric. Splitting the
+        # variances into square roots is exact for the gradient unless a variance that
+        # requires a gradient is exactly 0; then symmetrise the two-operand product.
+        hypers = (p.scale, p.bias)
+        if not any(h.requires_grad and bool((h == 0).any()) for h in hypers):
+            a = _cat_features(
+                p.x1 * safe_sqrt(p.scale) * left.unsqueeze(-1), (safe_sqrt(p.bias).unsqueeze(-1) * left).unsqueeze(-1)
+            )
+            return a @ a.mT
+    lhs = _cat_features(p.x1s * left.unsqueeze(-1), (p.bias.unsqueeze(-1) * left).unsqueeze(-1))
+    rhs = _cat_features(p.x2 * right.unsqueeze(-1), right.unsqueeze(-1))
+    out = lhs @ rhs.mT
+    return 0.5 * (out + out.mT) if p.symmetric else out
+
+
+def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str, *, outer: bool) -> Tensor:
+    """The requested output for all pairs (``outer``) or elementwise pairs.
+
+    ``w`` and ``ov`` broadcast against the pair array. For a symmetric matrix the diagonal
+    is taken from the O(n) diagonal path, exactly.
+    """
+    rows, cols = (lambda t: t.unsqueeze(-1), lambda t: t.unsqueeze(-2)) if outer else (lambda t: t, lambda t: t)
+    point_ndim = 2 if outer else 1
+    nngp = output == "nngp"
+    r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
+    diagonal = None
+    if outer and p.symmetric:
+        diagonal = ov.squeeze(-1) * p.d1 if nngp else p.q1
+
+    if isinstance(act, PiecewiseLinear):
+        # A zero-variance point (zero input, no bias) has covariance 0 with everything.
+        inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
+        inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
+        c_tilde = _inner(p, inv1, inv2, outer=outer)
+        scale = ov if nngp else None
+        full = torch.broadcast_shapes(c_tilde.shape, w.shape, ov.shape if nngp else ())
+        if diagonal is not None:
+            diagonal = diagonal.expand(*full[:-1])
+        return homogeneous_pairs(
+            act,
+            c_tilde.expand(full),
+            w,
+            rows(r1),
+            cols(r2),
+            want="value" if nngp else "cov",
+            point_ndim=point_ndim,
+            scale=scale,
+            diagonal=diagonal,
+        )
+
+    ones1, ones2 = torch.ones_like(p.q1), torch.ones_like(p.q2)
+    s12 = _inner(p, ones1, ones2, outer=outer)
+    state1, state2 = act.prepare(p.q1, None if p.symmetric else p.q2)
+    state2 = state1 if state2 is None else state2
+    state1 = tuple(rows(t) for t in state1)
+    state2 = tuple(cols(t) for t in state2)
+    s11r, s22c = rows(p.s11), cols(p.s22)
+    # Points at zero distance (sum_i input_variance_i (x_i - x'_i)^2 / d, to rounding) are
+    # the same point: correlation exactly 1. (For the step activation, whose correlation
+    # map repels 1, this is not the limit of nearby pairs.)
+    eps = torch.finfo(s12.dtype).eps
+    identical = (s11r + s22c - 2.0 * s12).detach() <= 8.0 * eps * (s11r + s22c).detach()
+    zero = (rows(p.q1) * cols(p.q2)).detach() == 0
+    full = torch.broadcast_shapes(s12.shape, zero.shape, w.shape)
+    identical = identical.expand(full)
+    pinned = identical | zero.expand(full)
+    rho, value = solve_pairs(
+        act, state1, state2, s12.expand(full), w, pinned=pinned, pinned_rho=identical.to(s12.dtype)
+    )
+    out = ov * torch.where(identical, rows(p.d1).expand(full), value) if nngp else rows(r1) * cols(r2) * rho
+    if p.symmetric and outer:
+        out = 0.5 * (out + out.mT)  # the closed forms are not bitwise symmetric in (q1, q2)
+    if diagonal is not None:
+        full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
+        out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
+    return out
+
+
+def _as_input(x: ArrayLike, name: str, like: Tensor | None = None) -> Tensor:
+    if isinstance(x, Tensor):
+        t = x
+        if t.dtype in (torch.float16, torch.bfloat16) or t.is_complex():
+            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+        if not t.is_floating_point():
+            t = t.to(torch.get_default_dtype())
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be a tensor or a numeric array-like: {exc}") from None
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be numeric, got an array of dtype {arr.dtype}")
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float64)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if like is not None:
+            t = t.to(like.device)
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., n, d) with at least 2 dimensions, got shape {tuple(t.shape)}")
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one feature (d >= 1), got shape {tuple(t.shape)}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} must be on the same device as x1 ({like.device}), got {t.device}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def _as_hyper(value: Any, name: str, like: Tensor) -> Tensor:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a tensor, got {value!r}")
+    if isinstance(value, Tensor):
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
+        t = value.to(device=like.device, dtype=like.dtype)
+    else:
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number or a tensor, got {value!r}") from None
+        t = torch.as_tensor(arr, dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative, got {_describe(t)}")
+    return t
+
+
+def _describe(t: Tensor) -> str:
+    t = t.detach()
+    return repr(float(t)) if t.numel() == 1 else f"a tensor with values in [{float(t.min()):.4g}, {float(t.max()):.4g}]"
+
+
+def _batch_shape(x1: Tensor, x2: Tensor, **hypers: Tensor) -> torch.Size:
+    names = {"w": "weight_variance", "iv": "input_variance", "b": "bias_variance", "ov": "output_variance"}
+    try:
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch shapes of x1 {tuple(x1.shape[:-2])} and x2 {tuple(x2.shape[:-2])} do not broadcast"
+        ) from None
+    for key, t in hypers.items():
+        shape = t.shape[:-1] if key == "iv" and t.dim() >= 1 else t.shape
+        try:
+            batch = torch.broadcast_shapes(batch, shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{names[key]} of shape {tuple(t.shape)} does not broadcast against the batch shape {tuple(batch)}"
+            ) from None
+    return batch
