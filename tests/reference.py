@@ -1,0 +1,171 @@
+"""Independent reference computations for the tests (numpy and scipy only).
+
+Nothing here imports deq_kernel. Closed-form duals are written from their textbook
+formulas; every other dual is a two-dimensional trapezoid rule in the Cholesky
+parametrisation of the pair; the kernel itself is the original authors' method, the
+plain Picard iteration of the whole covariance matrix, run until the largest change
+is below 1e-14.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import erf as _erf
+from scipy.special import expit
+
+SQRT_2PI = math.sqrt(2.0 * math.pi)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return x * 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+FUNCTIONS = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "abs": np.abs,
+    "identity": lambda x: x,
+    "step": lambda x: np.greater(x, 0).astype(float),
+    "erf": _erf,
+    "sin": np.sin,
+    "cos": np.cos,
+    "gelu": _gelu,
+    "tanh": np.tanh,
+    "sigmoid": expit,
+    "softplus": lambda x: np.logaddexp(0.0, x),
+    "silu": lambda x: x * expit(x),
+}
+
+
+def leaky(slope: float):
+    return lambda x: np.where(x > 0, x, slope * x)
+
+
+# ----------------------------------------------------------------------- closed forms
+
+
+def _arccos_j(rho: np.ndarray) -> np.ndarray:
+    """Degree-1 arc-cosine kernel of unit-variance inputs (Cho & Saul, 2009)."""
+    rho = np.clip(rho, -1.0, 1.0)
+    th = np.arccos(rho)
+    return (np.sin(th) + (np.pi - th) * np.cos(th)) / (2 * np.pi)
+
+
+def closed_form_dual(name: str, q1, q2, c, slope: float = 0.0):
+    """E[phi(u) phi(v)] for (u, v) ~ N(0, [[q1, c], [c, q2]]) by the classical formulas."""
+    q1, q2, c = np.broadcast_arrays(*(np.asarray(t, float) for t in (q1, q2, c)))
+    g = np.sqrt(q1 * q2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(g > 0, c / np.where(g > 0, g, 1), 0.0)
+    if name == "relu":
+        return g * _arccos_j(rho)
+    if name == "leaky_relu":
+        # phi = relu(x) - a relu(-x): four arc-cosine terms.
+        a = slope
+        return g * (_arccos_j(rho) + a * a * _arccos_j(rho) - 2 * a * _arccos_j(-rho))
+    if name == "abs":
+        return g * (2 * _arccos_j(rho) + 2 * _arccos_j(-rho))
+    if name == "identity":
+        return c
+    if name == "step":
+        return np.where(g > 0, (np.pi - np.arccos(np.clip(rho, -1, 1))) / (2 * np.pi), 0.0)
+    if name == "erf":
+        return 2 / np.pi * np.arcsin(2 * c / np.sqrt((1 + 2 * q1) * (1 + 2 * q2)))
+    if name == "sin":
+        return np.exp(-(q1 + q2) / 2) * np.sinh(c)
+    if name == "cos":
+        return np.exp(-(q1 + q2) / 2) * np.cosh(c)
+    raise KeyError(name)
+
+
+CLOSED_FORMS = ("relu", "leaky_relu", "abs", "identity", "step", "erf", "sin", "cos")
+
+
+# ----------------------------------------------------------------------- quadrature
+
+
+def _grid(h: float = 0.08, half_width: float = 9.0):
+    z = np.arange(-half_width, half_width + h / 2, h)
+    wts = np.exp(-0.5 * z * z) * h / SQRT_2PI
+    return z, wts
+
+
+def quadrature_dual(fn, q1, q2, c, h: float = 0.08):
+    """E[fn(u) fn(v)] by a 2-D trapezoid rule, u = sqrt(q1) z1, v = (c/sqrt(q1)) z1 + sqrt(q2 - c^2/q1) z2."""
+    z, wts = _grid(h)
+    q1, q2, c = (np.asarray(t, float) for t in np.broadcast_arrays(q1, q2, c))
+    out = np.empty(q1.shape)
+    for idx in np.ndindex(q1.shape):
+        a, b, cc = q1[idx], q2[idx], c[idx]
+        if a <= 0:
+            out[idx] = fn(np.zeros(1))[0] * np.sum(wts * fn(math.sqrt(max(b, 0)) * z))
+            continue
+        l10 = cc / math.sqrt(a)
+        l11 = math.sqrt(max(b - l10 * l10, 0.0))
+        u = math.sqrt(a) * z
+        v = l10 * z[:, None] + l11 * z[None, :]
+        out[idx] = np.sum(wts[:, None] * wts[None, :] * fn(u)[:, None] * fn(v))
+    return out
+
+
+def quadrature_diag(fn, q, h: float = 0.02):
+    z, wts = _grid(h, 12.0)
+    q = np.asarray(q, float)
+    return np.array([np.sum(wts * fn(math.sqrt(max(v, 0)) * z) ** 2) for v in q.ravel()]).reshape(q.shape)
+
+
+# ----------------------------------------------------------------------- Picard
+
+
+def picard_kernel(
+    x1,
+    x2=None,
+    *,
+    activation: str = "relu",
+    weight_variance: float = 1.0,
+    input_variance=1.0,
+    bias_variance: float = 0.0,
+    output_variance: float = 1.0,
+    output: str = "nngp",
+    slope: float = 0.0,
+    tol: float = 1e-14,
+    max_iter: int = 100_000,
+):
+    """The whole covariance matrix by plain Picard iteration from K = S (the authors' method)."""
+    x1 = np.asarray(x1, float)
+    x = x1 if x2 is None else np.vstack([x1, np.asarray(x2, float)])
+    d = x.shape[1]
+    iv = np.broadcast_to(np.asarray(input_variance, float), (d,))
+    s = (x * iv / d) @ x.T + bias_variance
+    if activation in CLOSED_FORMS:
+
+        def dual(k):
+            dg = np.diag(k)
+            return closed_form_dual(activation, dg[:, None], dg[None, :], k, slope=slope)
+
+    else:
+        fn = FUNCTIONS[activation] if isinstance(activation, str) else activation
+
+        def dual(k):
+            dg = np.diag(k)
+            n = len(dg)
+            out = np.empty_like(k)
+            iu = np.triu_indices(n)
+            vals = quadrature_dual(fn, dg[iu[0]], dg[iu[1]], k[iu])
+            out[iu] = vals
+            out[(iu[1], iu[0])] = vals
+            return out
+
+    k = s.copy()
+    for _ in range(max_iter):
+        new = weight_variance * dual(k) + s
+        change = np.max(np.abs(new - k))
+        k = new
+        if change < tol * max(1.0, np.max(np.abs(k))):
+            break
+    else:
+        raise RuntimeError("reference Picard iteration did not converge")
+    out = k if output == "preactivation" else output_variance * dual(k)
+    n1 = x1.shape[0]
+    return out if x2 is None else out[:n1, n1:]

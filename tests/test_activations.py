@@ -1,0 +1,249 @@
+"""Each dual activation against an independent computation of E[phi(u) phi(v)]."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import FUNCTIONS, closed_form_dual, leaky, quadrature_dual
+from scipy import integrate
+from scipy.stats import norm
+
+import deq_kernel
+from deq_kernel.activations import (
+    ACTIVATIONS,
+    QuadratureActivation,
+    estimate_weight_variance_bound,
+    get_activation,
+)
+
+# (q1, q2, rho): moderate, unequal, strongly (anti-)correlated, tiny and large variances.
+PAIRS = [
+    (1.0, 1.0, 0.3),
+    (0.5, 2.0, -0.7),
+    (3.0, 0.2, 0.5),
+    (1.3, 1.1, 0.999),
+    (2.0, 2.0, -0.995),
+    (0.01, 0.7, 0.2),
+    (4.0, 5.0, 0.9),
+]
+
+
+def _dual(name: str, q1: float, q2: float, rho: float, **kwargs) -> tuple[float, float]:
+    act = get_activation(name, **kwargs)
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    s1, s2 = act.prepare(t(q1), t(q2))
+    value, slope = act.pair_dual(s1, s2, t(rho))
+    return float(value), float(slope)
+
+
+def _conditional_dual(outer, inner_mean, q1: float, q2: float, c: float) -> float:
+    """E[phi(u) E[phi(v) | u]] by adaptive 1-D quadrature, split at the kink u = 0."""
+    sd_cond = math.sqrt(max(q2 - c * c / q1, 0.0))
+
+    def integrand(u: float) -> float:
+        mu = c * u / q1
+        return outer(u) * inner_mean(mu, sd_cond) * norm.pdf(u, scale=math.sqrt(q1))
+
+    lim = 40.0 * math.sqrt(q1)
+    return sum(
+        integrate.quad(integrand, a, b, epsabs=1e-15, epsrel=1e-13, limit=200)[0] for a, b in ((-lim, 0.0), (0.0, lim))
+    )
+
+
+def _mean_relu(mu: float, sd: float) -> float:
+    return mu * norm.cdf(mu / sd) + sd * norm.pdf(mu / sd) if sd > 0 else max(mu, 0.0)
+
+
+def _mean_step(mu: float, sd: float) -> float:
+    return norm.cdf(mu / sd) if sd > 0 else float(mu > 0)
+
+
+@pytest.mark.parametrize("q1,q2,rho", PAIRS)
+@pytest.mark.parametrize("slope", [0.0, 0.2, -1.0, 1.0])
+def test_piecewise_linear_against_conditional_quadrature(q1, q2, rho, slope):
+    c = rho * math.sqrt(q1 * q2)
+    # E[leaky(v) | u] = E[relu(v) | u] - a E[relu(-v) | u]
+    mean = lambda mu, sd: _mean_relu(mu, sd) - slope * _mean_relu(-mu, sd)  # noqa: E731
+    expected = _conditional_dual(leaky(slope), mean, q1, q2, c)
+    value, _ = _dual("leaky_relu", q1, q2, rho, negative_slope=slope)
+    assert value == pytest.approx(expected, rel=1e-10, abs=1e-13)
+
+
+@pytest.mark.parametrize("q1,q2,rho", PAIRS)
+def test_step_against_conditional_quadrature(q1, q2, rho):
+    c = rho * math.sqrt(q1 * q2)
+    expected = _conditional_dual(FUNCTIONS["step"], _mean_step, q1, q2, c)
+    value, _ = _dual("step", q1, q2, rho)
+    assert value == pytest.approx(expected, rel=1e-10, abs=1e-13)
+
+
+@pytest.mark.parametrize("rho", [-0.5, 0.0, 0.3])
+def test_step_is_not_the_arcsine_kernel(rho):
+    """(2/pi) arcsin(rho) belongs to the sign function; the step has (pi - arccos rho)/(2 pi)."""
+    value, _ = _dual("step", 1.0, 1.0, rho)
+    assert value == pytest.approx(0.25 + math.asin(rho) / (2 * math.pi), rel=1e-14)
+    assert abs(value - (2 / math.pi) * math.asin(rho)) > 0.05
+
+
+@pytest.mark.parametrize("name", ["erf", "sin", "cos", "gelu"])
+@pytest.mark.parametrize("q1,q2,rho", PAIRS)
+def test_smooth_closed_forms_against_2d_quadrature(name, q1, q2, rho):
+    c = rho * math.sqrt(q1 * q2)
+    expected = float(quadrature_dual(FUNCTIONS[name], q1, q2, c, h=0.05))
+    value, _ = _dual(name, q1, q2, rho)
+    scale = math.sqrt(
+        float(quadrature_dual(FUNCTIONS[name], q1, q1, q1)) * float(quadrature_dual(FUNCTIONS[name], q2, q2, q2))
+    )
+    assert abs(value - expected) <= 1e-11 * scale
+
+
+@pytest.mark.parametrize("name", ["relu", "abs", "identity", "step", "erf", "sin", "cos"])
+@pytest.mark.parametrize("q1,q2,rho", PAIRS[:5])
+def test_closed_forms_against_textbook_formulas(name, q1, q2, rho):
+    expected = float(closed_form_dual(name, q1, q2, rho * math.sqrt(q1 * q2)))
+    assert _dual(name, q1, q2, rho)[0] == pytest.approx(expected, rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize(
+    "name", ["relu", "leaky_relu", "abs", "step", "erf", "sin", "cos", "gelu", "tanh", "softplus", "silu", "sigmoid"]
+)
+@pytest.mark.parametrize("q1,q2,rho", [(1.0, 1.0, 0.3), (0.5, 2.0, -0.7), (3.0, 0.2, 0.5)])
+def test_slope_is_derivative_in_covariance(name, q1, q2, rho):
+    """V_c = dV/dc (Price's theorem), against a central difference of V in c."""
+    root = math.sqrt(q1 * q2)
+    h = 1e-5
+    up = _dual(name, q1, q2, rho + h / root)[0]
+    down = _dual(name, q1, q2, rho - h / root)[0]
+    assert _dual(name, q1, q2, rho)[1] == pytest.approx((up - down) / (2 * h), rel=1e-7, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["erf", "sin", "cos", "gelu", "tanh", "softplus", "silu", "sigmoid"])
+def test_slope_is_dual_of_derivative(name):
+    """V_c = E[phi'(u) phi'(v)], against quadrature of the derivative."""
+    act = get_activation(name)
+    d = lambda x: act.derivative(torch.as_tensor(x)).numpy()  # noqa: E731
+    for q1, q2, rho in [(1.0, 0.6, 0.4), (2.0, 1.5, -0.8)]:
+        expected = float(quadrature_dual(d, q1, q2, rho * math.sqrt(q1 * q2), h=0.05))
+        assert _dual(name, q1, q2, rho)[1] == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("q", [0.0, 1e-3, 0.7, 2.5])
+def test_diagonal_dual_and_its_derivative(name, q):
+    act = get_activation(name)
+    qt = torch.tensor([q], dtype=torch.float64)
+    value, slope = (float(t) for t in act.diag_dual(qt))
+    fn = leaky(0.01) if name == "leaky_relu" else FUNCTIONS[name]
+    if q > 0:
+        expected = (
+            float(quadrature_dual(fn, q, q, q, h=0.02)) if name not in ("relu", "leaky_relu", "abs", "step") else None
+        )
+        if expected is None:
+            expected = float(closed_form_dual(name if name != "leaky_relu" else "leaky_relu", q, q, q, slope=0.01))
+        assert value == pytest.approx(expected, rel=1e-10, abs=1e-14)
+    else:
+        assert value == pytest.approx(float(fn(np.zeros(1))[0]) ** 2, abs=1e-14)
+    if name == "step" and q == 0.0:
+        return  # D jumps from 0 to 1/2 at q = 0: no derivative to compare with
+    h = 1e-6
+    up = float(act.diag_dual(qt + h)[0])
+    down = float(act.diag_dual((qt - h).clamp_min(0.0))[0])
+    fd = (up - down) / (h + min(h, q))
+    assert slope == pytest.approx(fd, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus", "silu"])
+@pytest.mark.parametrize("q1,q2,rho", PAIRS)
+def test_quadrature_activations_against_2d_quadrature(name, q1, q2, rho):
+    """Hermite-series duals (and their direct fallback near rho = 1) against an independent rule."""
+    c = rho * math.sqrt(q1 * q2)
+    expected = float(quadrature_dual(FUNCTIONS[name], q1, q2, c, h=0.05))
+    value, _ = _dual(name, q1, q2, rho)
+    scale = math.sqrt(
+        float(quadrature_dual(FUNCTIONS[name], q1, q1, q1)) * float(quadrature_dual(FUNCTIONS[name], q2, q2, q2))
+    )
+    assert abs(value - expected) <= 1e-10 * scale
+
+
+def test_series_falls_back_to_direct_quadrature_where_its_tail_is_large():
+    act = get_activation("tanh")
+    q = torch.tensor([40.0, 45.0], dtype=torch.float64)  # strongly saturated: slow Hermite decay
+    s1, _ = act.prepare(q)
+    rows = tuple(t.unsqueeze(-1) for t in s1)
+    cols = tuple(t.unsqueeze(-2) for t in s1)
+    rho = torch.tensor([[0.2, 0.9999], [0.9999, 0.3]], dtype=torch.float64)
+    value, _ = act.pair_dual(rows, cols, rho)
+    qn = q.numpy()
+    c = rho.numpy() * np.sqrt(np.outer(qn, qn))
+    expected = quadrature_dual(np.tanh, qn[:, None], qn[None, :], c, h=0.01)
+    assert np.max(np.abs(value.numpy() - expected)) < 1e-9
+
+
+def test_callable_activation_matches_named():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    named = deq_kernel.equilibrium_covariance(x, activation="tanh", weight_variance=0.6, bias_variance=0.2)
+    custom = deq_kernel.equilibrium_covariance(x, activation=torch.tanh, weight_variance=0.6, bias_variance=0.2)
+    assert torch.allclose(named, custom, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fn,expected",
+    [
+        (torch.tanh, 1.0),
+        (torch.sigmoid, 16.0),
+        (torch.erf, math.pi / 4),
+        (torch.nn.functional.silu, 1.7751175),
+        (torch.sin, 1.0),
+    ],
+)
+def test_estimated_bound(fn, expected):
+    est = estimate_weight_variance_bound(QuadratureActivation(fn, weight_variance_bound=1.0))
+    assert est == pytest.approx(expected, rel=2e-3)
+
+
+@pytest.mark.parametrize(
+    "name,bound",
+    [
+        ("relu", 2.0),
+        ("abs", 1.0),
+        ("identity", 1.0),
+        ("step", math.inf),
+        ("erf", math.pi / 4),
+        ("sin", 1.0),
+        ("cos", 2.0),
+        ("tanh", 1.0),
+        ("sigmoid", 16.0),
+        ("softplus", 2.0),
+    ],
+)
+def test_declared_bounds(name, bound):
+    assert get_activation(name).weight_variance_bound == bound
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_declared_bound_is_below_the_numerical_supremum(name):
+    act = get_activation(name)
+    assert act.weight_variance_bound <= estimate_weight_variance_bound(act) < act.weight_variance_bound * 1.001
+
+
+def test_leaky_relu_bound_depends_on_slope():
+    assert get_activation("leaky_relu", negative_slope=0.5).weight_variance_bound == pytest.approx(2 / 1.25)
+
+
+def test_unknown_activation_lists_valid_names():
+    with pytest.raises(ValueError, match="activation must be one of relu, leaky_relu"):
+        get_activation("swish")
+
+
+def test_bad_activation_options():
+    with pytest.raises(TypeError, match="invalid options for activation 'relu'"):
+        get_activation("relu", negative_slope=0.1)
+    with pytest.raises(TypeError, match="negative_slope must be a real number"):
+        get_activation("leaky_relu", negative_slope="0.1")
+    with pytest.raises(TypeError, match="activation must be one of"):
+        get_activation(3)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        get_activation(lambda x: x.numpy())

@@ -1,0 +1,165 @@
+"""The fixed-point solvers: convergence, the correlation table, settings."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import deq_kernel
+from deq_kernel import ConvergenceError, equilibrium_covariance, settings
+from deq_kernel.activations import get_activation
+from deq_kernel.solver import TABLE_SIZE, CorrelationTable, homogeneous_pairs, solve_diagonal, solve_pairs
+
+
+def _generic_relu_pairs(c_tilde: torch.Tensor, w: float) -> torch.Tensor:
+    """rho* by the general safeguarded Newton solver (unit variances), not the table."""
+    act = get_activation("relu")
+    one = torch.ones_like(c_tilde)
+    state = (one,)
+    pinned = torch.zeros_like(c_tilde, dtype=torch.bool)
+    rho, _ = solve_pairs(
+        act, state, state, c_tilde, torch.tensor(w, dtype=c_tilde.dtype), pinned=pinned, pinned_rho=0 * one
+    )
+    return rho
+
+
+@pytest.mark.parametrize("name,slope", [("relu", 0.0), ("leaky_relu", 0.3), ("abs", -1.0), ("identity", 1.0)])
+@pytest.mark.parametrize("w_fraction", [0.01, 0.5, 0.995])
+def test_correlation_table_matches_newton(name, slope, w_fraction):
+    act = get_activation(name, **({"negative_slope": slope} if name == "leaky_relu" else {}))
+    w = w_fraction * act.weight_variance_bound
+    table = CorrelationTable(act, w, torch.float64, torch.device("cpu"))
+    g_lo, g_hi = -1.0 + w * act.negative_slope, 1.0 - w * act.variance_gain
+    c = torch.cat(
+        [torch.linspace(g_lo, g_hi, 20001, dtype=torch.float64), torch.tensor([g_lo, g_hi], dtype=torch.float64)]
+    )
+    rho, kappa, _, _ = table.solve(c)
+    # Residual of rho - w kappa(rho) = c at rounding level (a few ulps of |rho| + |c| <= 3),
+    # everywhere including both ends.
+    k, _ = act.kappa(rho)
+    assert torch.max(torch.abs(rho - w * k - c)) <= 2e-15
+    assert torch.max(torch.abs(kappa - k)) <= 2e-15
+    if name == "relu":
+        # The general solver stops at a residual of 64 eps; in rho that is 64 eps / G'(rho),
+        # and G' = 1 - w kappa' falls to 1 - w/2 near rho = 1.
+        reference = _generic_relu_pairs(c, w)
+        assert torch.max(torch.abs(rho - reference)) <= 1e-14 / (1 - w * act.variance_gain)
+
+
+def test_table_end_slopes_match_the_interior():
+    """The analytic limits of d theta / d phi at both ends continue the interior values."""
+    act = get_activation("relu")
+    table = CorrelationTable(act, 1.3, torch.float64, torch.device("cpu"))
+    h = math.pi / TABLE_SIZE
+    c0, c1 = table.coefs[0], table.coefs[1]
+    slopes = c1 / h
+    # theta(phi) is analytic, so the slope changes by O(h) between neighbours.
+    assert abs(float(slopes[0] - slopes[1])) < 1e-2
+    assert abs(float(slopes[-1] - slopes[-2])) < 1e-2
+    assert float(c0[0]) == pytest.approx(math.pi)
+
+
+def test_homogeneous_pairs_rejects_unknown_output():
+    act = get_activation("relu")
+    with pytest.raises(ValueError, match="want must be 'cov' or 'value'"):
+        homogeneous_pairs(
+            act, torch.zeros(2, 2), torch.tensor(1.0), torch.ones(2, 1), torch.ones(1, 2), want="both", point_ndim=2
+        )
+
+
+@pytest.mark.parametrize("name", ["tanh", "erf", "gelu"])
+def test_tiny_iteration_cap_raises_convergence_error(name):
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with settings.max_iterations(1), pytest.raises(ConvergenceError) as info:
+        equilibrium_covariance(x, activation=name, weight_variance=0.7, bias_variance=0.1)
+    err = info.value
+    assert err.residual > 0 and err.iterations == 1
+    assert "did not converge in 1 iterations" in str(err)
+    # The cap is scoped: afterwards the same call succeeds.
+    assert torch.isfinite(equilibrium_covariance(x, activation=name, weight_variance=0.7, bias_variance=0.1)).all()
+
+
+def test_diagonal_fixed_point_satisfies_its_equation():
+    act = get_activation("tanh")
+    s = torch.tensor([0.0, 0.1, 1.0, 30.0], dtype=torch.float64)
+    w = torch.tensor(0.99, dtype=torch.float64)
+    q, d = solve_diagonal(act, s, w)
+    assert torch.allclose(q, w * d + s, rtol=1e-14, atol=1e-300)
+    assert q[0] == 0.0
+
+
+def test_settings_validate_and_nest():
+    with pytest.raises(ValueError, match="max_iterations must be a positive integer"):
+        settings.max_iterations(0)
+    with pytest.raises(ValueError, match="tolerance_factor must be a number >= 1"):
+        settings.tolerance_factor(0.5)
+    assert settings.max_iterations.value() == 100
+    with settings.max_iterations(7):
+        with settings.max_iterations(3):
+            assert settings.max_iterations.value() == 3
+        assert settings.max_iterations.value() == 7
+    assert settings.max_iterations.value() == 100
+
+
+def test_settings_are_thread_local():
+    seen = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name, value):
+        with settings.max_iterations(value):
+            barrier.wait()
+            seen[name] = settings.max_iterations.value()
+
+    threads = [threading.Thread(target=worker, args=(i, v)) for i, v in enumerate((5, 9))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {0: 5, 1: 9}
+
+
+def test_concurrent_calls_match_serial(rng):
+    xs = [torch.as_tensor(rng.normal(size=(30, 4))) for _ in range(6)]
+    names = ["relu", "tanh", "erf", "relu", "gelu", "softplus"]
+    serial = [equilibrium_covariance(x, activation=n, weight_variance=0.5) for x, n in zip(xs, names, strict=True)]
+    results = [None] * len(xs)
+
+    def worker(i):
+        results[i] = equilibrium_covariance(xs[i], activation=names[i], weight_variance=0.5)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(results, serial, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_near_duplicate_points_have_correlation_near_one(rng):
+    """rho -> 1 smoothly for contractive activations as points merge."""
+    x = rng.normal(size=(1, 3))
+    for eps in (1e-4, 1e-8, 1e-12):
+        pts = np.vstack([x, x + eps])
+        for name in ("relu", "tanh"):
+            k = equilibrium_covariance(pts, activation=name, weight_variance=0.5, output="preactivation").numpy()
+            corr = k[0, 1] / np.sqrt(k[0, 0] * k[1, 1])
+            assert 1 - 1e-6 < corr <= 1 + 1e-15
+
+
+def test_step_kernel_is_discontinuous_on_the_diagonal():
+    """The step's correlation map repels rho = 1: nearby distinct points stay below cos(w / (pi q))."""
+    x = np.array([[1.0, 0.5], [1.0, 0.5 + 1e-7], [1.0, 0.5]])
+    w = 2.0
+    k = equilibrium_covariance(x, activation="step", weight_variance=w, output="preactivation").numpy()
+    q = k[0, 0]
+    assert k[0, 2] == pytest.approx(q, rel=1e-15)  # an exact duplicate is the same point
+    assert k[0, 1] / q < math.cos(w / (math.pi * q)) + 1e-6
+
+
+def test_version_is_exposed():
+    assert deq_kernel.__version__
