@@ -124,6 +124,17 @@ class Activation(abc.ABC):
         differentiable in the states (``rho`` held fixed); ``V_c`` is a plain value.
         """
 
+    def bulk_pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`pair_dual` for the bulk of the pairs, as pure elementwise tensor code (fusable).
+
+        Exact unless :meth:`inexact_pairs` says otherwise; the default is :meth:`pair_dual`.
+        """
+        return self.pair_dual(state1, state2, rho)
+
+    def inexact_pairs(self, state1: State, state2: State, rho: Tensor) -> Tensor | None:
+        """Pairs at which :meth:`bulk_pair_dual` is not accurate (``None``: none)."""
+        return None
+
     def prepare(self, q1: Tensor, q2: Tensor | None = None) -> tuple[State, State | None]:
         """Per-point state for :meth:`pair_dual`; a tuple whose first entry is ``q``.
 
@@ -666,6 +677,24 @@ class QuadratureActivation(Activation):
         if bool(still.any()):
             value, slope = self._direct_pairs(q1, q2, rho, still, value, slope)
         return value, slope
+
+    def bulk_pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
+        """The main-order series alone (Horner's rule), exact where :meth:`inexact_pairs` is False."""
+        a1, a2 = state1[1], state2[1]
+        order = a1.shape[0] - 1
+        value = a1[order] * a2[order]
+        slope = torch.zeros_like(value)
+        for k in range(order - 1, -1, -1):
+            slope = slope * rho + value
+            value = value * rho + a1[k] * a2[k]
+        root = torch.sqrt(state1[0] * state2[0])
+        return value, torch.where(root > 0, slope / torch.where(root > 0, root, 1.0), 0.0)
+
+    def inexact_pairs(self, state1: State, state2: State, rho: Tensor) -> Tensor:
+        _, a1, _, total1, tail1, _ = state1
+        _, _, _, total2, tail2, _ = state2
+        bound = rho.abs() ** a1.shape[0] * torch.sqrt(tail1 * tail2)
+        return bound > _series_tolerance(rho.dtype) * torch.sqrt(total1 * total2)
 
     def _direct_pairs(
         self, q1: Tensor, q2: Tensor, rho: Tensor, mask: Tensor, value: Tensor, slope: Tensor

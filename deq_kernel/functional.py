@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .activations import Activation, PiecewiseLinear, get_activation, safe_sqrt
-from .solver import homogeneous_pairs, solve_diagonal, solve_pairs
+from .homogeneous import homogeneous_kernel
+from .solver import solve_diagonal, solve_pairs
 
 __all__ = ["OUTPUTS", "equilibrium_covariance"]
 
@@ -171,28 +172,33 @@ def _cat_features(*parts: Tensor) -> Tensor:
     return torch.cat([p.expand(*shape, p.shape[-1]) for p in parts], dim=-1)
 
 
-def _inner(p: _Pairs, left: Tensor, right: Tensor, *, outer: bool) -> Tensor:
-    """``left_i right_j s(x1_i, x2_j)`` for all pairs (``outer``) or elementwise pairs.
+def _operands(p: _Pairs, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(lhs, rhs, two_sided)`` with ``lhs @ rhs^T = left_i right_j s(x1_i, x2_j)``.
 
-    With per-point factors folded into the operands, the whole normalised matrix
-    ``s12 / sqrt(q1 q2)`` comes out of a single matrix product.
+    Per-point factors are folded into the operands, so that the normalised matrix
+    ``s12 / sqrt(q1 q2)`` comes out of a single product. For a symmetric matrix one
+    operand serves both sides, which makes the product bitwise symmetric; splitting the
+    variances into square roots is exact for the gradient unless a variance that requires
+    a gradient is exactly 0, and then the two-operand product is symmetrised instead
+    (``two_sided``).
     """
-    if not outer:
-        return ((p.x1s * p.x2).sum(-1) + p.bias.unsqueeze(-1)) * left * right
-    if p.symmetric:
-        # One operand for both sides makes the product bitwise symmetric. Splitting the
-        # variances into square roots is exact for the gradient unless a variance that
-        # requires a gradient is exactly 0; then symmetrise the two-operand product.
-        hypers = (p.scale, p.bias)
-        if not any(h.requires_grad and bool((h == 0).any()) for h in hypers):
-            a = _cat_features(
-                p.x1 * safe_sqrt(p.scale) * left.unsqueeze(-1), (safe_sqrt(p.bias).unsqueeze(-1) * left).unsqueeze(-1)
-            )
-            return a @ a.mT
+    if p.symmetric and not any(h.requires_grad and bool((h == 0).any()) for h in (p.scale, p.bias)):
+        a = _cat_features(
+            p.x1 * safe_sqrt(p.scale) * left.unsqueeze(-1), (safe_sqrt(p.bias).unsqueeze(-1) * left).unsqueeze(-1)
+        )
+        return a, a, False
     lhs = _cat_features(p.x1s * left.unsqueeze(-1), (p.bias.unsqueeze(-1) * left).unsqueeze(-1))
     rhs = _cat_features(p.x2 * right.unsqueeze(-1), right.unsqueeze(-1))
+    return lhs, rhs, p.symmetric
+
+
+def _inner(p: _Pairs, *, outer: bool) -> Tensor:
+    """``s(x1_i, x2_j)`` for all pairs (``outer``) or elementwise pairs."""
+    if not outer:
+        return (p.x1s * p.x2).sum(-1) + p.bias.unsqueeze(-1)
+    lhs, rhs, two_sided = _operands(p, torch.ones_like(p.q1), torch.ones_like(p.q2))
     out = lhs @ rhs.mT
-    return 0.5 * (out + out.mT) if p.symmetric else out
+    return 0.5 * (out + out.mT) if two_sided else out
 
 
 def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str, *, outer: bool) -> Tensor:
@@ -202,7 +208,6 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
     is taken from the O(n) diagonal path, exactly.
     """
     rows, cols = (lambda t: t.unsqueeze(-1), lambda t: t.unsqueeze(-2)) if outer else (lambda t: t, lambda t: t)
-    point_ndim = 2 if outer else 1
     nngp = output == "nngp"
     r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
     diagonal = None
@@ -213,25 +218,27 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
         # A zero-variance point (zero input, no bias) has covariance 0 with everything.
         inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
         inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
-        c_tilde = _inner(p, inv1, inv2, outer=outer)
-        scale = ov if nngp else None
-        full = torch.broadcast_shapes(c_tilde.shape, w.shape, ov.shape if nngp else ())
-        if diagonal is not None:
-            diagonal = diagonal.expand(*full[:-1])
-        return homogeneous_pairs(
+        if outer:
+            lhs, rhs, two_sided = _operands(p, inv1, inv2)
+        else:
+            lhs = _cat_features(p.x1s * inv1.unsqueeze(-1), (p.bias.unsqueeze(-1) * inv1).unsqueeze(-1))
+            rhs = _cat_features(p.x2 * inv2.unsqueeze(-1), inv2.unsqueeze(-1))
+            two_sided = False
+        return homogeneous_kernel(
             act,
-            c_tilde.expand(full),
+            lhs,
+            rhs,
             w,
             rows(r1),
             cols(r2),
             want="value" if nngp else "cov",
-            point_ndim=point_ndim,
-            scale=scale,
+            matrix=outer,
+            two_sided=two_sided,
+            scale=ov if nngp else None,
             diagonal=diagonal,
         )
 
-    ones1, ones2 = torch.ones_like(p.q1), torch.ones_like(p.q2)
-    s12 = _inner(p, ones1, ones2, outer=outer)
+    s12 = _inner(p, outer=outer)
     state1, state2 = act.prepare(p.q1, None if p.symmetric else p.q2)
     state2 = state1 if state2 is None else state2
     state1 = tuple(rows(t) for t in state1)
@@ -247,7 +254,7 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
     identical = identical.expand(full)
     pinned = identical | zero.expand(full)
     rho, value = solve_pairs(
-        act, state1, state2, s12.expand(full), w, pinned=pinned, pinned_rho=identical.to(s12.dtype)
+        act, state1, state2, s12, w, pinned=pinned, pinned_rho=identical.to(s12.dtype), matrix=outer
     )
     out = ov * torch.where(identical, rows(p.d1).expand(full), value) if nngp else rows(r1) * cols(r2) * rho
     if p.symmetric and outer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
-__all__ = ["max_iterations", "tolerance_factor"]
+__all__ = ["compile", "max_block_size", "max_iterations", "tolerance_factor"]
 
 
 class _Setting:
@@ -83,3 +83,35 @@ class tolerance_factor(_Setting):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
             raise ValueError(f"tolerance_factor must be a number >= 1, got {value!r}")
         return float(value)
+
+
+class compile(_Setting):
+    """Fuse the pair kernels with ``torch.compile``: ``"auto"`` (default), ``True`` or ``False``.
+
+    ``"auto"`` compiles for pair arrays of at least 4M entries (where compilation, a few
+    seconds on first use, pays for itself); ``True`` compiles whenever possible; ``False``
+    never does. Without a working compiler the eager kernels are used in every case.
+    """
+
+    _default = "auto"
+
+    @classmethod
+    def _validate(cls, value: Any) -> Any:
+        if value not in ("auto", True, False):
+            raise ValueError(f"compile must be 'auto', True or False, got {value!r}")
+        return value
+
+
+class max_block_size(_Setting):
+    """Most pair entries computed at once (default ``None``: chosen automatically).
+
+    Temporaries of the pair computation are proportional to this, not to the matrix:
+    a small block computes matrices whose temporaries would not fit in memory, at
+    some cost in speed.
+    """
+
+    _default = None
+
+    @classmethod
+    def _validate(cls, value: Any) -> int | None:
+        return None if value is None else _positive_int("max_block_size", value)

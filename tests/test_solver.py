@@ -12,7 +12,8 @@ import torch
 import deq_kernel
 from deq_kernel import ConvergenceError, equilibrium_covariance, settings
 from deq_kernel.activations import get_activation
-from deq_kernel.solver import TABLE_SIZE, CorrelationTable, homogeneous_pairs, solve_diagonal, solve_pairs
+from deq_kernel.homogeneous import TABLE_SIZE, CorrelationTable
+from deq_kernel.solver import solve_diagonal, solve_pairs
 
 
 def _generic_relu_pairs(c_tilde: torch.Tensor, w: float) -> torch.Tensor:
@@ -22,7 +23,14 @@ def _generic_relu_pairs(c_tilde: torch.Tensor, w: float) -> torch.Tensor:
     state = (one,)
     pinned = torch.zeros_like(c_tilde, dtype=torch.bool)
     rho, _ = solve_pairs(
-        act, state, state, c_tilde, torch.tensor(w, dtype=c_tilde.dtype), pinned=pinned, pinned_rho=0 * one
+        act,
+        state,
+        state,
+        c_tilde,
+        torch.tensor(w, dtype=c_tilde.dtype),
+        pinned=pinned,
+        pinned_rho=0 * one,
+        matrix=False,
     )
     return rho
 
@@ -61,14 +69,6 @@ def test_table_end_slopes_match_the_interior():
     assert abs(float(slopes[0] - slopes[1])) < 1e-2
     assert abs(float(slopes[-1] - slopes[-2])) < 1e-2
     assert float(c0[0]) == pytest.approx(math.pi)
-
-
-def test_homogeneous_pairs_rejects_unknown_output():
-    act = get_activation("relu")
-    with pytest.raises(ValueError, match="want must be 'cov' or 'value'"):
-        homogeneous_pairs(
-            act, torch.zeros(2, 2), torch.tensor(1.0), torch.ones(2, 1), torch.ones(1, 2), want="both", point_ndim=2
-        )
 
 
 @pytest.mark.parametrize("name", ["tanh", "erf", "gelu"])
