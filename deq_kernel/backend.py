@@ -25,10 +25,10 @@ __all__ = ["COMPILE_MIN_ELEMENTS", "block_elements", "fused"]
 
 #: Smallest pair array for which ``settings.compile("auto")`` compiles.
 COMPILE_MIN_ELEMENTS = 1 << 22
-#: Default block sizes (pair entries handled at once): eager temporaries are
-#: a dozen arrays of this size, compiled kernels have none.
-EAGER_BLOCK_ELEMENTS = 1 << 18
-COMPILED_BLOCK_ELEMENTS = 1 << 22
+#: Default block sizes (pair entries handled at once), eager and compiled: eager
+#: temporaries are a dozen arrays of a block, compiled kernels have none. On a CPU a
+#: block should stay near the cache; on a GPU it should fill the device.
+BLOCK_ELEMENTS = {"cpu": (1 << 18, 1 << 22), "cuda": (1 << 24, 1 << 27)}
 
 _lock = threading.Lock()
 _broken: set[str] = set()
@@ -48,7 +48,8 @@ def block_elements(total: int, device: torch.device) -> int:
     chosen = settings.max_block_size.value()
     if chosen is not None:
         return chosen
-    return COMPILED_BLOCK_ELEMENTS if _wants_compile(total, device) else EAGER_BLOCK_ELEMENTS
+    eager, compiled = BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
+    return compiled if _wants_compile(total, device) else eager
 
 
 @functools.cache
