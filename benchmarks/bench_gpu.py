@@ -116,6 +116,20 @@ def main() -> None:
         print(describe(row), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # The general Newton path (no table), for information: erf at the first size.
+    n, d = cases[0]
+    x = torch.randn(n, d, device=device, dtype=torch.float32, generator=torch.Generator(device=device).manual_seed(1))
+    rbf = gpytorch.kernels.RBFKernel().to(device)
+    with torch.no_grad(), settings.compile(True):
+        t_rbf = timed(lambda: rbf(x).to_dense(), device, args.repeats)
+        kernel = lambda: deq_kernel.equilibrium_covariance(x, activation="erf", weight_variance=0.4)  # noqa: E731
+        first = timed(kernel, device, 1)
+        t_erf = timed(kernel, device, args.repeats)
+    rows.append(dict(n=n, d=d, activation="erf", rbf=t_rbf, compiled=t_erf, first_call=first))
+    print(
+        f"erf n={n} d={d}: rbf {t_rbf * 1e3:.2f} ms, compiled {t_erf * 1e3:.2f} ms "
+        f"({t_erf / t_rbf:.2f}x), first {first:.1f} s"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
 
