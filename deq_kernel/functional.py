@@ -186,10 +186,16 @@ def _operands(p: _Pairs, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, b
         a = _cat_features(
             p.x1 * safe_sqrt(p.scale) * left.unsqueeze(-1), (safe_sqrt(p.bias).unsqueeze(-1) * left).unsqueeze(-1)
         )
-        return a, a, False
+        return _aligned(a), _aligned(a), False
     lhs = _cat_features(p.x1s * left.unsqueeze(-1), (p.bias.unsqueeze(-1) * left).unsqueeze(-1))
     rhs = _cat_features(p.x2 * right.unsqueeze(-1), right.unsqueeze(-1))
-    return lhs, rhs, p.symmetric
+    return _aligned(lhs), _aligned(rhs), p.symmetric
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """On a GPU, pad the inner dimension of a product operand to a multiple of 8 (aligned rows)."""
+    pad = -t.shape[-1] % 8
+    return torch.nn.functional.pad(t, (0, pad)) if t.is_cuda and pad else t
 
 
 def _inner(p: _Pairs, *, outer: bool) -> Tensor:

@@ -21,6 +21,7 @@ function theorem, :math:`d\rho = (d\tilde c + \kappa\,dw)/(1 - w\kappa'(\rho))`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -41,25 +42,38 @@ class CorrelationTable:
     """``rho*(c_tilde)`` for one weight variance of a relu-family activation.
 
     Holds the cubic pieces of ``theta(phi)`` on the uniform grid of ``phi`` in [0, pi] in
-    the working dtype, and ``params = (scale, shift, w, negative_slope)``, where
+    the working dtype and device, and ``params = (scale, shift, w, negative_slope)``, where
     ``cos(phi) = scale * c_tilde + shift``, as a tensor so that compiled kernels do not
-    specialise on their values.
+    specialise on their values. Tables are built and verified in float64 on the CPU
+    (a few hundred small operations: cheaper there than as GPU launches) and the most
+    recent ones are kept.
     """
 
     def __init__(self, act: PiecewiseLinear, w: float, dtype: torch.dtype, device: torch.device) -> None:
         self.act = act
         self.w = w
-        a, m = act.negative_slope, act.variance_gain
-        g_minus = -1.0 + w * a  # G(-1)
-        g_range = (1.0 - w * m) - g_minus  # G(1) - G(-1)
-        theta, slope = _tabulate(act, w, g_minus, g_range, device)
-        h = math.pi / TABLE_SIZE
-        t0, t1, d0, d1 = theta[:-1], theta[1:], h * slope[:-1], h * slope[1:]
-        coefs = (t0, d0, 3.0 * (t1 - t0) - 2.0 * d0 - d1, 2.0 * (t0 - t1) + d0 + d1)
-        self.coefs = tuple(c.to(dtype).contiguous() for c in coefs)
-        params = (-2.0 / g_range, 1.0 + 2.0 * g_minus / g_range, w, a)
-        self.params = torch.tensor(params, dtype=dtype, device=device)
-        _verify(act, params, coefs, g_minus, g_range)
+        coefs, params = _build_table(act.negative_slope, act.name, w)
+        self.coefs = tuple(c.to(device=device, dtype=dtype) for c in coefs)
+        self.params = params.to(device=device, dtype=dtype)
+
+    def solve(self, c_tilde: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(rho, kappa(rho), kappa'(rho), residual of the interpolated value)``, elementwise."""
+        return _solve(c_tilde, self.params, *self.coefs)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_table(negative_slope: float, name: str, w: float) -> tuple[tuple[Tensor, ...], Tensor]:
+    act = PiecewiseLinear(negative_slope, name=name)
+    a, m = act.negative_slope, act.variance_gain
+    g_minus = -1.0 + w * a  # G(-1)
+    g_range = (1.0 - w * m) - g_minus  # G(1) - G(-1)
+    theta, slope = _tabulate(act, w, g_minus, g_range, torch.device("cpu"))
+    h = math.pi / TABLE_SIZE
+    t0, t1, d0, d1 = theta[:-1], theta[1:], h * slope[:-1], h * slope[1:]
+    coefs = tuple(c.contiguous() for c in (t0, d0, 3.0 * (t1 - t0) - 2.0 * d0 - d1, 2.0 * (t0 - t1) + d0 + d1))
+    params = (-2.0 / g_range, 1.0 + 2.0 * g_minus / g_range, w, a)
+    _verify(act, params, coefs, g_minus, g_range)
+    return coefs, torch.tensor(params, dtype=torch.float64)
 
     def solve(self, c_tilde: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(rho, kappa(rho), kappa'(rho), residual of the interpolated value)``, elementwise."""
