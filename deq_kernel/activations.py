@@ -421,7 +421,9 @@ class Gelu(Activation):
         return self._value(q, q, q), slope
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
-        q1, q2 = state1[0], state2[0]
+        # The expression is symmetric in (q1, q2) only mathematically: order the two
+        # variances so that (i, j) and (j, i) give bitwise equal results.
+        q1, q2 = torch.minimum(state1[0], state2[0]), torch.maximum(state1[0], state2[0])
         c = rho * safe_sqrt(q1 * q2)
         value = self._value(q1, q2, c)
         with torch.enable_grad():

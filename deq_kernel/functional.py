@@ -249,22 +249,19 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
     state2 = state1 if state2 is None else state2
     state1 = tuple(rows(t) for t in state1)
     state2 = tuple(cols(t) for t in state2)
-    s11r, s22c = rows(p.s11), cols(p.s22)
-    # Points at zero distance (sum_i input_variance_i (x_i - x'_i)^2 / d, to rounding) are
-    # the same point: correlation exactly 1. (For the step activation, whose correlation
-    # map repels 1, this is not the limit of nearby pairs.)
-    eps = torch.finfo(s12.dtype).eps
-    identical = (s11r + s22c - 2.0 * s12).detach() <= 8.0 * eps * (s11r + s22c).detach()
-    zero = (rows(p.q1) * cols(p.q2)).detach() == 0
-    full = torch.broadcast_shapes(s12.shape, zero.shape, w.shape)
-    identical = identical.expand(full)
-    pinned = identical | zero.expand(full)
     rho, value = solve_pairs(
-        act, state1, state2, s12, w, pinned=pinned, pinned_rho=identical.to(s12.dtype), matrix=outer
+        act,
+        state1,
+        state2,
+        s12,
+        rows(p.s11),
+        cols(p.s22),
+        w,
+        rows(p.d1),
+        matrix=outer,
+        symmetric=p.symmetric and outer,
     )
-    out = ov * torch.where(identical, rows(p.d1).expand(full), value) if nngp else rows(r1) * cols(r2) * rho
-    if p.symmetric and outer:
-        out = 0.5 * (out + out.mT)  # the closed forms are not bitwise symmetric in (q1, q2)
+    out = ov * value if nngp else rows(r1) * cols(r2) * rho
     if diagonal is not None:
         full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
         out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)

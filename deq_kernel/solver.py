@@ -174,9 +174,29 @@ def _root(state1: State, state2: State) -> Tensor:
     return safe_sqrt(state1[0] * state2[0])
 
 
+# Pure elementwise kernels of a block of pairs: run eagerly or fused by torch.compile.
+# They return arrays only (no reductions), so that a fused kernel is one loop.
+
+
+def _prepare_block(
+    s12: Tensor, s11: Tensor, s22: Tensor, q1: Tensor, q2: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(s12 / sqrt(q1 q2), 1 / sqrt(q1 q2), free, identical)`` for a block.
+
+    Points at zero distance ``sum_i input_variance_i (x_i - x'_i)^2 / d`` (to rounding) are
+    the same point, with correlation exactly 1; a zero-variance point has covariance 0 with
+    everything. Neither is iterated (``free`` is False).
+    """
+    root = torch.sqrt(q1 * q2)
+    positive = root > 0
+    inv_root = torch.where(positive, 1.0 / torch.where(positive, root, 1.0), 0.0)
+    identical = (s11 + s22 - 2.0 * s12) <= (8.0 * eps) * (s11 + s22)
+    return s12 * inv_root, inv_root, positive & ~identical, identical
+
+
 @functools.cache
 def _step_function(act: Activation) -> Callable[..., tuple[Tensor, ...]]:
-    """One safeguarded Newton step on a block of pairs, for ``act`` (fusable)."""
+    """One safeguarded Newton step on a block of pairs, for ``act``."""
 
     def step(
         rho: Tensor,
@@ -203,75 +223,101 @@ def _step_function(act: Activation) -> Callable[..., tuple[Tensor, ...]]:
         moved = torch.where(free, torch.where(inside, newton, 0.5 * (lo + hi)), rho)
         # Once every pair meets the test, one more Newton step takes it to rounding level.
         polished = torch.where(free & inside, newton, rho)
-        worst = torch.where(done, 0.0, r.abs() / scale).amax()
-        return moved, polished, lo, hi, done.all(), worst
+        return moved, polished, lo, hi, torch.where(done, 0.0, r.abs() / scale)
 
     return step
 
 
 @functools.cache
-def _value_function(act: Activation) -> Callable[..., Tensor]:
-    def value(rho: Tensor, *states: Tensor) -> Tensor:
-        half = len(states) // 2
-        return act.bulk_pair_dual(states[:half], states[half:], rho)[0]
+def _finish_function(act: Activation) -> Callable[..., None]:
+    """Write ``rho`` and ``V`` of a converged block in place."""
 
-    return value
+    def finish(
+        rho_out: Tensor, value_out: Tensor, x: Tensor, free: Tensor, identical: Tensor, d_rows: Tensor, *states: Tensor
+    ) -> None:
+        half = len(states) // 2
+        at = torch.where(free, x.clamp(-1.0, 1.0), 0.0)
+        v, _ = act.bulk_pair_dual(states[:half], states[half:], at)
+        rho_out.copy_(torch.where(identical, 1.0, at))
+        value_out.copy_(torch.where(identical, d_rows, v))
+
+    return finish
 
 
 def _pairs_forward(
-    act: Activation, state1: State, state2: State, s12: Tensor, w: Tensor, pinned: Tensor, matrix: bool
-) -> tuple[Tensor, Tensor]:
-    """``(rho, V)`` at the pair fixed points (pinned pairs: rho = 0 and V there).
+    act: Activation,
+    state1: State,
+    state2: State,
+    s12: Tensor,
+    s11: Tensor,
+    s22: Tensor,
+    w: Tensor,
+    d_rows: Tensor,
+    matrix: bool,
+    symmetric: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(rho, V, free, identical)`` at the pair fixed points.
 
     Row blocks are iterated to convergence one at a time with a (fusable) Newton step on
-    the activation's bulk dual; pairs for which the bulk dual is not exact are then
-    solved again with the exact dual, gathered.
+    the activation's bulk dual; pairs for which the bulk dual is not exact are then solved
+    again with the exact dual, gathered. Identical points get ``rho = 1`` and ``V = D(q)``
+    (``d_rows``); zero-variance points ``rho = 0``.
     """
-    shape = torch.broadcast_shapes(s12.shape, pinned.shape, state1[0].shape, state2[0].shape)
+    shape = torch.broadcast_shapes(s12.shape, s11.shape, s22.shape, state1[0].shape, state2[0].shape, w.shape)
     rho = s12.new_empty(shape)
     value = s12.new_empty(shape)
+    free = torch.empty(shape, dtype=torch.bool, device=s12.device)
+    identical = torch.empty_like(free)
     total = math.prod(shape)
-    step = backend.fused(_step_function(act), total, s12.device)
-    dual = backend.fused(_value_function(act), total, s12.device)
+    device = s12.device
+    prepare = backend.fused(_prepare_block, total, device)
+    step = backend.fused(_step_function(act), total, device)
+    finish = backend.fused(_finish_function(act), total, device)
+    eps = torch.finfo(s12.dtype).eps
     tol = _tolerance(s12.dtype)
     max_iter = settings.max_iterations.value()
     rows_total = shape[-2] if matrix else 1
-    per_row = total // max(rows_total, 1)
-    block = max(1, backend.block_elements(total, s12.device) // max(per_row, 1)) if matrix else 1
+    # A dozen block-sized temporaries live during the iteration: keep blocks modest.
+    budget = max(1, backend.block_elements(total, device) // 4)
+    block = max(1, budget // max(1, total // max(rows_total, 1))) if matrix else 1
     for start in range(0, max(rows_total, 1), block):
         sel = (Ellipsis, slice(start, start + block), slice(None)) if matrix else (Ellipsis,)
         st1 = tuple(_rows_of(t, sel, matrix) for t in state1)
-        root = safe_sqrt(st1[0] * state2[0])
-        positive = root > 0
-        inv_root = torch.where(positive, 1.0 / torch.where(positive, root, 1.0), 0.0)
-        s12_b = _rows_of(s12, sel, matrix)
-        c_tilde = s12_b * inv_root
-        free = ~_rows_of(pinned, sel, matrix) & positive
-        x = torch.where(free, c_tilde.clamp(-1.0, 1.0), 0.0)
+        c_tilde, inv_root, free_b, ident_b = prepare(
+            _rows_of(s12, sel, matrix), _rows_of(s11, sel, matrix), s22, st1[0], state2[0], eps
+        )
+        x = torch.where(free_b, c_tilde.clamp(-1.0, 1.0), 0.0)
         lo, hi = -torch.ones_like(x), torch.ones_like(x)
         for iteration in range(max_iter + 1):
-            moved, polished, lo, hi, all_done, worst = step(x, lo, hi, c_tilde, inv_root, w, free, tol, *st1, *state2)
-            if bool(all_done):
+            moved, polished, lo, hi, open_residual = step(x, lo, hi, c_tilde, inv_root, w, free_b, tol, *st1, *state2)
+            worst = float(open_residual.amax()) if open_residual.numel() else 0.0
+            if worst == 0.0:
                 x = polished
                 break
             if iteration == max_iter:
                 raise ConvergenceError(
                     f"the pair fixed point did not converge in {max_iter} iterations "
-                    f"(largest relative residual {float(worst):.3g}, tolerance {tol:.3g}); raise "
+                    f"(largest relative residual {worst:.3g}, tolerance {tol:.3g}); raise "
                     "deq_kernel.settings.max_iterations or check the hyperparameters",
-                    residual=float(worst),
+                    residual=worst,
                     iterations=max_iter,
                 )
             x = moved
-        x = x.clamp(-1.0, 1.0)
-        rho[sel] = x.expand(rho[sel].shape)
-        value[sel] = dual(x, *st1, *state2).expand(value[sel].shape)
+        free[sel] = free_b.expand(free[sel].shape)
+        identical[sel] = ident_b.expand(identical[sel].shape)
+        finish(rho[sel], value[sel], x, free_b, ident_b, _rows_of(d_rows, sel, matrix), *st1, *state2)
     inexact = act.inexact_pairs(state1, state2, rho)
     if inexact is not None:
-        inexact = inexact.expand(shape) & ~pinned.expand(shape)
+        inexact = inexact.expand(shape) & free
         if bool(inexact.any()):
             _resolve_exactly(act, state1, state2, s12, w, rho, value, inexact)
-    return rho, value
+            if symmetric and matrix:
+                # The exact fallback integrates in an order of the two points; average the
+                # (symmetric) set of such pairs with their mirror images.
+                both = inexact | inexact.mT
+                rho[both] = 0.5 * (rho[both] + rho.mT[both])
+                value[both] = 0.5 * (value[both] + value.mT[both])
+    return rho, value, free, identical
 
 
 def _rows_of(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
@@ -309,50 +355,52 @@ def _resolve_exactly(
 
 
 class _PairFixedPoint(torch.autograd.Function):
-    """``(s12, w, states) -> (rho, V)`` for a general activation; implicit backward."""
+    """``(s12, s11, s22, w, D rows, states) -> (rho, V)`` for a general activation; implicit backward."""
 
     @staticmethod
     def forward(
         ctx: Any,
         act: Activation,
-        pinned: Tensor,
-        pinned_rho: Tensor,
         matrix: bool,
+        symmetric: bool,
         n1: int,
         s12: Tensor,
+        s11: Tensor,
+        s22: Tensor,
         w: Tensor,
+        d_rows: Tensor,
         *states: Tensor,
     ) -> tuple[Tensor, Tensor]:
         state1, state2 = tuple(states[:n1]), tuple(states[n1:])
-        # Pinned pairs are solved at rho = 0: their dual is either independent of rho (a
-        # zero-variance point) or replaced by the caller (identical points), and rho = 1 is
-        # where some duals have an infinite slope.
-        rho, value = _pairs_forward(act, state1, state2, s12, w, pinned, matrix)
-        rho = torch.where(pinned, pinned_rho, rho)
+        rho, value, free, identical = _pairs_forward(act, state1, state2, s12, s11, s22, w, d_rows, matrix, symmetric)
         ctx.act, ctx.n1 = act, n1
-        ctx.save_for_backward(rho, pinned, s12, w, *states)
-        ctx.mark_non_differentiable(pinned)
+        ctx.save_for_backward(rho, free, identical, s12, w, d_rows, *states)
         return rho, value
 
     @staticmethod
     def backward(ctx: Any, grad_rho: Tensor, grad_value: Tensor) -> tuple[Tensor | None, ...]:
-        rho, pinned, s12, w, *states = ctx.saved_tensors
+        rho, free, identical, s12, w, d_rows, *states = ctx.saved_tensors
         act, n1 = ctx.act, ctx.n1
-        needs = ctx.needs_input_grad[5:]
+        need_s12, _, _, need_w, need_d = ctx.needs_input_grad[4:9]
+        needs_states = ctx.needs_input_grad[9:]
+        grad_d = (grad_value * identical).sum_to_size(d_rows.shape) if need_d else None
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip([s12, w, *states], needs, strict=False)]
-            s12_, w_, *states_ = leaves
+            s12_ = s12.detach().requires_grad_(need_s12)
+            w_ = w.detach().requires_grad_(need_w)
+            states_ = [t.detach().requires_grad_(need) for t, need in zip(states, needs_states, strict=True)]
             state1, state2 = tuple(states_[:n1]), tuple(states_[n1:])
-            value, slope = act.pair_dual(state1, state2, torch.where(pinned, 0.0, rho))
+            at = torch.where(free, rho, 0.0)
+            value, slope = act.pair_dual(state1, state2, at)
             slope = slope.detach()
             root = _root(state1, state2)
-            free = ~pinned & (root.detach() > 0)
             safe_root = torch.where(free, root, 1.0)
             # r = rho - (w V + s12) / sqrt(q1 q2);  dr/drho = 1 - w V_c;  dV/drho = sqrt(q1 q2) V_c.
             dr_drho = torch.where(free, 1.0 - w.detach() * slope, 1.0)
-            lam = torch.where(free, (grad_rho + grad_value * root.detach() * slope) / dr_drho, 0.0)
+            g_value = torch.where(identical, 0.0, grad_value)
+            lam = torch.where(free, (grad_rho + g_value * root.detach() * slope) / dr_drho, 0.0)
             r = torch.where(free, rho - (w_ * value + s12_) / safe_root, 0.0)
-            total = (grad_value * value).sum() - (lam * r).sum()
+            total = (g_value * value).sum() - (lam * r).sum()
+            leaves = [s12_, w_, *states_]
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
             grads = iter(torch.autograd.grad(total, wanted, allow_unused=True)) if wanted else iter(())
         out = []
@@ -362,7 +410,8 @@ class _PairFixedPoint(torch.autograd.Function):
                 continue
             g = next(grads)
             out.append(torch.zeros_like(leaf) if g is None else g)
-        return (None, None, None, None, None, *out)
+        grad_s12, grad_w, *grad_states = out
+        return (None, None, None, None, grad_s12, None, None, grad_w, grad_d, *grad_states)
 
 
 def solve_pairs(
@@ -370,20 +419,23 @@ def solve_pairs(
     state1: State,
     state2: State,
     s12: Tensor,
+    s11: Tensor,
+    s22: Tensor,
     w: Tensor,
+    d_rows: Tensor,
     *,
-    pinned: Tensor,
-    pinned_rho: Tensor,
     matrix: bool = True,
+    symmetric: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Return ``(rho, V)``: the pair fixed point's correlation and the dual there.
+    """Return ``(rho, V)``: the pair fixed points' correlations and ``E[phi(u) phi(v)]`` there.
 
     ``state1`` and ``state2`` are point states (from ``act.prepare``) broadcast as rows
     ``(..., n, 1)`` and columns ``(..., 1, m)`` (``matrix``), or elementwise ``(..., n)``;
-    ``pinned`` marks pairs whose correlation is known and ``pinned_rho`` gives it
-    (identical points: 1; a zero-variance point: any value), their ``V`` is the dual at
-    ``rho = 0``. Differentiable in ``s12``, ``w`` and the states by the implicit function
-    theorem.
+    ``s11`` and ``s22`` are the inputs' own covariances, broadcast the same way, and
+    ``d_rows`` the row points' ``D(q)``. Identical points get ``rho = 1`` and ``V = D(q)``, a
+    zero-variance point ``rho = 0``. ``symmetric`` asks for a bitwise symmetric result
+    (with symmetric inputs). Differentiable in ``s12``, ``w``, ``d_rows`` and the states by
+    the implicit function theorem.
     """
     n1 = len(state1)
-    return _PairFixedPoint.apply(act, pinned, pinned_rho, matrix, n1, s12, w, *state1, *state2)
+    return _PairFixedPoint.apply(act, matrix, symmetric, n1, s12, s11, s22, w, d_rows, *state1, *state2)

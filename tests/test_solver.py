@@ -21,16 +21,9 @@ def _generic_relu_pairs(c_tilde: torch.Tensor, w: float) -> torch.Tensor:
     act = get_activation("relu")
     one = torch.ones_like(c_tilde)
     state = (one,)
-    pinned = torch.zeros_like(c_tilde, dtype=torch.bool)
+    # s11 = s22 = 2 keeps every pair distinct (distance 4 - 2 c_tilde > 0).
     rho, _ = solve_pairs(
-        act,
-        state,
-        state,
-        c_tilde,
-        torch.tensor(w, dtype=c_tilde.dtype),
-        pinned=pinned,
-        pinned_rho=0 * one,
-        matrix=False,
+        act, state, state, c_tilde, 2 * one, 2 * one, torch.tensor(w, dtype=c_tilde.dtype), 0.5 * one, matrix=False
     )
     return rho
 
