@@ -44,11 +44,13 @@ __all__ = [
     "Activation",
     "Cos",
     "Erf",
+    "Gaussian",
     "Gelu",
     "PiecewiseLinear",
     "QuadratureActivation",
     "Sin",
     "Step",
+    "StepMixture",
     "get_activation",
 ]
 
@@ -123,6 +125,13 @@ class Activation(abc.ABC):
         variances ``state1[0]``, ``state2[0]`` and correlation ``rho``. ``V`` is
         differentiable in the states (``rho`` held fixed); ``V_c`` is a plain value.
         """
+
+    def derivative_activation(self) -> Activation:
+        """The activation ``phi'``, whose dual ``E[phi'(u) phi'(v)]`` the neural tangent kernel needs.
+
+        Its :meth:`pair_dual` value is differentiable in the states and in ``rho``.
+        """
+        raise ValueError(f"activation {self.name!r} has no derivative dual")
 
     def bulk_pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`pair_dual` for the bulk of the pairs, as pure elementwise tensor code (fusable).
@@ -215,8 +224,55 @@ class PiecewiseLinear(Activation):
         kappa, kappa_prime = self.kappa(rho)
         return safe_sqrt(state1[0] * state2[0]) * kappa, kappa_prime
 
+    def derivative_activation(self) -> Activation:
+        return StepMixture(self.negative_slope)
+
     def __repr__(self) -> str:
         return f"PiecewiseLinear(negative_slope={self.negative_slope!r}, name={self.name!r})"
+
+
+class StepMixture(Activation):
+    r"""``phi(x) = a + (1 - a) 1[x > 0]``: the derivative of the relu family (slope ``a``).
+
+    With ``p_i = P(u_i > 0)`` (1/2 for a positive variance, 0 for a zero one) and
+    :math:`P(u > 0, v > 0) = (\pi - \theta)/(2\pi)`,
+
+    .. math:: V = a^2 + a(1 - a)(p_1 + p_2) + (1 - a)^2 (\pi - \theta)/(2\pi),
+
+    which at unit variances is :math:`\kappa'(\rho)` of :class:`PiecewiseLinear`. Used for
+    the neural tangent kernel; it is never iterated, so it has no bound.
+    """
+
+    weight_variance_bound = math.inf
+
+    def __init__(self, negative_slope: float) -> None:
+        self.negative_slope = float(negative_slope)
+        self.name = f"step_mixture({self.negative_slope:g})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        a = self.negative_slope
+        return a + (1.0 - a) * (x > 0).to(x.dtype)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+    def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.negative_slope
+        half = torch.where(q > 0, 0.5, 0.0).to(q.dtype)
+        return a * a + (1.0 - a * a) * half + 0.0 * q, torch.zeros_like(q)
+
+    def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.negative_slope
+        q1, q2 = state1[0], state2[0]
+        p1 = torch.where(q1 > 0, 0.5, 0.0).to(rho.dtype)
+        p2 = torch.where(q2 > 0, 0.5, 0.0).to(rho.dtype)
+        both = (q1 * q2) > 0
+        rho_c = rho.clamp(-1.0, 1.0)
+        joint = torch.where(both, (_PI - torch.arccos(rho_c)) / _TWO_PI, 0.0)
+        value = a * a + a * (1.0 - a) * (p1 + p2) + (1.0 - a) ** 2 * joint + 0.0 * (q1 * q2)
+        qq = (q1 * q2).detach()
+        slope = torch.where(both, (1.0 - a) ** 2 / (_TWO_PI * torch.sqrt(qq) * _sin_from_cos(rho_c.detach())), 0.0)
+        return value, slope
 
 
 class Step(Activation):
@@ -246,6 +302,12 @@ class Step(Activation):
 
     def derivative(self, x: Tensor) -> Tensor:
         return torch.zeros_like(x)
+
+    def derivative_activation(self) -> Activation:
+        raise ValueError(
+            "the step activation has no neural tangent kernel: its derivative is a Dirac delta, "
+            "whose dual is infinite on the diagonal"
+        )
 
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
         return torch.where(q > 0, 0.5, 0.0).to(q.dtype) + 0.0 * q, torch.zeros_like(q)
@@ -294,6 +356,43 @@ class Erf(Activation):
         slope = (4.0 / _PI) / torch.sqrt(prod.detach() - 4.0 * c.detach() ** 2)
         return value, slope
 
+    def derivative_activation(self) -> Activation:
+        return Gaussian(2.0 / math.sqrt(_PI))
+
+
+class Gaussian(Activation):
+    r"""``phi(x) = a exp(-x^2)`` (the derivative of erf, with ``a = 2/sqrt(pi)``).
+
+    .. math:: V = a^2 / \sqrt{(1 + 2q_1)(1 + 2q_2) - 4c^2},\qquad
+              V_c = 4 a^2 c / ((1 + 2q_1)(1 + 2q_2) - 4c^2)^{3/2}.
+
+    Used for the neural tangent kernel; never iterated, so it has no bound.
+    """
+
+    weight_variance_bound = math.inf
+
+    def __init__(self, scale: float) -> None:
+        self.scale = float(scale)
+        self.name = f"gaussian({self.scale:g})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.scale * torch.exp(-x * x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return -2.0 * x * self.scale * torch.exp(-x * x)
+
+    def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        a2 = self.scale**2
+        base = 1.0 + 4.0 * q
+        return a2 / torch.sqrt(base), -2.0 * a2 / base**1.5
+
+    def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
+        q1, q2 = state1[0], state2[0]
+        c = rho * safe_sqrt(q1 * q2)
+        det = (1.0 + 2.0 * q1) * (1.0 + 2.0 * q2) - 4.0 * c * c
+        a2 = self.scale**2
+        return a2 / torch.sqrt(det), (4.0 * a2 * c / det**1.5).detach()
+
 
 class Sin(Activation):
     r"""``phi = sin``: :math:`V = e^{-(q_1 + q_2)/2}\sinh c`, :math:`V_c = e^{-(q_1+q_2)/2}\cosh c`,
@@ -317,6 +416,9 @@ class Sin(Activation):
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         return _exp_duals(state1[0], state2[0], rho, odd=True)
+
+    def derivative_activation(self) -> Activation:
+        return Cos()
 
 
 class Cos(Activation):
@@ -344,6 +446,30 @@ class Cos(Activation):
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         return _exp_duals(state1[0], state2[0], rho, odd=False)
+
+    def derivative_activation(self) -> Activation:
+        return _Negated(Sin())  # cos' = -sin; the sign cancels in the dual
+
+
+class _Negated(Activation):
+    """``-phi``: the same dual as ``phi``."""
+
+    def __init__(self, base: Activation) -> None:
+        self.base = base
+        self.name = f"-{base.name}"
+        self.weight_variance_bound = base.weight_variance_bound
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return -self.base(x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return -self.base.derivative(x)
+
+    def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        return self.base.diag_dual(q)
+
+    def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
+        return self.base.pair_dual(state1, state2, rho)
 
 
 def _exp_duals(q1: Tensor, q2: Tensor, rho: Tensor, *, odd: bool) -> tuple[Tensor, Tensor]:
@@ -420,6 +546,9 @@ class Gelu(Activation):
             (slope,) = torch.autograd.grad(self._value(qd, qd, qd).sum(), qd)
         return self._value(q, q, q), slope
 
+    def derivative_activation(self) -> Activation:
+        return _GeluDerivative()
+
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         # The expression is symmetric in (q1, q2) only mathematically: order the two
         # variances so that (i, j) and (j, i) give bitwise equal results.
@@ -430,6 +559,45 @@ class Gelu(Activation):
             cd = c.detach().requires_grad_(True)
             (slope,) = torch.autograd.grad(self._value(q1.detach(), q2.detach(), cd).sum(), cd)
         return value, slope
+
+
+class _GeluDerivative(Activation):
+    """``gelu'``: its dual is the covariance derivative of the GELU closed form, by autograd
+    (with a graph, so that it is differentiable in turn)."""
+
+    name = "gelu'"
+    weight_variance_bound = math.inf
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return Gelu().derivative(x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return torch.exp(-0.5 * x * x) * (2.0 - x * x) / math.sqrt(_TWO_PI)
+
+    @staticmethod
+    def _slope(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+        with torch.enable_grad():
+            leaf = not c.requires_grad
+            c_ = c.detach().requires_grad_(True) if leaf else c
+            value = Gelu._value(q1, q2, c_)
+            (slope,) = torch.autograd.grad(value.sum(), c_, create_graph=True)
+        return slope if not leaf or q1.requires_grad or q2.requires_grad else slope.detach()
+
+    def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            qd = q.detach().requires_grad_(True)
+            value = self._slope(qd, qd, qd)
+            (d,) = torch.autograd.grad(value.sum(), qd)
+        return self._slope(q, q, q), d
+
+    def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
+        q1, q2 = torch.minimum(state1[0], state2[0]), torch.maximum(state1[0], state2[0])
+        c = rho * safe_sqrt(q1 * q2)
+        value = self._slope(q1, q2, c)
+        with torch.enable_grad():
+            cd = c.detach().requires_grad_(True)
+            (curvature,) = torch.autograd.grad(self._slope(q1.detach(), q2.detach(), cd).sum(), cd)
+        return value, curvature.detach()
 
 
 def _normal_cdf(x: Tensor) -> Tensor:
@@ -586,6 +754,15 @@ class QuadratureActivation(Activation):
         if self._derivative is not None:
             return self._derivative(x)
         return self._autograd_derivatives(x, second=False)[0]
+
+    def derivative_activation(self) -> Activation:
+        return QuadratureActivation(
+            self.derivative,
+            name=f"{self.name}'",
+            derivative=self.second_derivative,
+            weight_variance_bound=math.inf,
+            analytic_strip=self.analytic_strip,
+        )
 
     def second_derivative(self, x: Tensor) -> Tensor:
         if self._second_derivative is not None:

@@ -23,12 +23,13 @@ from torch import Tensor
 
 from .activations import Activation, PiecewiseLinear, get_activation, safe_sqrt
 from .homogeneous import homogeneous_kernel
+from .ntk import tangent_kernel
 from .solver import solve_diagonal, solve_pairs
 
 __all__ = ["OUTPUTS", "equilibrium_covariance"]
 
 #: Values accepted for ``output``.
-OUTPUTS = ("nngp", "preactivation")
+OUTPUTS = ("nngp", "preactivation", "ntk")
 
 ArrayLike = Any
 
@@ -67,9 +68,13 @@ def equilibrium_covariance(
         be below the activation's bound (``activation.weight_variance_bound``; relu: 2).
     diag : bool
         Return only the diagonal ``k(x1_i, x2_i)``, shape ``(..., n)``, in O(n).
-    output : {"nngp", "preactivation"}
+    output : {"nngp", "preactivation", "ntk"}
         ``"nngp"``: the output kernel :math:`k`; ``"preactivation"``: the equilibrium
-        pre-activation covariance :math:`K^*` (``output_variance`` is then unused).
+        pre-activation covariance :math:`K^*` (``output_variance`` is then unused);
+        ``"ntk"``: the neural tangent kernel of the weight-tied DEQ with all parameters
+        trained, :math:`k + \sigma_v^2 \dot E K^* / (1 - \sigma_w^2 \dot E)`, where
+        :math:`\dot E = E[\phi'(u)\phi'(v)]` (see :mod:`deq_kernel.ntk`; not defined for
+        the step activation).
     **activation_kwargs
         Activation options, e.g. ``negative_slope`` for ``leaky_relu``.
 
@@ -134,8 +139,13 @@ def equilibrium_covariance(
     w_point, ov_point = w.unsqueeze(-1), ov.unsqueeze(-1)
     q1, d1 = solve_diagonal(act, s11, w_point)
 
+    if output == "ntk":
+        derivative = act.derivative_activation()  # raises for the step activation
     if diag and symmetric:
-        out = ov_point * d1 if output == "nngp" else q1
+        if output == "ntk":
+            out = tangent_kernel(d1, q1, derivative.diag_dual(q1)[0], w_point, ov_point)
+        else:
+            out = ov_point * d1 if output == "nngp" else q1
         return out.expand(*batch, x1.shape[-2])
 
     if symmetric:
@@ -144,11 +154,13 @@ def equilibrium_covariance(
         s22 = (x2 * scale * x2).sum(-1) + b.unsqueeze(-1)
         q2, _ = solve_diagonal(act, s22, w_point)
     pairs = _Pairs(x1, x1s, x2, scale, b, q1, q2, d1, s11, s22, symmetric)
-    if diag:
-        out = _pair_output(act, pairs, w_point, ov_point, output, outer=False)
-        return out.expand(*batch, x1.shape[-2])
-    out = _pair_output(act, pairs, w_point.unsqueeze(-1), ov_point.unsqueeze(-1), output, outer=True)
-    return out.expand(*batch, x1.shape[-2], x2.shape[-2])
+    outer = not diag
+    w_b, ov_b = (w_point.unsqueeze(-1), ov_point.unsqueeze(-1)) if outer else (w_point, ov_point)
+    if output == "ntk":
+        out = _ntk_output(act, derivative, pairs, w_b, ov_b, outer=outer)
+    else:
+        out = _pair_output(act, pairs, w_b, ov_b, output, outer=outer)
+    return out.expand(*batch, x1.shape[-2], *((x2.shape[-2],) if outer else ()))
 
 
 class _Pairs(NamedTuple):
@@ -240,6 +252,7 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
             want="value" if nngp else "cov",
             matrix=outer,
             two_sided=two_sided,
+            symmetric=outer and p.symmetric,
             scale=ov if nngp else None,
             diagonal=diagonal,
         )
@@ -263,6 +276,37 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
     )
     out = ov * value if nngp else rows(r1) * cols(r2) * rho
     if diagonal is not None:
+        full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
+        out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
+    return out
+
+
+def _ntk_output(act: Activation, derivative: Activation, p: _Pairs, w: Tensor, ov: Tensor, *, outer: bool) -> Tensor:
+    """The neural tangent kernel (see :mod:`deq_kernel.ntk`) from the equilibrium quantities."""
+    rows, cols = (lambda t: t.unsqueeze(-1), lambda t: t.unsqueeze(-2)) if outer else (lambda t: t, lambda t: t)
+    one = torch.ones_like(ov)
+    value = _pair_output(act, p, w, one, "nngp", outer=outer)
+    cov = _pair_output(act, p, w, one, "preactivation", outer=outer)
+    r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
+    inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
+    inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
+    rho = (cov * (rows(inv1) * cols(inv2))).clamp(-1.0, 1.0)
+    # Identical points (correlation 1, where some derivative duals have infinite slope)
+    # and zero-variance points take the diagonal's value; the others the pair dual.
+    s12 = _inner(p, outer=outer)
+    s11r, s22c = rows(p.s11), cols(p.s22)
+    eps = torch.finfo(s12.dtype).eps
+    identical = (s11r + s22c - 2.0 * s12).detach() <= 8.0 * eps * (s11r + s22c).detach()
+    special = identical | ((rows(p.q1) * cols(p.q2)).detach() == 0)
+    state1, state2 = derivative.prepare(p.q1, None if p.symmetric else p.q2)
+    state2 = state1 if state2 is None else state2
+    slope = derivative.pair_dual(
+        tuple(rows(t) for t in state1), tuple(cols(t) for t in state2), torch.where(special, 0.0, rho)
+    )[0]
+    slope = torch.where(identical, rows(derivative.diag_dual(p.q1)[0]), slope)
+    out = tangent_kernel(value, cov, slope, w, ov)
+    if outer and p.symmetric:
+        diagonal = tangent_kernel(p.d1, p.q1, derivative.diag_dual(p.q1)[0], w.squeeze(-1), ov.squeeze(-1))
         full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
         out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
     return out

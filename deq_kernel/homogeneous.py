@@ -212,18 +212,44 @@ def _backward_block(
 # --------------------------------------------------------------------------- the Function
 
 
-def _c_tilde(lhs: Tensor, rhs: Tensor, rows: slice, matrix: bool, two_sided: bool) -> Tensor:
-    """``lhs[rows] rhs^T`` (symmetrised with the transposed product when ``two_sided``)."""
+def _c_tilde(lhs: Tensor, rhs: Tensor, rows: slice, cols: slice, matrix: bool, two_sided: bool) -> Tensor:
+    """``lhs[rows] rhs[cols]^T`` (symmetrised with the transposed product when ``two_sided``)."""
     if not matrix:
         return (lhs * rhs).sum(-1)
-    out = lhs[..., rows, :] @ rhs.mT
+    out = lhs[..., rows, :] @ rhs[..., cols, :].mT
     if two_sided:
-        out = 0.5 * (out + rhs[..., rows, :] @ lhs.mT)
+        out = 0.5 * (out + rhs[..., rows, :] @ lhs[..., cols, :].mT)
     return out
+
+
+def _mirror(target: Tensor, rows: slice) -> None:
+    """Copy a finished row block's upper part to the columns below it (exact symmetry)."""
+    start, stop = rows.start, min(rows.stop, target.shape[-2])
+    block = target[..., start:stop, start:stop]
+    block.copy_(block.triu() + block.triu(1).mT)
+    target[..., stop:, start:stop] = target[..., start:stop, stop:].mT
+
+
+def _fold(grad: Tensor, rows: slice) -> Tensor:
+    """Gradient of a row block's computed entries when the lower part is a mirror of the upper.
+
+    Entry ``(i, j)``, ``i < j``, feeds both ``(i, j)`` and ``(j, i)``; the diagonal feeds itself;
+    the block's own lower triangle is overwritten and feeds nothing.
+    """
+    start, stop = rows.start, min(rows.stop, grad.shape[-2])
+    folded = grad[..., start:stop, start:] + grad[..., start:, start:stop].mT
+    size = stop - start
+    square = folded[..., :, :size]
+    square.copy_(square.triu(1) + torch.diag_embed(grad[..., start:stop, start:stop].diagonal(dim1=-2, dim2=-1)))
+    return folded
 
 
 def _rows(t: Tensor, rows: slice, matrix: bool) -> Tensor:
     return t[..., rows, :] if matrix and t.shape[-2] > 1 else t
+
+
+def _cols(t: Tensor, cols: slice, matrix: bool) -> Tensor:
+    return t[..., :, cols] if matrix and t.shape[-1] > 1 else t
 
 
 class _HomogeneousKernel(torch.autograd.Function):
@@ -241,6 +267,7 @@ class _HomogeneousKernel(torch.autograd.Function):
         value: bool,
         matrix: bool,
         two_sided: bool,
+        symmetric: bool,
         lhs: Tensor,
         rhs: Tensor,
         w: Tensor,
@@ -257,12 +284,16 @@ class _HomogeneousKernel(torch.autograd.Function):
         for table, (a, b, s1, s2, sc), out in _parts(tables, (lhs, rhs, r1, r2, scale), matrix):
             target = flat[out]
             for rows in _row_blocks(target.shape, matrix, total, lhs.device):
-                dest = target[..., rows, :] if matrix else target
-                c = _c_tilde(a, b, rows, matrix, two_sided)
-                kernel(dest, c, _rows(s1, rows, matrix), s2, sc, table.params, *table.coefs, value)
+                # A symmetric matrix is computed on and right of the diagonal, then mirrored.
+                cols = slice(rows.start, None) if symmetric else slice(None)
+                dest = target[..., rows, cols] if matrix else target
+                c = _c_tilde(a, b, rows, cols, matrix, two_sided)
+                kernel(dest, c, _rows(s1, rows, matrix), _cols(s2, cols, matrix), sc, table.params, *table.coefs, value)
+                if symmetric:
+                    _mirror(target, rows)
         if diagonal is not None:
             result.diagonal(dim1=-2, dim2=-1).copy_(diagonal)
-        ctx.tables, ctx.flags = tables, (value, matrix, two_sided)
+        ctx.tables, ctx.flags = tables, (value, matrix, two_sided, symmetric)
         ctx.has_diagonal = diagonal is not None
         ctx.save_for_backward(lhs, rhs, w, r1, r2, scale)
         return result
@@ -270,8 +301,8 @@ class _HomogeneousKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         lhs, rhs, w, r1, r2, scale = ctx.saved_tensors
-        tables, (value, matrix, two_sided) = ctx.tables, ctx.flags
-        need_lhs, need_rhs, need_w, need_r1, need_r2, need_scale, need_diag = ctx.needs_input_grad[4:11]
+        tables, (value, matrix, two_sided, symmetric) = ctx.tables, ctx.flags
+        need_lhs, need_rhs, need_w, need_r1, need_r2, need_scale, need_diag = ctx.needs_input_grad[5:12]
         grad_diag = None
         if ctx.has_diagonal:
             grad_diag = grad.diagonal(dim1=-2, dim2=-1).clone() if need_diag else None
@@ -281,6 +312,7 @@ class _HomogeneousKernel(torch.autograd.Function):
         total = math.prod(shape)
         many = len(tables) > 1
         point_dims = 2 if matrix else 1
+        grad = grad.expand(shape)
         flat_grad = grad.reshape(len(tables), *shape[len(shape) - point_dims :]) if many else grad
         grads = {
             name: torch.zeros_like(t)
@@ -294,18 +326,30 @@ class _HomogeneousKernel(torch.autograd.Function):
             g_all = flat_grad[out]
             ga, gb, gs1, gs2, gsc = (flat[name][out] for name in ("lhs", "rhs", "r1", "r2", "scale"))
             for rows in _row_blocks(g_all.shape, matrix, total, lhs.device):
-                g = g_all[..., rows, :] if matrix else g_all
-                c = _c_tilde(a, b, rows, matrix, two_sided)
+                cols = slice(rows.start, None) if symmetric else slice(None)
+                if not matrix:
+                    g = g_all
+                else:
+                    g = _fold(g_all, rows) if symmetric else g_all[..., rows, cols]
+                c = _c_tilde(a, b, rows, cols, matrix, two_sided)
                 lam, gw, g1, g2, g3 = kernel(
-                    c, g, _rows(s1, rows, matrix), s2, sc, table.params, *table.coefs, value, matrix
+                    c,
+                    g,
+                    _rows(s1, rows, matrix),
+                    _cols(s2, cols, matrix),
+                    sc,
+                    table.params,
+                    *table.coefs,
+                    value,
+                    matrix,
                 )
                 grad_w[k] += gw
                 gsc += g3
                 if matrix:
                     gs1[..., rows, :] += g1
-                    gs2 += g2
+                    gs2[..., :, cols] += g2
                     if need_lhs or need_rhs:
-                        _accumulate_product_grads(lam, a, b, ga, gb, rows, two_sided)
+                        _accumulate_product_grads(lam, a, b, ga, gb, rows, cols, two_sided)
                 else:
                     gs1 += g1
                     gs2 += g2
@@ -313,6 +357,7 @@ class _HomogeneousKernel(torch.autograd.Function):
                     gb += lam.unsqueeze(-1) * a
         grad_w = grad_w.reshape(shape[: len(shape) - point_dims] + (1,) * point_dims) if many else grad_w.sum()
         return (
+            None,
             None,
             None,
             None,
@@ -328,15 +373,15 @@ class _HomogeneousKernel(torch.autograd.Function):
 
 
 def _accumulate_product_grads(
-    lam: Tensor, a: Tensor, b: Tensor, ga: Tensor, gb: Tensor, rows: slice, two_sided: bool
+    lam: Tensor, a: Tensor, b: Tensor, ga: Tensor, gb: Tensor, rows: slice, cols: slice, two_sided: bool
 ) -> None:
-    """Gradients of ``c = a[rows] b^T`` (or its symmetrised form) given ``dL/dc = lam``."""
+    """Gradients of ``c = a[rows] b[cols]^T`` (or its symmetrised form) given ``dL/dc = lam``."""
     half = 0.5 if two_sided else 1.0
-    ga[..., rows, :] += half * (lam @ b)
-    gb += half * (lam.mT @ a[..., rows, :])
+    ga[..., rows, :] += half * (lam @ b[..., cols, :])
+    gb[..., cols, :] += half * (lam.mT @ a[..., rows, :])
     if two_sided:
-        gb[..., rows, :] += 0.5 * (lam @ a)
-        ga += 0.5 * (lam.mT @ b[..., rows, :])
+        gb[..., rows, :] += 0.5 * (lam @ a[..., cols, :])
+        ga[..., cols, :] += 0.5 * (lam.mT @ b[..., rows, :])
 
 
 def _out_shape(lhs: Tensor, rhs: Tensor, matrix: bool) -> torch.Size:
@@ -394,6 +439,7 @@ def homogeneous_kernel(
     want: str,
     matrix: bool,
     two_sided: bool = False,
+    symmetric: bool = False,
     scale: Tensor | None = None,
     diagonal: Tensor | None = None,
 ) -> Tensor:
@@ -414,6 +460,10 @@ def homogeneous_kernel(
         ``r1 r2 rho*`` (``K*``) or ``r1 r2 kappa(rho*)`` (``E[phi(u) phi(v)]``).
     scale : Tensor, optional
         Output scale applied last, broadcasting like ``w``.
+    symmetric : bool
+        The result is square and symmetric (``lhs`` and ``rhs`` the same operand, or
+        ``two_sided``): it is computed on and above the diagonal and mirrored, which halves
+        the work and makes it bitwise symmetric.
     diagonal : Tensor, optional
         Replaces the diagonal of a square result.
 
@@ -445,4 +495,6 @@ def homogeneous_kernel(
     if diagonal is not None:
         diagonal = diagonal.expand(*batch, n)
     tables = correlation_tables(act, w, batch, point_dims, lhs.dtype)
-    return _HomogeneousKernel.apply(tables, want == "value", matrix, two_sided, lhs, rhs, w, r1, r2, scale, diagonal)
+    return _HomogeneousKernel.apply(
+        tables, want == "value", matrix, two_sided, symmetric and matrix, lhs, rhs, w, r1, r2, scale, diagonal
+    )

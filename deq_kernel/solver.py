@@ -280,16 +280,20 @@ def _pairs_forward(
     # A dozen block-sized temporaries live during the iteration: keep blocks modest.
     budget = max(1, backend.block_elements(total, device) // 4)
     block = max(1, budget // max(1, total // max(rows_total, 1))) if matrix else 1
+    square = symmetric and matrix
     for start in range(0, max(rows_total, 1), block):
-        sel = (Ellipsis, slice(start, start + block), slice(None)) if matrix else (Ellipsis,)
+        # A symmetric matrix is solved on and right of the diagonal, then mirrored.
+        cols = slice(start, None) if square else slice(None)
+        sel = (Ellipsis, slice(start, start + block), cols) if matrix else (Ellipsis,)
         st1 = tuple(_rows_of(t, sel, matrix) for t in state1)
+        st2 = tuple(_cols_of(t, cols, matrix) for t in state2)
         c_tilde, inv_root, free_b, ident_b = prepare(
-            _rows_of(s12, sel, matrix), _rows_of(s11, sel, matrix), s22, st1[0], state2[0], eps
+            _block(s12, sel, matrix), _rows_of(s11, sel, matrix), _cols_of(s22, cols, matrix), st1[0], st2[0], eps
         )
         x = torch.where(free_b, c_tilde.clamp(-1.0, 1.0), 0.0)
         lo, hi = -torch.ones_like(x), torch.ones_like(x)
         for iteration in range(max_iter + 1):
-            moved, polished, lo, hi, open_residual = step(x, lo, hi, c_tilde, inv_root, w, free_b, tol, *st1, *state2)
+            moved, polished, lo, hi, open_residual = step(x, lo, hi, c_tilde, inv_root, w, free_b, tol, *st1, *st2)
             worst = float(open_residual.amax()) if open_residual.numel() else 0.0
             if worst == 0.0:
                 x = polished
@@ -305,7 +309,11 @@ def _pairs_forward(
             x = moved
         free[sel] = free_b.expand(free[sel].shape)
         identical[sel] = ident_b.expand(identical[sel].shape)
-        finish(rho[sel], value[sel], x, free_b, ident_b, _rows_of(d_rows, sel, matrix), *st1, *state2)
+        finish(rho[sel], value[sel], x, free_b, ident_b, _rows_of(d_rows, sel, matrix), *st1, *st2)
+        if square:
+            rows = slice(start, start + block)
+            for t in (rho, value, free, identical):
+                _mirror_rows(t, rows)
     inexact = act.inexact_pairs(state1, state2, rho)
     if inexact is not None:
         inexact = inexact.expand(shape) & free
@@ -321,10 +329,32 @@ def _pairs_forward(
 
 
 def _rows_of(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
-    """Rows ``sel`` of a tensor that broadcasts against the pair array (size-1 rows stay)."""
+    """Rows ``sel[-2]`` of a tensor that broadcasts against the pair array (size-1 rows stay)."""
     if not matrix or t.dim() < 2 or t.shape[-2] == 1:
         return t
-    return t[sel]
+    return t[..., sel[-2], :]
+
+
+def _cols_of(t: Tensor, cols: slice, matrix: bool) -> Tensor:
+    """Columns ``cols`` of a tensor that broadcasts against the pair array (size-1 columns stay)."""
+    if not matrix or t.shape[-1] == 1:
+        return t
+    return t[..., cols]
+
+
+def _block(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
+    """The block ``sel`` of a pair array, respecting broadcast (size-1) dimensions."""
+    return _cols_of(_rows_of(t, sel, matrix), sel[-1], matrix) if matrix else t
+
+
+def _mirror_rows(t: Tensor, rows: slice) -> None:
+    """Copy a finished row block's upper part to the columns below it (exact symmetry)."""
+    start, stop = rows.start, min(rows.stop, t.shape[-2])
+    square = t[..., start:stop, start:stop]
+    size = stop - start
+    upper = torch.ones(size, size, dtype=torch.bool, device=t.device).triu()
+    square.copy_(torch.where(upper, square, square.mT))
+    t[..., stop:, start:stop] = t[..., start:stop, stop:].mT
 
 
 def _gather(t: Tensor, shape: torch.Size, mask: Tensor) -> Tensor:

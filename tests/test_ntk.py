@@ -1,0 +1,158 @@
+"""The DEQ neural tangent kernel: limits, properties, gradients, and finite-width networks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+from reference import FUNCTIONS, closed_form_dual, quadrature_dual
+
+from deq_kernel import ACTIVATIONS, equilibrium_covariance, get_activation
+
+NTK_ACTIVATIONS = [a for a in ACTIVATIONS if a != "step"]
+
+
+def _derivative_dual(name: str, q1, q2, c):
+    """E[phi'(u) phi'(v)] independently: arc-cosine of degree 0 for relu, quadrature otherwise."""
+    if name == "relu":
+        g = np.sqrt(q1 * q2)
+        return (np.pi - np.arccos(np.clip(c / g, -1, 1))) / (2 * np.pi)
+    act = get_activation(name)
+    d = lambda x: act.derivative(torch.as_tensor(x)).numpy()  # noqa: E731
+    return quadrature_dual(d, q1, q2, c, h=0.05)
+
+
+@pytest.mark.parametrize("name", ["relu", "erf", "tanh", "sin"])
+def test_zero_weight_variance_is_the_one_hidden_layer_ntk(rng, name):
+    """Without feedback: Theta = sigma_v^2 (E[phi phi] + E[phi' phi'] s) under s."""
+    x = rng.normal(size=(5, 3))
+    ov, b = 1.4, 0.3
+    theta = equilibrium_covariance(
+        x, activation=name, weight_variance=0.0, bias_variance=b, output_variance=ov, output="ntk"
+    )
+    s = x @ x.T / 3 + b
+    dg = np.diag(s)
+    q1, q2 = dg[:, None], dg[None, :]
+    value = (
+        closed_form_dual(name, q1, q2, s)
+        if name in ("relu", "erf", "sin")
+        else quadrature_dual(FUNCTIONS[name], q1, q2, s)
+    )
+    expected = ov * (value + _derivative_dual(name, q1, q2, s) * s)
+    assert rel_err(theta, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["relu", "erf", "tanh"])
+def test_formula_against_independent_pieces(rng, name):
+    """Theta = k + sigma_v^2 E' K* / (1 - sigma_w^2 E') with each piece computed independently."""
+    x = rng.normal(size=(5, 2))
+    w, ov, b = 0.6, 0.9, 0.2
+    kw = dict(activation=name, weight_variance=w, bias_variance=b)
+    cov = equilibrium_covariance(x, output="preactivation", **kw).numpy()
+    value = equilibrium_covariance(x, **kw).numpy()
+    dg = np.diag(cov)
+    slope = _derivative_dual(name, dg[:, None], dg[None, :], cov)
+    expected = ov * (value + slope * cov / (1 - w * slope))
+    theta = equilibrium_covariance(x, output="ntk", output_variance=ov, **kw)
+    assert rel_err(theta, expected) <= 1e-9
+
+
+@pytest.mark.parametrize("name", NTK_ACTIVATIONS)
+def test_symmetric_positive_definite_and_diagonal_paths(rng, name):
+    x = torch.as_tensor(rng.normal(size=(10, 3)))
+    z = torch.as_tensor(rng.normal(size=(10, 3)))
+    kw = dict(
+        activation=name,
+        weight_variance=0.5 * min(get_activation(name).weight_variance_bound, 2.0),
+        bias_variance=0.1,
+        output="ntk",
+    )
+    theta = equilibrium_covariance(x, **kw)
+    assert torch.equal(theta, theta.mT)
+    assert torch.equal(theta.diagonal(), equilibrium_covariance(x, diag=True, **kw))
+    cross = equilibrium_covariance(x, z, **kw)
+    assert torch.allclose(cross.diagonal(), equilibrium_covariance(x, z, diag=True, **kw), rtol=1e-12, atol=1e-14)
+    eig = torch.linalg.eigvalsh(theta)
+    if name == "identity":
+        assert eig.min() > -1e-12 * eig.max()
+    else:
+        assert eig.min() > 1e-8 * eig.max()
+
+
+@pytest.mark.parametrize("name", ["relu", "erf", "gelu", "tanh"])
+def test_ntk_gradcheck(rng, name):
+    x1 = torch.as_tensor(rng.normal(size=(4, 2))).requires_grad_()
+    x2 = torch.as_tensor(rng.normal(size=(3, 2))).requires_grad_()
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    ov = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+
+    def f(x1, x2, w, b, ov):
+        return equilibrium_covariance(
+            x1, x2, activation=name, weight_variance=w, bias_variance=b, output_variance=ov, output="ntk"
+        )
+
+    def g(x1, w, b):
+        return equilibrium_covariance(x1, activation=name, weight_variance=w, bias_variance=b, output="ntk")
+
+    assert torch.autograd.gradcheck(f, (x1, x2, w, b, ov))
+    assert torch.autograd.gradcheck(g, (x1, w, b))
+
+
+def test_step_has_no_ntk():
+    with pytest.raises(ValueError, match="step activation has no neural tangent kernel"):
+        equilibrium_covariance(np.ones((2, 2)), activation="step", output="ntk")
+
+
+def test_ntk_bound_is_the_activation_bound():
+    with pytest.raises(ValueError, match="weight_variance must be < 2"):
+        equilibrium_covariance(np.ones((2, 2)), weight_variance=2.0, output="ntk")
+
+
+def test_ntk_exceeds_nngp_part(rng):
+    """Theta - k = sigma_v^2 E' K* / (1 - w E') is itself a PSD kernel."""
+    x = torch.as_tensor(rng.normal(size=(8, 3)))
+    theta = equilibrium_covariance(x, weight_variance=1.5, output="ntk")
+    k = equilibrium_covariance(x, weight_variance=1.5)
+    assert torch.linalg.eigvalsh(theta - k).min() > -1e-12
+    # The relu diagonal: Theta(x, x) = q/2 + (1/2) q / (1 - w/2) with q = s / (1 - w/2).
+    s = (x * x).sum(-1) / 3
+    q = s / (1 - 0.75)
+    assert torch.allclose(theta.diagonal(), q / 2 + 0.5 * q / (1 - 0.75), rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh"])
+def test_ntk_float32(rng, name):
+    x = rng.normal(size=(12, 4))
+    kw = dict(activation=name, weight_variance=0.7, output="ntk")
+    a = equilibrium_covariance(torch.as_tensor(x), **kw)
+    b = equilibrium_covariance(torch.as_tensor(x, dtype=torch.float32), **kw)
+    assert rel_err(b.double(), a) <= 1e-5
+
+
+def test_derivative_duals_match_quadrature():
+    for name in ("relu", "leaky_relu", "abs", "erf", "sin", "cos", "gelu"):
+        act = get_activation(name)
+        der = act.derivative_activation()
+
+        def d(x, act=act):
+            return act.derivative(torch.as_tensor(x)).numpy()
+
+        for q1, q2, rho in [(1.0, 0.7, 0.3), (2.0, 0.5, -0.6)]:
+            t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+            s1, s2 = der.prepare(t(q1), t(q2))
+            value = float(der.pair_dual(s1, s2, t(rho))[0])
+            expected = float(
+                quadrature_dual(
+                    d, q1, q2, rho * math.sqrt(q1 * q2), h=0.01 if name in ("relu", "leaky_relu", "abs") else 0.05
+                )
+            )
+            # Piecewise-constant derivatives converge only like h in the trapezoid rule.
+            tol = 2e-3 if name in ("relu", "leaky_relu", "abs") else 1e-10
+            assert value == pytest.approx(expected, rel=tol, abs=tol)
+            # and V_c of the activation itself is the same quantity
+            s1a, s2a = act.prepare(t(q1), t(q2))
+            assert float(act.pair_dual(s1a, s2a, t(rho))[1]) == pytest.approx(value, rel=1e-12)
