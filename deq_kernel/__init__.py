@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import activations, settings
 from .activations import ACTIVATIONS, Activation, get_activation
 from .functional import equilibrium_covariance
+from .gpytorch import DEQKernel
 from .solver import ConvergenceError
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "ACTIVATIONS",
     "Activation",
     "ConvergenceError",
+    "DEQKernel",
     "__version__",
     "activations",
     "equilibrium_covariance",

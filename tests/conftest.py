@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,25 @@ def rng() -> np.random.Generator:
 @pytest.fixture(autouse=True)
 def _seed_torch() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_core():
+    """Under pytest-xdist, give each worker its share of the cores for the duration of a test.
+
+    With every worker running torch's default thread count the cores are oversubscribed, and
+    the kernel's many short elementwise passes then run tens of times slower.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rel_err(actual, expected) -> float:

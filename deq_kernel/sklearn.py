@@ -1,0 +1,918 @@
+r"""scikit-learn: the :class:`DEQ` kernel, and the :class:`DEQGPRegressor` and :class:`DEQGPClassifier` estimators.
+
+Two ways in, as scikit-learn users already know them:
+
+* :class:`DEQ` is a :class:`sklearn.gaussian_process.kernels.Kernel`, for
+  :class:`~sklearn.gaussian_process.GaussianProcessRegressor` and
+  :class:`~sklearn.gaussian_process.GaussianProcessClassifier`, composable with
+  ``ConstantKernel``, ``WhiteKernel``, sums and products;
+* :class:`DEQGPRegressor` and :class:`DEQGPClassifier` are estimators backed by the
+  GPyTorch model of :mod:`deq_kernel.gpytorch` (exact inference, hyperparameters fitted by
+  marginal likelihood), for pipelines, grid searches and cross-validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gpytorch
+import numpy as np
+import torch
+from gpytorch.kernels import ScaleKernel
+from gpytorch.likelihoods import DirichletClassificationLikelihood, GaussianLikelihood
+from gpytorch.utils.warnings import GPInputWarning
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.gaussian_process.kernels import ConstantKernel, Hyperparameter, Kernel, WhiteKernel
+from sklearn.utils import check_random_state, resample
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import Tensor
+
+from .activations import Activation, get_activation
+from .functional import equilibrium_covariance
+from .gpytorch import WEIGHT_VARIANCE_MARGIN, DEQKernel, ExactGPModel, FitResult, fit_exact_gp
+
+__all__ = ["DEQ", "DEQGPClassifier", "DEQGPRegressor"]
+
+#: Elements handled at once when the kernel's gradient is assembled pair by pair.
+_PAIR_CHUNK = 1 << 14
+
+#: Default bounds of the input and bias variances, and the lower bound of the weight variance.
+_DEFAULT_BOUNDS = (1e-5, 1e5)
+
+
+class DEQ(Kernel):
+    r"""The kernel of an infinitely wide deep equilibrium model, for scikit-learn.
+
+    A deep equilibrium model maps :math:`x \in \mathbb{R}^d` to the fixed point
+    :math:`h^* = \phi(W h^* + U x + b)` and outputs :math:`f = v \cdot h^*`; at infinite width
+    :math:`f` is a Gaussian process (Gao, Huo, Liu and Gao, *Wide Neural Networks as Gaussian
+    Processes: Lessons from Deep Equilibrium Models*, NeurIPS 2023, arXiv:2310.10767) with
+
+    .. math::
+        s(x, x') &= \frac{1}{d} \sum_{i=1}^d \sigma_{u,i}^2 x_i x'_i + \sigma_b^2, \\
+        K^*(x, x') &= \sigma_w^2\, E[\phi(u)\phi(v)] + s(x, x'), \\
+        k(x, x') &= E[\phi(u)\phi(v)],
+
+    :math:`(u, v)` centred Gaussian with covariance
+    :math:`[[K^*(x,x), K^*(x,x')], [K^*(x,x'), K^*(x',x')]]`. The fixed point :math:`K^*` is found
+    by :func:`deq_kernel.equilibrium_covariance`. Multiply by a
+    :class:`~sklearn.gaussian_process.kernels.ConstantKernel` for an output variance.
+
+    Parameters
+    ----------
+    activation : str, default "relu"
+        One of :data:`deq_kernel.ACTIVATIONS` (or an :class:`~deq_kernel.Activation` or callable,
+        which must then be picklable for the kernel to be).
+    weight_variance : float, default 0.5
+        :math:`\sigma_w^2`, below the activation's bound (relu 2, tanh 1, erf pi/4, ...); 0.5 is
+        inside every named activation's range.
+    input_variance : float or array-like of shape (n_features,), default 1.0
+        :math:`\sigma_u^2`; an array gives one variance per feature (anisotropic, ARD).
+    bias_variance : float, default 0.1
+        :math:`\sigma_b^2`.
+    weight_variance_bounds : pair of floats, "fixed" or "auto", default "auto"
+        ``"auto"``: ``(1e-5, bound * (1 - 1e-2))``, ``bound`` the activation's
+        ``weight_variance_bound`` (``(1e-5, 1e5)`` without one). An upper bound at or past the
+        activation's bound is refused.
+    input_variance_bounds, bias_variance_bounds : pair of floats or "fixed", default (1e-5, 1e5)
+    activation_kwargs : dict, optional
+        Activation options, e.g. ``{"negative_slope": 0.1}`` for ``"leaky_relu"``.
+
+    Notes
+    -----
+    The gradient with respect to the log-hyperparameters is exact: it comes from the implicit
+    gradients of :func:`deq_kernel.equilibrium_covariance` through torch autograd.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn.gaussian_process import GaussianProcessRegressor
+    >>> from sklearn.gaussian_process.kernels import ConstantKernel, WhiteKernel
+    >>> from deq_kernel.sklearn import DEQ
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> kernel = ConstantKernel() * DEQ(input_variance=100.0) + WhiteKernel()
+    >>> gpr = GaussianProcessRegressor(kernel, normalize_y=True).fit(X[:100], y[:100])
+    >>> K, K_gradient = DEQ()(X[:5], eval_gradient=True)
+    >>> K.shape, K_gradient.shape
+    ((5, 5), (5, 5, 3))
+    """
+
+    def __init__(
+        self,
+        activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
+        weight_variance: float = 0.5,
+        input_variance: float | np.ndarray = 1.0,
+        bias_variance: float = 0.1,
+        weight_variance_bounds: tuple[float, float] | str = "auto",
+        input_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
+        bias_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
+        activation_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.activation = activation
+        self.weight_variance = weight_variance
+        self.input_variance = input_variance
+        self.bias_variance = bias_variance
+        self.weight_variance_bounds = weight_variance_bounds
+        self.input_variance_bounds = input_variance_bounds
+        self.bias_variance_bounds = bias_variance_bounds
+        self.activation_kwargs = activation_kwargs
+
+    # ------------------------------------------------------------------ hyperparameters
+
+    def _activation(self) -> Activation:
+        return get_activation(self.activation, **(self.activation_kwargs or {}))
+
+    @property
+    def anisotropic(self) -> bool:
+        return np.iterable(self.input_variance) and len(self.input_variance) > 1
+
+    @property
+    def hyperparameter_weight_variance(self) -> Hyperparameter:
+        bounds = self.weight_variance_bounds
+        limit = self._activation().weight_variance_bound
+        if isinstance(bounds, str) and bounds == "auto":
+            upper = limit * (1.0 - WEIGHT_VARIANCE_MARGIN) if math.isfinite(limit) else _DEFAULT_BOUNDS[1]
+            bounds = (_DEFAULT_BOUNDS[0], upper)
+        elif not isinstance(bounds, str) and math.isfinite(limit) and not float(np.max(bounds)) < limit:
+            raise ValueError(
+                f"weight_variance_bounds must stay below {limit:.6g}, the bound of activation "
+                f"{self._activation().name!r} (the equilibrium exists only below it), got {bounds!r}"
+            )
+        return Hyperparameter("weight_variance", "numeric", bounds)
+
+    @property
+    def hyperparameter_input_variance(self) -> Hyperparameter:
+        if self.anisotropic:
+            return Hyperparameter("input_variance", "numeric", self.input_variance_bounds, len(self.input_variance))
+        return Hyperparameter("input_variance", "numeric", self.input_variance_bounds)
+
+    @property
+    def hyperparameter_bias_variance(self) -> Hyperparameter:
+        return Hyperparameter("bias_variance", "numeric", self.bias_variance_bounds)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def __call__(
+        self, X: np.ndarray, Y: np.ndarray | None = None, eval_gradient: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Return the kernel ``k(X, Y)`` and, optionally, its gradient.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_samples_X, n_features)
+        Y : ndarray of shape (n_samples_Y, n_features), optional
+            Default: ``X``.
+        eval_gradient : bool, default False
+            Also return the gradient with respect to the log of the non-fixed
+            hyperparameters, in the order of :attr:`theta`. Only with ``Y=None``.
+
+        Returns
+        -------
+        K : ndarray of shape (n_samples_X, n_samples_Y)
+        K_gradient : ndarray of shape (n_samples_X, n_samples_X, n_dims)
+            Only with ``eval_gradient=True``.
+        """
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        x = torch.from_numpy(np.ascontiguousarray(X))
+        if eval_gradient and Y is not None:
+            raise ValueError("Gradient can only be evaluated when Y is None.")
+        hypers = self._hyperparameter_tensors(x.shape[-1])
+        if not eval_gradient:
+            y = None if Y is None else torch.from_numpy(np.ascontiguousarray(np.atleast_2d(np.asarray(Y, np.float64))))
+            with torch.no_grad():
+                return self._covariance(x, y, **hypers).numpy()
+        # theta's order is that of self.hyperparameters (alphabetical): bias, input, weight.
+        free = [h.name for h in self.hyperparameters if not h.fixed]
+        K, jacobian = self._jacobian_by_pairs(x, hypers, free)
+        # d K / d log(theta) = theta * d K / d theta
+        scale = torch.cat([hypers[name].detach().reshape(-1) for name in free]) if free else torch.zeros(0)
+        return K.numpy(), (jacobian * scale).numpy()
+
+    def diag(self, X: np.ndarray) -> np.ndarray:
+        """Return the diagonal ``k(X, X)`` in O(n).
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        x = torch.from_numpy(np.ascontiguousarray(X))
+        with torch.no_grad():
+            return self._covariance(x, None, diag=True, **self._hyperparameter_tensors(x.shape[-1])).numpy()
+
+    def is_stationary(self) -> bool:
+        """Return False: the DEQ kernel depends on the inputs, not only on their difference."""
+        return False
+
+    @property
+    def requires_vector_input(self) -> bool:
+        """Return True: the kernel reads feature vectors."""
+        return True
+
+    def __repr__(self) -> str:
+        if self.anisotropic:
+            iv = "[{}]".format(", ".join(f"{v:.3g}" for v in np.asarray(self.input_variance, dtype=float)))
+        else:
+            iv = f"{float(np.ravel(self.input_variance)[0]):.3g}"
+        name = self.activation if isinstance(self.activation, str) else self._activation().name
+        return (
+            f"DEQ(activation={name!r}, weight_variance={self.weight_variance:.3g}, input_variance={iv}, "
+            f"bias_variance={self.bias_variance:.3g})"
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _hyperparameter_tensors(self, num_features: int) -> dict[str, Tensor]:
+        iv = np.asarray(self.input_variance, dtype=np.float64)
+        if self.anisotropic and iv.shape != (num_features,):
+            raise ValueError(
+                f"input_variance has {iv.size} entries (one per feature) but X has {num_features} features"
+            )
+        return {
+            "weight_variance": torch.tensor(float(self.weight_variance), dtype=torch.float64),
+            "input_variance": torch.from_numpy(iv.reshape(-1).copy())
+            if self.anisotropic
+            else torch.tensor(float(iv), dtype=torch.float64),
+            "bias_variance": torch.tensor(float(self.bias_variance), dtype=torch.float64),
+        }
+
+    def _covariance(self, x: Tensor, y: Tensor | None, diag: bool = False, **hypers: Tensor) -> Tensor:
+        return equilibrium_covariance(x, y, activation=self._activation(), diag=diag, **hypers)
+
+    def _jacobian_by_pairs(self, x: Tensor, hypers: dict[str, Tensor], free: list[str]) -> tuple[Tensor, Tensor]:
+        """Entries and their gradients, pair by pair: each pair gets its own copy of the hyperparameters.
+
+        Reverse-mode autograd gives one vector-Jacobian product per backward pass, and the
+        core's backward passes are first-order only. With the pairs of the upper triangle in
+        the batch dimension and one copy of each hyperparameter per pair, no two entries share
+        a copy, so one backward pass of their sum gives every entry's gradient.
+        """
+        act = self._activation()
+        if act.homogeneous:
+            # The relu family's tabulated solver builds one table per batch entry whose weight
+            # variance it reads; the general solver handles a weight variance per pair at once.
+            act = _SolvedPairwise(act)
+        n = x.shape[0]
+        rows, cols = torch.triu_indices(n, n)
+        width = sum(hypers[name].numel() for name in free)
+        K = torch.empty(n, n, dtype=x.dtype)
+        jacobian = torch.zeros(n, n, width, dtype=x.dtype)
+        for start in range(0, rows.numel(), _PAIR_CHUNK):
+            i, j = rows[start : start + _PAIR_CHUNK], cols[start : start + _PAIR_CHUNK]
+            count = i.numel()
+            leaves = {}
+            for name, t in hypers.items():
+                shape = (count, t.numel()) if name == "input_variance" else (count,)
+                leaves[name] = t.reshape(-1).expand(shape).clone().requires_grad_(name in free)
+            values = equilibrium_covariance(
+                x[i].unsqueeze(-2), x[j].unsqueeze(-2), activation=act, diag=True, **leaves
+            ).squeeze(-1)
+            K[i, j] = K[j, i] = values.detach()
+            if free:
+                grads = torch.autograd.grad(values.sum(), [leaves[name] for name in free])
+                block = torch.cat([gr.reshape(count, -1) for gr in grads], dim=-1)
+                jacobian[i, j] = block
+                jacobian[j, i] = block
+        return K, jacobian
+
+
+class _SolvedPairwise(Activation):
+    """An activation and its dual, unchanged, marked for the core's general (per-pair Newton) solver."""
+
+    homogeneous = False
+
+    def __init__(self, activation: Activation) -> None:
+        self.activation = activation
+        self.name = activation.name
+        self.weight_variance_bound = activation.weight_variance_bound
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.activation(x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return self.activation.derivative(x)
+
+    def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        return self.activation.diag_dual(q)
+
+    def pair_dual(self, state1: tuple, state2: tuple, rho: Tensor) -> tuple[Tensor, Tensor]:
+        return self.activation.pair_dual(state1, state2, rho)
+
+    def prepare(self, q1: Tensor, q2: Tensor | None = None) -> tuple[tuple, tuple | None]:
+        return self.activation.prepare(q1, q2)
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+class _DEQGPBase(BaseEstimator):
+    """Parameters, validation and hyperparameter set-up shared by the two estimators."""
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False  # dense kernel matrices
+        tags.input_tags.allow_nan = False
+        tags.target_tags.required = True
+        tags.target_tags.single_output = True
+        return tags
+
+    def _check_params(self) -> None:
+        get_activation(self.activation, **(self.activation_kwargs or {}))  # raises for a bad name
+        if self.optimizer not in ("lbfgs", "adam", None):
+            raise ValueError(f"optimizer must be 'lbfgs', 'adam' or None, got {self.optimizer!r}")
+        _check_int(self.max_iter, "max_iter", 1)
+        _check_int(self.n_restarts_optimizer, "n_restarts_optimizer", 0)
+        if self.max_fit_samples is not None:
+            _check_int(self.max_fit_samples, "max_fit_samples", 2)
+        _check_positive(self.tol, "tol", allow_zero=True)
+        if self.learning_rate is not None:
+            _check_positive(self.learning_rate, "learning_rate")
+        bound = self._activation_bound()
+        if self.weight_variance is not None:
+            _check_positive(self.weight_variance, "weight_variance")
+            if not self.weight_variance < bound:
+                raise ValueError(
+                    f"weight_variance must be < {bound:.6g} for activation {self.activation!r} "
+                    f"(the equilibrium exists only below it), got {self.weight_variance!r}"
+                )
+        iv = np.asarray(self.input_variance, dtype=np.float64) if _is_numeric_array(self.input_variance) else None
+        if iv is None or iv.ndim > 1 or not (np.all(np.isfinite(iv)) and np.all(iv > 0)) or iv.size == 0:
+            raise ValueError(
+                f"input_variance must be a positive number or a 1-D array of positive numbers, "
+                f"got {self.input_variance!r}"
+            )
+        _check_positive(self.bias_variance, "bias_variance")
+        try:
+            torch.device("cpu" if self.device is None else self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"device must be None or a torch device such as 'cpu' or 'cuda', got {self.device!r}"
+            ) from None
+
+    def _activation_bound(self) -> float:
+        return get_activation(self.activation, **(self.activation_kwargs or {})).weight_variance_bound
+
+    def _device(self) -> torch.device:
+        return torch.device("cpu" if self.device is None else self.device)
+
+    def _initial_values(self, rng: np.random.RandomState | None, num_features: int) -> dict[str, Any]:
+        """Initial hyperparameters: the given ones (``rng`` None) or random ones for a restart."""
+        bound = self._activation_bound()
+        iv = np.asarray(self.input_variance, dtype=np.float64)
+        if iv.ndim == 1 and iv.size not in (1, num_features):
+            raise ValueError(f"input_variance has {iv.size} entries, but X has {num_features} features")
+        if self.ard:
+            iv = np.broadcast_to(iv.reshape(-1), (num_features,)).copy()
+        elif iv.size != 1:
+            raise ValueError("an input_variance array (one variance per feature) requires ard=True")
+        if rng is None:
+            w = self.weight_variance
+            if w is None:
+                w = 0.5 * bound if math.isfinite(bound) else 1.0
+            return {"weight_variance": w, "input_variance": iv, "bias_variance": self.bias_variance}
+        top = bound if math.isfinite(bound) else 4.0
+        return {
+            "weight_variance": rng.uniform(0.05, 0.95) * top,
+            "input_variance": np.exp(rng.uniform(math.log(0.1), math.log(10.0), size=iv.shape)),
+            "bias_variance": math.exp(rng.uniform(math.log(0.01), math.log(1.0))),
+        }
+
+    def _fit_model(
+        self,
+        build: Callable[[dict[str, Any], np.ndarray | None], ExactGPModel],
+        num_samples: int,
+        num_features: int,
+        stratify: np.ndarray | None = None,
+    ) -> tuple[ExactGPModel, FitResult]:
+        """Fit from the initial values and from each random restart, keep the best.
+
+        ``build(initial, rows)`` returns a model on the samples ``rows`` (None: all). With more
+        than ``max_fit_samples`` samples, the hyperparameters are fitted on a random subset
+        (stratified by ``stratify``) and then given to a model on all samples.
+        """
+        rng = check_random_state(self.random_state)
+        rows = None
+        if self.max_fit_samples is not None and num_samples > self.max_fit_samples:
+            rows = _subsample(num_samples, self.max_fit_samples, rng, stratify)
+        best = None
+        for restart in range(self.n_restarts_optimizer + 1):
+            model = build(self._initial_values(None if restart == 0 else rng, num_features), rows)
+            if self.optimizer is None:
+                result = _evaluate(model)
+            else:
+                options = {"max_iter": self.max_iter, "learning_rate": self.learning_rate, "tol": self.tol}
+                result = fit_exact_gp(model, optimizer=self.optimizer, **options)
+            if best is None or result.log_marginal_likelihood > best[1].log_marginal_likelihood:
+                best = (model, result)
+        model, result = best
+        if rows is not None:
+            full = build(self._initial_values(None, num_features), None)
+            fitted = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, parameter in full.named_parameters():
+                    parameter.copy_(fitted[name])
+            full_value = _evaluate(full).log_marginal_likelihood
+            result = FitResult(full_value, result.n_iter, result.n_evaluations, result.converged, result.history)
+            model = full
+        return model, result
+
+    def _to_tensor(self, X: np.ndarray) -> Tensor:
+        return torch.tensor(np.asarray(X), dtype=torch.float64, device=self._device())  # a copy: X may be read-only
+
+
+class DEQGPRegressor(RegressorMixin, _DEQGPBase):
+    r"""Gaussian-process regression with the kernel of an infinitely wide deep equilibrium model.
+
+    An exact GP (GPyTorch) with a constant mean and covariance
+    ``output_variance * k_DEQ(x, x')`` plus Gaussian noise, where ``k_DEQ`` is the kernel of
+    Gao, Huo, Liu and Gao (NeurIPS 2023, arXiv:2310.10767),
+
+    .. math::
+        K^*(x, x') = \sigma_w^2\, E[\phi(u)\phi(v)] + \tfrac{1}{d}\textstyle\sum_i \sigma_{u,i}^2 x_i x'_i
+        + \sigma_b^2, \qquad k_\text{DEQ}(x, x') = E[\phi(u)\phi(v)],
+
+    with :math:`(u, v)` centred Gaussian of covariance :math:`K^*` at :math:`(x, x')` (see
+    :class:`deq_kernel.DEQKernel`). All hyperparameters (weight, input, bias and output
+    variances, noise, mean) are fitted by maximising the exact marginal likelihood of the
+    (standardised) targets.
+
+    Parameters
+    ----------
+    activation : str, default "relu"
+        One of :data:`deq_kernel.ACTIVATIONS`.
+    weight_variance : float, optional
+        Initial weight variance; default half the activation's bound (relu: 1).
+    input_variance : float or array-like of shape (n_features,), default 1.0
+        Initial input variance (an array requires ``ard=True``).
+    bias_variance : float, default 0.1
+        Initial bias variance.
+    noise : float, default 0.1
+        Initial noise variance, in units of the standardised targets.
+    ard : bool, default False
+        One input variance per feature.
+    normalize_y : bool, default True
+        Standardise the targets before fitting (predictions are in the original units).
+    optimizer : {"lbfgs", "adam"} or None, default "lbfgs"
+        How the marginal likelihood is maximised (see :func:`deq_kernel.gpytorch.fit_exact_gp`);
+        ``None`` keeps the initial hyperparameters.
+    max_iter : int, default 100
+        Largest number of optimiser iterations (per restart).
+    tol : float, default 1e-6
+        Stopping tolerance of the optimiser (objective per data point).
+    learning_rate : float, optional
+        Optimiser step size; default 1 for L-BFGS, 0.1 for Adam.
+    n_restarts_optimizer : int, default 0
+        Further fits from random initial hyperparameters; the one of highest marginal
+        likelihood is kept.
+    max_fit_samples : int, optional
+        Fit the hyperparameters on a random subset of at most this many samples (each
+        evaluation of the marginal likelihood costs O(n^3)); the model then conditions on all
+        samples. Default: all samples.
+    random_state : int, RandomState instance or None, default None
+        Draws the restarts' initial hyperparameters and the subset of ``max_fit_samples``.
+    device : str or torch.device, optional
+        Where the model lives (default CPU). Computation is in float64.
+    activation_kwargs : dict, optional
+        Activation options, e.g. ``{"negative_slope": 0.1}``.
+
+    Attributes
+    ----------
+    model_ : deq_kernel.gpytorch.ExactGPModel
+        The fitted GPyTorch model (on standardised targets).
+    kernel_ : sklearn.gaussian_process.kernels.Kernel
+        The fitted covariance of the standardised targets as a scikit-learn kernel,
+        ``ConstantKernel * DEQ + WhiteKernel``.
+    log_marginal_likelihood_value_ : float
+        Log marginal likelihood of the standardised training targets at ``kernel_``.
+    n_iter_ : int
+        Optimiser iterations of the kept fit.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when ``X`` has string feature names.
+
+    See Also
+    --------
+    deq_kernel.sklearn.DEQ : the kernel, for :class:`sklearn.gaussian_process.GaussianProcessRegressor`.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn.model_selection import train_test_split
+    >>> from deq_kernel.sklearn import DEQGPRegressor
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> X_train, X_test, y_train, y_test = train_test_split(X, y, random_state=1)
+    >>> reg = DEQGPRegressor().fit(X_train, y_train)
+    >>> mean, std = reg.predict(X_test, return_std=True)
+    >>> reg.score(X_test, y_test) > 0.4
+    True
+    """
+
+    def __init__(
+        self,
+        activation: str = "relu",
+        *,
+        weight_variance: float | None = None,
+        input_variance: float | np.ndarray = 1.0,
+        bias_variance: float = 0.1,
+        noise: float = 0.1,
+        ard: bool = False,
+        normalize_y: bool = True,
+        optimizer: str | None = "lbfgs",
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        learning_rate: float | None = None,
+        n_restarts_optimizer: int = 0,
+        max_fit_samples: int | None = None,
+        random_state: int | np.random.RandomState | None = None,
+        device: str | torch.device | None = None,
+        activation_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.activation = activation
+        self.weight_variance = weight_variance
+        self.input_variance = input_variance
+        self.bias_variance = bias_variance
+        self.noise = noise
+        self.ard = ard
+        self.normalize_y = normalize_y
+        self.optimizer = optimizer
+        self.max_iter = max_iter
+        self.tol = tol
+        self.learning_rate = learning_rate
+        self.n_restarts_optimizer = n_restarts_optimizer
+        self.max_fit_samples = max_fit_samples
+        self.random_state = random_state
+        self.device = device
+        self.activation_kwargs = activation_kwargs
+
+    def fit(self, X: Any, y: Any) -> DEQGPRegressor:
+        """Fit the hyperparameters by marginal likelihood and condition on the data.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        self : DEQGPRegressor
+        """
+        self._check_params()
+        _check_positive(self.noise, "noise")
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
+        if X.shape[0] < 2:
+            raise ValueError(f"DEQGPRegressor needs at least 2 samples, got {X.shape[0]} sample")
+        if self.normalize_y:
+            self._y_mean, self._y_scale = float(np.mean(y)), float(np.std(y))
+            if not self._y_scale > 0:
+                self._y_scale = 1.0
+        else:
+            self._y_mean, self._y_scale = 0.0, 1.0
+        x = self._to_tensor(X)
+        targets = self._to_tensor((y - self._y_mean) / self._y_scale)
+
+        def build(initial: dict[str, Any], rows: np.ndarray | None) -> ExactGPModel:
+            inputs, outputs = (x, targets) if rows is None else (x[rows], targets[rows])
+            likelihood = GaussianLikelihood()
+            model = ExactGPModel(
+                inputs, outputs, likelihood, activation=self.activation, ard=self.ard, **(self.activation_kwargs or {})
+            ).to(device=x.device, dtype=torch.float64)
+            _initialise(model.covar_module, initial)
+            model.likelihood.noise = float(self.noise)
+            model.mean_module.constant = 0.0
+            return model
+
+        self.model_, result = self._fit_model(build, X.shape[0], X.shape[1])
+        self.log_marginal_likelihood_value_ = result.log_marginal_likelihood
+        self.n_iter_ = result.n_iter
+        self.kernel_ = ConstantKernel(self.model_.covar_module.outputscale.item()) * _to_sklearn_kernel(
+            self.model_.covar_module.base_kernel, self.activation, self.activation_kwargs
+        ) + WhiteKernel(self.model_.likelihood.noise.item())
+        return self
+
+    def predict(
+        self, X: Any, return_std: bool = False, return_cov: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Predictive mean and, optionally, standard deviation or covariance.
+
+        The uncertainty is that of the latent function (without the observation noise, whose
+        variance is the ``WhiteKernel`` of :attr:`kernel_` times the targets' variance).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        return_std : bool, default False
+            Also return the predictive standard deviation.
+        return_cov : bool, default False
+            Also return the predictive covariance (not with ``return_std``).
+
+        Returns
+        -------
+        y_mean : ndarray of shape (n_samples,)
+        y_std : ndarray of shape (n_samples,)
+            With ``return_std=True``.
+        y_cov : ndarray of shape (n_samples, n_samples)
+            With ``return_cov=True``.
+        """
+        if return_std and return_cov:
+            raise ValueError("at most one of return_std and return_cov can be requested")
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        with _prediction():
+            posterior = self.model_(self._to_tensor(X))
+            mean = posterior.mean.cpu().numpy() * self._y_scale + self._y_mean
+            if return_std:
+                std = posterior.variance.clamp_min(0.0).sqrt().cpu().numpy() * self._y_scale
+                return mean, std
+            if return_cov:
+                return mean, posterior.covariance_matrix.cpu().numpy() * self._y_scale**2
+        return mean
+
+
+class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
+    r"""Gaussian-process classification with the kernel of an infinitely wide deep equilibrium model.
+
+    Uses the Dirichlet-based GP classifier of Milios et al. (NeurIPS 2018): the labels become
+    regression targets :math:`\log \alpha_c - \sigma_c^2/2` with heteroscedastic noise
+    :math:`\sigma_c^2 = \log(1 + 1/\alpha_c)` (:math:`\alpha_c = 1 + \alpha_\epsilon` for the
+    observed class, :math:`\alpha_\epsilon` otherwise), and one exact GP per class is fitted by
+    marginal likelihood (GPyTorch's ``DirichletClassificationLikelihood``). This is chosen over a
+    variational classifier because inference stays exact and its cost is one kernel matrix,
+    shared by the classes: the DEQ hyperparameters (:class:`deq_kernel.DEQKernel`, Gao et al.,
+    NeurIPS 2023, arXiv:2310.10767) are common to all classes, while each class has its own
+    output variance and constant mean. Class probabilities are the expected softmax of the
+    latent functions, by Monte Carlo with fixed draws.
+
+    Parameters
+    ----------
+    activation : str, default "relu"
+        One of :data:`deq_kernel.ACTIVATIONS`.
+    weight_variance : float, optional
+        Initial weight variance; default half the activation's bound (relu: 1).
+    input_variance : float or array-like of shape (n_features,), default 1.0
+        Initial input variance (an array requires ``ard=True``).
+    bias_variance : float, default 0.1
+        Initial bias variance.
+    alpha_epsilon : float, default 0.01
+        Dirichlet concentration of the unobserved classes (smaller: more confident labels).
+    ard : bool, default False
+        One input variance per feature.
+    optimizer : {"lbfgs", "adam"} or None, default "lbfgs"
+        How the marginal likelihood is maximised; ``None`` keeps the initial hyperparameters.
+    max_iter : int, default 100
+        Largest number of optimiser iterations (per restart).
+    tol : float, default 1e-6
+        Stopping tolerance of the optimiser.
+    learning_rate : float, optional
+        Optimiser step size; default 1 for L-BFGS, 0.1 for Adam.
+    n_restarts_optimizer : int, default 0
+        Further fits from random initial hyperparameters; the best is kept.
+    max_fit_samples : int or None, default 500
+        Fit the hyperparameters on a class-stratified random subset of at most this many
+        samples, then condition the model on all samples. Each evaluation of the marginal
+        likelihood factorises one ``n x n`` matrix per class, so this bounds the cost of
+        fitting (500 samples: well under a minute for ten classes on one CPU core); ``None``
+        fits on all samples.
+    random_state : int, RandomState instance or None, default None
+        Draws the subset of ``max_fit_samples``, the restarts' initial values and the Monte
+        Carlo draws of :meth:`predict_proba`.
+    device : str or torch.device, optional
+        Where the model lives (default CPU). Computation is in float64.
+    activation_kwargs : dict, optional
+        Activation options.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    model_ : deq_kernel.gpytorch.ExactGPModel
+        The fitted GPyTorch model, batched over classes.
+    kernel_ : DEQ
+        The fitted DEQ kernel (shared by the classes) as a scikit-learn kernel.
+    log_marginal_likelihood_value_ : float
+        Log marginal likelihood of the transformed targets, summed over classes.
+    n_iter_ : int
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when ``X`` has string feature names.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.model_selection import train_test_split
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from deq_kernel.sklearn import DEQGPClassifier
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X_train, X_test, y_train, y_test = train_test_split(X, y, random_state=0)
+    >>> clf = make_pipeline(StandardScaler(), DEQGPClassifier()).fit(X_train, y_train)
+    >>> clf.score(X_test, y_test) > 0.94
+    True
+    """
+
+    #: Monte Carlo draws (antithetic pairs) for the class probabilities.
+    _DRAWS = 512
+
+    def __init__(
+        self,
+        activation: str = "relu",
+        *,
+        weight_variance: float | None = None,
+        input_variance: float | np.ndarray = 1.0,
+        bias_variance: float = 0.1,
+        alpha_epsilon: float = 0.01,
+        ard: bool = False,
+        optimizer: str | None = "lbfgs",
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        learning_rate: float | None = None,
+        n_restarts_optimizer: int = 0,
+        max_fit_samples: int | None = 500,
+        random_state: int | np.random.RandomState | None = None,
+        device: str | torch.device | None = None,
+        activation_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.activation = activation
+        self.weight_variance = weight_variance
+        self.input_variance = input_variance
+        self.bias_variance = bias_variance
+        self.alpha_epsilon = alpha_epsilon
+        self.ard = ard
+        self.optimizer = optimizer
+        self.max_iter = max_iter
+        self.tol = tol
+        self.learning_rate = learning_rate
+        self.n_restarts_optimizer = n_restarts_optimizer
+        self.max_fit_samples = max_fit_samples
+        self.random_state = random_state
+        self.device = device
+        self.activation_kwargs = activation_kwargs
+
+    def fit(self, X: Any, y: Any) -> DEQGPClassifier:
+        """Fit the Dirichlet GP classifier's hyperparameters by marginal likelihood.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+            Class labels.
+
+        Returns
+        -------
+        self : DEQGPClassifier
+        """
+        self._check_params()
+        _check_positive(self.alpha_epsilon, "alpha_epsilon")
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, labels = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"DEQGPClassifier needs samples of at least 2 classes, got 1 class ({self.classes_[0]!r})")
+        x = self._to_tensor(X)
+        labels = torch.as_tensor(labels, device=x.device)
+        num_classes = len(self.classes_)
+
+        def build(initial: dict[str, Any], rows: np.ndarray | None) -> ExactGPModel:
+            inputs, classes = (x, labels) if rows is None else (x[rows], labels[rows])
+            likelihood = DirichletClassificationLikelihood(
+                classes, alpha_epsilon=float(self.alpha_epsilon), learn_additional_noise=True, dtype=torch.float64
+            )
+            # One DEQ kernel (one kernel matrix) for all classes; scale and mean per class.
+            base = DEQKernel(
+                self.activation, ard_num_dims=X.shape[1] if self.ard else None, **(self.activation_kwargs or {})
+            )
+            covar = ScaleKernel(base, batch_shape=torch.Size([num_classes]))
+            targets = likelihood.transformed_targets
+            model = ExactGPModel(
+                inputs, targets, likelihood, covar_module=covar, batch_shape=torch.Size([num_classes])
+            ).to(device=x.device, dtype=torch.float64)
+            _initialise(model.covar_module, initial)
+            return model
+
+        self.model_, result = self._fit_model(build, X.shape[0], X.shape[1], stratify=labels.cpu().numpy())
+        self.log_marginal_likelihood_value_ = result.log_marginal_likelihood
+        self.n_iter_ = result.n_iter
+        self.kernel_ = _to_sklearn_kernel(self.model_.covar_module.base_kernel, self.activation, self.activation_kwargs)
+        half = check_random_state(self.random_state).standard_normal((self._DRAWS // 2, num_classes))
+        self._draws = np.concatenate([half, -half])  # antithetic: odd error terms cancel
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities: the expected softmax of the latent functions.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            Columns in the order of :attr:`classes_`.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        with _prediction():
+            latent = self.model_(self._to_tensor(X))  # batch over classes: (n_classes, n)
+            mean, std = latent.mean, latent.variance.clamp_min(0.0).sqrt()
+            draws = torch.as_tensor(self._draws, dtype=mean.dtype, device=mean.device)
+            samples = mean + std * draws.unsqueeze(-1)  # (draws, n_classes, n)
+            proba = torch.softmax(samples, dim=-2).mean(0).T
+        return proba.cpu().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _prediction() -> Iterator[None]:
+    """Exact predictions without gradients; predicting at the training inputs is expected here."""
+    with warnings.catch_warnings(), torch.no_grad(), gpytorch.settings.max_cholesky_size(10_000):
+        warnings.filterwarnings("ignore", category=GPInputWarning)
+        # Variances of rounding size below zero are clamped (by GPyTorch, and again here).
+        warnings.filterwarnings("ignore", message="Negative variance values detected")
+        yield
+
+
+def _initialise(covar_module: ScaleKernel, initial: dict[str, Any]) -> None:
+    base = covar_module.base_kernel
+    base.weight_variance = float(initial["weight_variance"])
+    base.input_variance = torch.as_tensor(np.asarray(initial["input_variance"], dtype=np.float64))
+    base.bias_variance = float(initial["bias_variance"])
+    covar_module.outputscale = 1.0
+
+
+def _evaluate(model: ExactGPModel) -> FitResult:
+    """The log marginal likelihood at the model's current hyperparameters, as a FitResult."""
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    model.train()
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10_000):
+        value = float(mll(model(*model.train_inputs), model.train_targets).sum()) * model.train_targets.shape[-1]
+    model.eval()
+    return FitResult(log_marginal_likelihood=value, n_iter=1, n_evaluations=1, converged=True, history=[value])
+
+
+def _to_sklearn_kernel(kernel: DEQKernel, activation: Any, activation_kwargs: dict | None) -> DEQ:
+    iv = kernel.input_variance.detach().cpu().reshape(-1).numpy()
+    return DEQ(
+        activation,
+        weight_variance=float(kernel.weight_variance.detach().reshape(-1)[0]),
+        input_variance=iv.copy() if iv.size > 1 else float(iv[0]),
+        bias_variance=float(kernel.bias_variance.detach().reshape(-1)[0]),
+        activation_kwargs=activation_kwargs,
+    )
+
+
+def _subsample(num_samples: int, size: int, rng: np.random.RandomState, stratify: np.ndarray | None) -> np.ndarray:
+    """Sorted indices of ``size`` of the samples, drawn without replacement (stratified if possible)."""
+    if stratify is not None:
+        try:
+            rows = resample(np.arange(num_samples), replace=False, n_samples=size, stratify=stratify, random_state=rng)
+            return np.sort(rows)
+        except ValueError:  # a class too small to stratify: one sample of each class, the rest plainly
+            firsts = np.unique(stratify, return_index=True)[1]
+            others = np.setdiff1d(np.arange(num_samples), firsts)
+            extra = rng.choice(others, size=max(0, size - len(firsts)), replace=False)
+            return np.sort(np.concatenate([firsts, extra]))
+    return np.sort(rng.choice(num_samples, size=size, replace=False))
+
+
+def _is_numeric_array(value: Any) -> bool:
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        return False
+    return arr.dtype.kind in "iuf" and not isinstance(value, bool)
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
