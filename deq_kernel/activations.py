@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ACTIVATIONS",
@@ -343,18 +344,19 @@ class Erf(Activation):
         return (2.0 / math.sqrt(_PI)) * torch.exp(-x * x)
 
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        one_2q = 1.0 + 2.0 * q
-        value = (2.0 / _PI) * torch.arcsin(2.0 * q / one_2q)
-        slope = (4.0 / _PI) / (one_2q * torch.sqrt(1.0 + 4.0 * q))
+        one_4q = torch.sqrt(1.0 + 4.0 * q)
+        value = (2.0 / _PI) * torch.atan2(2.0 * q, one_4q)
+        slope = (4.0 / _PI) / ((1.0 + 2.0 * q) * one_4q)
         return value, slope
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
+        # arcsin(2c / sqrt(P)) = atan2(2c, sqrt(P - 4c^2)), P = (1 + 2 q1)(1 + 2 q2), with
+        # P - 4c^2 = 1 + 2(q1 + q2) + 4 q1 q2 (1 - rho)(1 + rho) formed without cancellation.
         q1, q2 = state1[0], state2[0]
-        prod = (1.0 + 2.0 * q1) * (1.0 + 2.0 * q2)
         c = rho * safe_sqrt(q1 * q2)
-        value = (2.0 / _PI) * torch.arcsin((2.0 * c / torch.sqrt(prod)).clamp(-1.0, 1.0))
-        slope = (4.0 / _PI) / torch.sqrt(prod.detach() - 4.0 * c.detach() ** 2)
-        return value, slope
+        gap = torch.sqrt(1.0 + 2.0 * (q1 + q2) + 4.0 * q1 * q2 * (1.0 - rho) * (1.0 + rho))
+        value = (2.0 / _PI) * torch.atan2(2.0 * c, gap)
+        return value, (4.0 / _PI) / gap.detach()
 
     def derivative_activation(self) -> Activation:
         return Gaussian(2.0 / math.sqrt(_PI))
@@ -389,7 +391,8 @@ class Gaussian(Activation):
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         q1, q2 = state1[0], state2[0]
         c = rho * safe_sqrt(q1 * q2)
-        det = (1.0 + 2.0 * q1) * (1.0 + 2.0 * q2) - 4.0 * c * c
+        # (1 + 2 q1)(1 + 2 q2) - 4 c^2 without cancellation (see Erf.pair_dual)
+        det = 1.0 + 2.0 * (q1 + q2) + 4.0 * q1 * q2 * (1.0 - rho) * (1.0 + rho)
         a2 = self.scale**2
         return a2 / torch.sqrt(det), (4.0 * a2 * c / det**1.5).detach()
 
@@ -412,7 +415,7 @@ class Sin(Activation):
 
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
         e = torch.exp(-2.0 * q)
-        return 0.5 * (1.0 - e), e
+        return -0.5 * torch.expm1(-2.0 * q), e  # expm1: no cancellation as q -> 0
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         return _exp_duals(state1[0], state2[0], rho, odd=True)
@@ -473,17 +476,29 @@ class _Negated(Activation):
 
 
 def _exp_duals(q1: Tensor, q2: Tensor, rho: Tensor, *, odd: bool) -> tuple[Tensor, Tensor]:
-    """``e^{-(q1+q2)/2}`` times ``(sinh c, cosh c)`` (odd) or ``(cosh c, sinh c)``, overflow-free."""
+    """``e^{-(q1+q2)/2}`` times ``(sinh c, cosh c)`` (odd) or ``(cosh c, sinh c)``, accurate throughout.
+
+    For ``|c| < 1`` the hyperbolic functions are used directly (the difference of
+    exponentials would cancel, losing all relative accuracy as ``c -> 0``); beyond, the
+    product is formed as exponentials of differences, which cannot overflow because
+    ``|c| <= sqrt(q1 q2) <= (q1 + q2)/2``.
+    """
     half = 0.5 * (q1 + q2)
     c = rho * safe_sqrt(q1 * q2)
-    plus = 0.5 * torch.exp(c - half)
-    minus = 0.5 * torch.exp(-c - half)
-    cd = c.detach()
-    slope_plus = 0.5 * torch.exp(cd - half.detach())
-    slope_minus = 0.5 * torch.exp(-cd - half.detach())
-    if odd:
-        return plus - minus, slope_plus + slope_minus
-    return plus + minus, slope_plus - slope_minus
+
+    def pair(c: Tensor, half: Tensor) -> tuple[Tensor, Tensor]:
+        small = c.abs() < 1.0
+        cs = torch.where(small, c, 0.0)
+        damp = torch.exp(-half)
+        plus = 0.5 * torch.exp(torch.where(small, 0.0, c) - half)
+        minus = 0.5 * torch.exp(-torch.where(small, 0.0, c) - half)
+        sinh = torch.where(small, torch.sinh(cs) * damp, plus - minus)
+        cosh = torch.where(small, torch.cosh(cs) * damp, plus + minus)
+        return sinh, cosh
+
+    sinh, cosh = pair(c, half)
+    slope_sinh, slope_cosh = pair(c.detach(), half.detach())
+    return (sinh, slope_cosh) if odd else (cosh, slope_sinh)
 
 
 class Gelu(Activation):
@@ -517,26 +532,30 @@ class Gelu(Activation):
 
     @staticmethod
     def _value(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+        # Written with e = q1 q2 - c^2 = q1 q2 (1 - rho)(1 + rho) and Delta = det S = e + q1 + q2 + 1,
+        # which keep their relative accuracy where the textbook form cancels (large
+        # variances, |rho| -> 1, float32). The regression coefficients are then
+        # alpha1 = (e + q1)/Delta, beta1 = alpha2 = c/Delta, beta2 = (e + q2)/Delta, and the
+        # residual covariance of (u, v) given (a, b) is c/Delta.
+        root = safe_sqrt(q1 * q2)
+        rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0).clamp(-1.0, 1.0)
+        e = q1 * q2 * (1.0 - rho) * (1.0 + rho)
         a = q1 + 1.0
         b = q2 + 1.0
-        det = a * b - c * c
-        sab = torch.sqrt(a * b)
-        cos_t = (c / sab).clamp(-1.0, 1.0)
-        t = torch.arccos(cos_t)
-        sin_t = _sin_from_cos(cos_t)
+        det = e + q1 + q2 + 1.0
+        root_det = torch.sqrt(det)
+        t = torch.atan2(root_det, c)  # the angle between a and b: cos t = c/sqrt(AB), sin t = sqrt(det/(AB))
         pi_t = _PI - t
         prob = pi_t / _TWO_PI
-        e_ab = sab * (sin_t + pi_t * cos_t) / _TWO_PI
-        e_sq = (pi_t + cos_t * sin_t) / _TWO_PI  # E[a^2 1] / A, and the same for b
-        alpha1 = (q1 * b - c * c) / det
+        e_ab = (root_det + pi_t * c) / _TWO_PI
+        e_sq = (pi_t + c * root_det / (a * b)) / _TWO_PI  # E[a^2 1] / A, and the same for b
+        alpha1 = (e + q1) / det
         beta1 = c / det
-        alpha2 = c / det
-        beta2 = (q2 * a - c * c) / det
-        residual = c - alpha1 * c - beta1 * q2
+        beta2 = (e + q2) / det
         return (
-            residual * prob
-            + alpha1 * alpha2 * a * e_sq
-            + (alpha1 * beta2 + beta1 * alpha2) * e_ab
+            (c / det) * prob
+            + alpha1 * beta1 * a * e_sq
+            + (alpha1 * beta2 + beta1 * beta1) * e_ab
             + beta1 * beta2 * b * e_sq
         )
 
@@ -576,12 +595,17 @@ class _GeluDerivative(Activation):
 
     @staticmethod
     def _slope(q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+        # The derivative of the closed form cancels badly in float32 at large variances:
+        # always differentiate in float64.
+        dtype = c.dtype
+        q1, q2, c = q1.double(), q2.double(), c.double()
         with torch.enable_grad():
             leaf = not c.requires_grad
             c_ = c.detach().requires_grad_(True) if leaf else c
             value = Gelu._value(q1, q2, c_)
             (slope,) = torch.autograd.grad(value.sum(), c_, create_graph=True)
-        return slope if not leaf or q1.requires_grad or q2.requires_grad else slope.detach()
+        slope = slope if not leaf or q1.requires_grad or q2.requires_grad else slope.detach()
+        return slope.to(dtype)
 
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
@@ -591,13 +615,14 @@ class _GeluDerivative(Activation):
         return self._slope(q, q, q), d
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
-        q1, q2 = torch.minimum(state1[0], state2[0]), torch.maximum(state1[0], state2[0])
-        c = rho * safe_sqrt(q1 * q2)
+        dtype = rho.dtype
+        q1, q2 = torch.minimum(state1[0], state2[0]).double(), torch.maximum(state1[0], state2[0]).double()
+        c = rho.double() * safe_sqrt(q1 * q2)  # formed in float64: |c| <= sqrt(q1 q2) exactly
         value = self._slope(q1, q2, c)
         with torch.enable_grad():
             cd = c.detach().requires_grad_(True)
             (curvature,) = torch.autograd.grad(self._slope(q1.detach(), q2.detach(), cd).sum(), cd)
-        return value, curvature.detach()
+        return value.to(dtype), curvature.detach().to(dtype)
 
 
 def _normal_cdf(x: Tensor) -> Tensor:
@@ -618,6 +643,26 @@ def _trapezoid_nodes(spacing: float, half_width: float) -> tuple[Tensor, Tensor]
     h = float(z[1] - z[0])
     weights = torch.exp(-0.5 * z * z) * (h / math.sqrt(_TWO_PI))
     return z, weights
+
+
+def _mapped_nodes(q_max: float, spacing: float, half_width: float) -> tuple[Tensor, Tensor]:
+    r"""Nodes and N(0, 1) weights of the trapezoid rule under ``z = asinh(a sinh t)``, float64.
+
+    ``a = min(1, 1/sqrt(q_max))``. Near 0 the map is ``z = a t``, so an activation evaluated
+    at ``sqrt(q) z`` varies on the scale of ``t`` however large ``q`` is; away from 0 it is
+    ``z = t + log(a/2)``, uniform spacing, which resolves the Hermite polynomials and the
+    Gaussian. The map is analytic in a strip, so the rule keeps the trapezoid rule's
+    exponential accuracy (about 1e-14 for tanh at any ``q`` up to 1e16), with at most a
+    few hundred more nodes than the uniform rule, rather than a number growing like
+    ``sqrt(q)``. For ``q_max <= 1`` it is the uniform rule.
+    """
+    a = min(1.0, 1.0 / math.sqrt(max(q_max, 1e-300)))
+    top = half_width + math.log(2.0 / a) + 1.0
+    t = torch.arange(-top, top + spacing / 2, spacing, dtype=torch.float64)
+    sh = torch.sinh(t)
+    z = torch.asinh(a * sh)
+    dz = a * torch.cosh(t) / torch.sqrt(1.0 + (a * sh) ** 2)
+    return z, torch.exp(-0.5 * z * z) * dz * (spacing / math.sqrt(_TWO_PI))
 
 
 def _hermite_table(z: Tensor, order: int) -> Tensor:
@@ -651,6 +696,7 @@ class _HermiteSeries(torch.autograd.Function):
         return value, slope
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_value: Tensor, _grad_slope: Tensor) -> tuple[Tensor | None, ...]:
         rho, a1, a2, slope = ctx.saved_tensors
         grad_rho = grad_value * slope if ctx.needs_input_grad[0] else None
@@ -782,16 +828,15 @@ class QuadratureActivation(Activation):
 
     # -- quadrature ------------------------------------------------------------------------
     def _nodes(self, q_max: float, hermite: bool) -> tuple[Tensor, Tensor]:
-        root = math.sqrt(max(q_max, 0.0))
-        spacing = min(0.05 if hermite else 0.1, self.analytic_strip / 6.0 / max(root, 1e-12))
         # Hermite products grow like e^{z^2/4}, so the coefficient integrals need a wider
         # window than the plain Gaussian tail.
-        half_width = (14.0 if hermite else 9.0) + 2.0 * root
-        return _trapezoid_nodes(spacing, half_width)
+        half_width = 14.0 if hermite else 9.0
+        return _mapped_nodes(q_max, min(0.04, self.analytic_strip / 6.0), half_width)
 
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
         q64 = q.to(torch.float64)
         z, weights = self._nodes(_max_or_zero(q64), hermite=False)
+        z, weights = z.to(q.device), weights.to(q.device)
         u = safe_sqrt(q64).unsqueeze(-1) * z
         phi = self.fn(u)
         value = (phi * phi * weights).sum(-1)
@@ -950,9 +995,35 @@ def estimate_weight_variance_bound(activation: Activation) -> float:
 # --------------------------------------------------------------------------- registry
 
 
+# Derivatives of the named quadrature activations, at module level so that they pickle.
+
+
+def _tanh_d1(x: Tensor) -> Tensor:
+    return 1 - torch.tanh(x) ** 2
+
+
+def _tanh_d2(x: Tensor) -> Tensor:
+    t = torch.tanh(x)
+    return -2 * t * (1 - t * t)
+
+
 def _sigmoid_d1(x: Tensor) -> Tensor:
     s = torch.sigmoid(x)
     return s * (1 - s)
+
+
+def _sigmoid_d2(x: Tensor) -> Tensor:
+    return _sigmoid_d1(x) * (1 - 2 * torch.sigmoid(x))
+
+
+def _silu_d1(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _silu_d2(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
 
 
 def _make_named() -> dict[str, Callable[..., Activation]]:
@@ -961,8 +1032,8 @@ def _make_named() -> dict[str, Callable[..., Activation]]:
         return QuadratureActivation(
             torch.tanh,
             name="tanh",
-            derivative=lambda x: 1 - torch.tanh(x) ** 2,
-            second_derivative=lambda x: -2 * torch.tanh(x) * (1 - torch.tanh(x) ** 2),
+            derivative=_tanh_d1,
+            second_derivative=_tanh_d2,
             weight_variance_bound=1.0,
             analytic_strip=_PI / 2,
         )
@@ -973,7 +1044,7 @@ def _make_named() -> dict[str, Callable[..., Activation]]:
             torch.sigmoid,
             name="sigmoid",
             derivative=_sigmoid_d1,
-            second_derivative=lambda x: _sigmoid_d1(x) * (1 - 2 * torch.sigmoid(x)),
+            second_derivative=_sigmoid_d2,
             weight_variance_bound=16.0,
             analytic_strip=_PI,
         )
@@ -993,19 +1064,11 @@ def _make_named() -> dict[str, Callable[..., Activation]]:
     def silu() -> Activation:
         # sup_t E[silu'(tZ)^2 Z^2] = 0.563343 at t = 1.759 dominates
         # (sup_t E[silu'(tZ)^2] = 0.508392): w < 1.775 (rounded down).
-        def d1(x: Tensor) -> Tensor:
-            s = torch.sigmoid(x)
-            return s * (1 + x * (1 - s))
-
-        def d2(x: Tensor) -> Tensor:
-            s = torch.sigmoid(x)
-            return s * (1 - s) * (2 + x * (1 - 2 * s))
-
         return QuadratureActivation(
             torch.nn.functional.silu,
             name="silu",
-            derivative=d1,
-            second_derivative=d2,
+            derivative=_silu_d1,
+            second_derivative=_silu_d2,
             weight_variance_bound=1.775,
             analytic_strip=_PI,
         )

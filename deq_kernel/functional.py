@@ -131,6 +131,22 @@ def equilibrium_covariance(
         )
     act.check_weight_variance(w)
     batch = _batch_shape(x1, x2, w=w, iv=iv, b=b, ov=ov)
+    if output == "ntk" and x1.dtype == torch.float32:
+        # The derivative dual depends on 1 - rho^2, which float32 resolves only to about
+        # eps32 * q: evaluate the tangent kernel in float64 and round the result.
+        wide = [t.double() for t in (x1, x2, w, iv, b, ov)]
+        out = equilibrium_covariance(
+            wide[0],
+            None if symmetric else wide[1],
+            activation=act,
+            weight_variance=wide[2],
+            input_variance=wide[3],
+            bias_variance=wide[4],
+            output_variance=wide[5],
+            diag=diag,
+            output="ntk",
+        )
+        return out.to(torch.float32)
 
     # s(x, x') = <x * input_variance / d, x'> + bias_variance
     scale = (iv / d).unsqueeze(-2) if iv.dim() >= 2 else iv / d
@@ -149,11 +165,11 @@ def equilibrium_covariance(
         return out.expand(*batch, x1.shape[-2])
 
     if symmetric:
-        s22, q2 = s11, q1
+        s22, q2, d2 = s11, q1, d1
     else:
         s22 = (x2 * scale * x2).sum(-1) + b.unsqueeze(-1)
-        q2, _ = solve_diagonal(act, s22, w_point)
-    pairs = _Pairs(x1, x1s, x2, scale, b, q1, q2, d1, s11, s22, symmetric)
+        q2, d2 = solve_diagonal(act, s22, w_point)
+    pairs = _Pairs(x1, x1s, x2, scale, b, q1, q2, d1, d2, s11, s22, symmetric)
     outer = not diag
     w_b, ov_b = (w_point.unsqueeze(-1), ov_point.unsqueeze(-1)) if outer else (w_point, ov_point)
     if output == "ntk":
@@ -174,6 +190,7 @@ class _Pairs(NamedTuple):
     q1: Tensor
     q2: Tensor
     d1: Tensor
+    d2: Tensor
     s11: Tensor
     s22: Tensor
     symmetric: bool
@@ -271,6 +288,7 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
         cols(p.s22),
         w,
         rows(p.d1),
+        cols(p.d2),
         matrix=outer,
         symmetric=p.symmetric and outer,
     )
@@ -297,13 +315,19 @@ def _ntk_output(act: Activation, derivative: Activation, p: _Pairs, w: Tensor, o
     s11r, s22c = rows(p.s11), cols(p.s22)
     eps = torch.finfo(s12.dtype).eps
     identical = (s11r + s22c - 2.0 * s12).detach() <= 8.0 * eps * (s11r + s22c).detach()
+    if outer and p.symmetric:
+        identical = identical | identical.mT  # the product s12 need not be bitwise symmetric
     special = identical | ((rows(p.q1) * cols(p.q2)).detach() == 0)
     state1, state2 = derivative.prepare(p.q1, None if p.symmetric else p.q2)
     state2 = state1 if state2 is None else state2
     slope = derivative.pair_dual(
         tuple(rows(t) for t in state1), tuple(cols(t) for t in state2), torch.where(special, 0.0, rho)
     )[0]
-    slope = torch.where(identical, rows(derivative.diag_dual(p.q1)[0]), slope)
+    e1 = derivative.diag_dual(p.q1)[0]
+    e2 = e1 if p.q2 is p.q1 else derivative.diag_dual(p.q2)[0]
+    slope = torch.where(identical, 0.5 * (rows(e1) + cols(e2)), slope)  # symmetric in the two points
+    if outer and p.symmetric:
+        slope = 0.5 * (slope + slope.mT)  # a quadrature fallback may integrate in one order of the pair
     out = tangent_kernel(value, cov, slope, w, ov)
     if outer and p.symmetric:
         diagonal = tangent_kernel(p.d1, p.q1, derivative.diag_dual(p.q1)[0], w.squeeze(-1), ov.squeeze(-1))

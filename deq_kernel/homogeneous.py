@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backend
 from .activations import PiecewiseLinear
@@ -299,6 +300,7 @@ class _HomogeneousKernel(torch.autograd.Function):
         return result
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         lhs, rhs, w, r1, r2, scale = ctx.saved_tensors
         tables, (value, matrix, two_sided, symmetric) = ctx.tables, ctx.flags
@@ -318,7 +320,10 @@ class _HomogeneousKernel(torch.autograd.Function):
             name: torch.zeros_like(t)
             for name, t in (("lhs", lhs), ("rhs", rhs), ("r1", r1), ("r2", r2), ("scale", scale))
         }
-        flat = {k: (v.reshape(len(tables), *v.shape[v.dim() - point_dims :]) if many else v) for k, v in grads.items()}
+        flat = {
+            k: (_flatten(v, len(tables), tail) if many else v)
+            for (k, v), tail in zip(grads.items(), _tails(matrix), strict=True)
+        }
         grad_w = torch.zeros(len(tables), dtype=w.dtype, device=w.device)
         kernel = backend.fused(_backward_block, total, lhs.device)
         parts = _parts(tables, (lhs, rhs, r1, r2, scale), matrix)
@@ -388,16 +393,23 @@ def _out_shape(lhs: Tensor, rhs: Tensor, matrix: bool) -> torch.Size:
     return torch.Size((*lhs.shape[:-1], rhs.shape[-2])) if matrix else lhs.shape[:-1]
 
 
+def _tails(matrix: bool) -> tuple[int, ...]:
+    """Trailing (non-batch) dimensions of ``(lhs, rhs, r1, r2, scale)``: operands are always
+    ``(points, features)``; the factors have the pair array's point dimensions."""
+    point_dims = 2 if matrix else 1
+    return (2, 2, point_dims, point_dims, point_dims)
+
+
+def _flatten(t: Tensor, entries: int, tail: int) -> Tensor:
+    return t.reshape(entries, *t.shape[t.dim() - tail :])
+
+
 def _parts(tables: list[CorrelationTable], tensors: tuple[Tensor, ...], matrix: bool):
     """``(table, tensors, out index)``: everything at once, or one flattened batch entry at a time."""
     if len(tables) == 1:
         yield tables[0], tensors, (Ellipsis,)
         return
-    point_dims = 2 if matrix else 1
-    flat = []
-    for t in tensors:
-        tail = t.shape[t.dim() - point_dims :]
-        flat.append(t.reshape(len(tables), *tail))
+    flat = [_flatten(t, len(tables), tail) for t, tail in zip(tensors, _tails(matrix), strict=True)]
     for b, table in enumerate(tables):
         yield table, tuple(t[b] for t in flat), (b,)
 

@@ -22,7 +22,9 @@ equation has a single input and :mod:`deq_kernel.homogeneous` tabulates its solu
 the Newton method here.
 
 Gradients come from the implicit function theorem, never from back-propagating
-through iterations: for :math:`r(\rho, \vartheta) = 0`,
+through iterations (first derivatives only: the backward passes are marked
+``once_differentiable``, so asking for second derivatives raises instead of returning
+wrong ones): for :math:`r(\rho, \vartheta) = 0`,
 :math:`\partial\rho/\partial\vartheta = -(\partial r/\partial\vartheta)/(\partial r/\partial\rho)`,
 applied by custom ``torch.autograd.Function`` s.
 """
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backend, settings
 from .activations import Activation, PiecewiseLinear, State, safe_sqrt
@@ -148,6 +151,7 @@ class _DiagonalFixedPoint(torch.autograd.Function):
         return q, d
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_q: Tensor, grad_d: Tensor) -> tuple[Tensor | None, ...]:
         w, d, dd = ctx.saved_tensors
         s_shape, w_shape = ctx.shapes
@@ -233,13 +237,21 @@ def _finish_function(act: Activation) -> Callable[..., None]:
     """Write ``rho`` and ``V`` of a converged block in place."""
 
     def finish(
-        rho_out: Tensor, value_out: Tensor, x: Tensor, free: Tensor, identical: Tensor, d_rows: Tensor, *states: Tensor
+        rho_out: Tensor,
+        value_out: Tensor,
+        x: Tensor,
+        free: Tensor,
+        identical: Tensor,
+        d_rows: Tensor,
+        d_cols: Tensor,
+        *states: Tensor,
     ) -> None:
         half = len(states) // 2
         at = torch.where(free, x.clamp(-1.0, 1.0), 0.0)
         v, _ = act.bulk_pair_dual(states[:half], states[half:], at)
         rho_out.copy_(torch.where(identical, 1.0, at))
-        value_out.copy_(torch.where(identical, d_rows, v))
+        # Identical to rounding: D of either point; their mean keeps k(x, x') = k(x', x).
+        value_out.copy_(torch.where(identical, 0.5 * (d_rows + d_cols), v))
 
     return finish
 
@@ -253,6 +265,7 @@ def _pairs_forward(
     s22: Tensor,
     w: Tensor,
     d_rows: Tensor,
+    d_cols: Tensor,
     matrix: bool,
     symmetric: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -309,7 +322,17 @@ def _pairs_forward(
             x = moved
         free[sel] = free_b.expand(free[sel].shape)
         identical[sel] = ident_b.expand(identical[sel].shape)
-        finish(rho[sel], value[sel], x, free_b, ident_b, _rows_of(d_rows, sel, matrix), *st1, *st2)
+        finish(
+            rho[sel],
+            value[sel],
+            x,
+            free_b,
+            ident_b,
+            _rows_of(d_rows, sel, matrix),
+            _cols_of(d_cols, cols, matrix),
+            *st1,
+            *st2,
+        )
         if square:
             rows = slice(start, start + block)
             for t in (rho, value, free, identical):
@@ -399,21 +422,27 @@ class _PairFixedPoint(torch.autograd.Function):
         s22: Tensor,
         w: Tensor,
         d_rows: Tensor,
+        d_cols: Tensor,
         *states: Tensor,
     ) -> tuple[Tensor, Tensor]:
         state1, state2 = tuple(states[:n1]), tuple(states[n1:])
-        rho, value, free, identical = _pairs_forward(act, state1, state2, s12, s11, s22, w, d_rows, matrix, symmetric)
+        rho, value, free, identical = _pairs_forward(
+            act, state1, state2, s12, s11, s22, w, d_rows, d_cols, matrix, symmetric
+        )
         ctx.act, ctx.n1 = act, n1
-        ctx.save_for_backward(rho, free, identical, s12, w, d_rows, *states)
+        ctx.save_for_backward(rho, free, identical, s12, w, d_rows, d_cols, *states)
         return rho, value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_rho: Tensor, grad_value: Tensor) -> tuple[Tensor | None, ...]:
-        rho, free, identical, s12, w, d_rows, *states = ctx.saved_tensors
+        rho, free, identical, s12, w, d_rows, d_cols, *states = ctx.saved_tensors
         act, n1 = ctx.act, ctx.n1
-        need_s12, _, _, need_w, need_d = ctx.needs_input_grad[4:9]
-        needs_states = ctx.needs_input_grad[9:]
-        grad_d = (grad_value * identical).sum_to_size(d_rows.shape) if need_d else None
+        need_s12, _, _, need_w, need_d_rows, need_d_cols = ctx.needs_input_grad[4:10]
+        needs_states = ctx.needs_input_grad[10:]
+        half_identical = 0.5 * grad_value * identical
+        grad_d_rows = half_identical.sum_to_size(d_rows.shape) if need_d_rows else None
+        grad_d_cols = half_identical.sum_to_size(d_cols.shape) if need_d_cols else None
         with torch.enable_grad():
             s12_ = s12.detach().requires_grad_(need_s12)
             w_ = w.detach().requires_grad_(need_w)
@@ -441,7 +470,7 @@ class _PairFixedPoint(torch.autograd.Function):
             g = next(grads)
             out.append(torch.zeros_like(leaf) if g is None else g)
         grad_s12, grad_w, *grad_states = out
-        return (None, None, None, None, grad_s12, None, None, grad_w, grad_d, *grad_states)
+        return (None, None, None, None, grad_s12, None, None, grad_w, grad_d_rows, grad_d_cols, *grad_states)
 
 
 def solve_pairs(
@@ -453,6 +482,7 @@ def solve_pairs(
     s22: Tensor,
     w: Tensor,
     d_rows: Tensor,
+    d_cols: Tensor,
     *,
     matrix: bool = True,
     symmetric: bool = False,
@@ -462,10 +492,11 @@ def solve_pairs(
     ``state1`` and ``state2`` are point states (from ``act.prepare``) broadcast as rows
     ``(..., n, 1)`` and columns ``(..., 1, m)`` (``matrix``), or elementwise ``(..., n)``;
     ``s11`` and ``s22`` are the inputs' own covariances, broadcast the same way, and
-    ``d_rows`` the row points' ``D(q)``. Identical points get ``rho = 1`` and ``V = D(q)``, a
-    zero-variance point ``rho = 0``. ``symmetric`` asks for a bitwise symmetric result
-    (with symmetric inputs). Differentiable in ``s12``, ``w``, ``d_rows`` and the states by
-    the implicit function theorem.
+    ``d_rows``, ``d_cols`` the points' ``D(q)``. Identical points get ``rho = 1`` and
+    ``V = D(q)`` (the mean of the two, which agree to rounding), a zero-variance point
+    ``rho = 0``. ``symmetric`` asks for a bitwise symmetric result (with symmetric inputs).
+    Differentiable in ``s12``, ``w``, ``d_rows``, ``d_cols`` and the states by the implicit
+    function theorem.
     """
     n1 = len(state1)
-    return _PairFixedPoint.apply(act, matrix, symmetric, n1, s12, s11, s22, w, d_rows, *state1, *state2)
+    return _PairFixedPoint.apply(act, matrix, symmetric, n1, s12, s11, s22, w, d_rows, d_cols, *state1, *state2)

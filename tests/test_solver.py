@@ -23,7 +23,16 @@ def _generic_relu_pairs(c_tilde: torch.Tensor, w: float) -> torch.Tensor:
     state = (one,)
     # s11 = s22 = 2 keeps every pair distinct (distance 4 - 2 c_tilde > 0).
     rho, _ = solve_pairs(
-        act, state, state, c_tilde, 2 * one, 2 * one, torch.tensor(w, dtype=c_tilde.dtype), 0.5 * one, matrix=False
+        act,
+        state,
+        state,
+        c_tilde,
+        2 * one,
+        2 * one,
+        torch.tensor(w, dtype=c_tilde.dtype),
+        0.5 * one,
+        0.5 * one,
+        matrix=False,
     )
     return rho
 
