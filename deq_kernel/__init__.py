@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import activations, settings
 from .activations import ACTIVATIONS, Activation, get_activation
+from .backend import OutputTooLargeError
 from .functional import equilibrium_covariance
 from .gpytorch import DEQKernel
 from .solver import ConvergenceError
@@ -20,6 +21,7 @@ __all__ = [
     "Activation",
     "ConvergenceError",
     "DEQKernel",
+    "OutputTooLargeError",
     "__version__",
     "activations",
     "equilibrium_covariance",

@@ -12,6 +12,7 @@ one warning, for the rest of the process; results agree to rounding either way.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -21,7 +22,14 @@ import torch
 
 from . import settings
 
-__all__ = ["COMPILE_MIN_ELEMENTS", "block_elements", "fused"]
+__all__ = [
+    "COMPILE_MIN_ELEMENTS",
+    "OutputTooLargeError",
+    "available_memory",
+    "block_elements",
+    "check_output_fits",
+    "fused",
+]
 
 #: Smallest pair array for which ``settings.compile("auto")`` compiles.
 COMPILE_MIN_ELEMENTS = 1 << 22
@@ -89,3 +97,85 @@ def fused(fn: Callable[..., Any], total: int, device: torch.device) -> Callable[
 def compile_failed(device_type: str) -> bool:
     """True once compilation has failed on this device type in this process."""
     return device_type in _broken
+
+
+class OutputTooLargeError(ValueError, MemoryError):
+    """The requested kernel matrix alone would not fit in the memory of its device.
+
+    A ``ValueError`` (the request is too large for the arguments given) and a
+    ``MemoryError`` (what it guards against), raised before anything is allocated.
+    """
+
+
+def _cgroup_free() -> int | None:
+    """Bytes left under this process's cgroup (v2) memory limit, if it has one."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        return max(int(limit) - used, 0)
+    except (OSError, ValueError):
+        return None
+
+
+def _host_free() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new tensor on ``device`` can still take, or None where that is unknown.
+
+    CPU: the smaller of the host's available memory and what is left under a cgroup
+    limit. CUDA: the free device memory plus what PyTorch's caching allocator holds
+    unused.
+    """
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(free + cached)
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    known = [m for m in (_host_free(), _cgroup_free()) if m is not None]
+    return min(known) if known else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_output_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Raise :class:`OutputTooLargeError` if a tensor of ``shape`` cannot fit on ``device``.
+
+    Called before any allocation, so that an impossible request fails at once with a
+    clear message instead of swapping the machine or killing the process.
+    """
+    elements = 1
+    for size in shape:
+        elements *= int(size)
+    needed = elements * torch.empty((), dtype=dtype).element_size()
+    free = available_memory(device)
+    if free is None or needed <= free:
+        return
+    wider = ", or use float32" if dtype == torch.float64 else ""
+    raise OutputTooLargeError(
+        f"the kernel matrix of shape {tuple(shape)} ({dtype}) needs {_gib(needed)} on {device}, more than the "
+        f"{_gib(free)} available; compute it in row blocks (equilibrium_covariance(x1[i:j], x2)) or lazily "
+        f"(DEQKernel's lazy tensors, deq_kernel.dask.kernel_matrix){wider}. "
+        "deq_kernel.settings.max_block_size bounds only the temporaries, not the output"
+    )

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .activations import Activation, PiecewiseLinear, get_activation, safe_sqrt
+from .backend import check_output_fits
 from .homogeneous import homogeneous_kernel
 from .ntk import tangent_kernel
 from .solver import solve_diagonal, solve_pairs
@@ -131,6 +132,8 @@ def equilibrium_covariance(
         )
     act.check_weight_variance(w)
     batch = _batch_shape(x1, x2, w=w, iv=iv, b=b, ov=ov)
+    if not diag:
+        check_output_fits((*batch, x1.shape[-2], x2.shape[-2]), x1.dtype, x1.device)
     if output == "ntk" and x1.dtype == torch.float32:
         # The derivative dual depends on 1 - rho^2, which float32 resolves only to about
         # eps32 * q: evaluate the tangent kernel in float64 and round the result.

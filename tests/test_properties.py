@@ -209,3 +209,39 @@ def test_gradients_are_finite(data, activation):
     assert torch.isfinite(x.grad).all()
     for name, t in tensors.items():
         assert t.grad is None or torch.isfinite(t.grad).all(), name
+
+
+@SETTINGS
+@given(data=st.data(), activation=st.sampled_from(ACTIVATIONS), double=st.booleans(), ard=st.booleans())
+def test_gpytorch_kernel_matches_the_core(data, activation, double, ard):
+    """DEQKernel, set anywhere in its constrained range, is the core's matrix: finite,
+    symmetric, with the diag path on its diagonal and finite gradients for every raw
+    hyperparameter."""
+    from deq_kernel import DEQKernel
+
+    dtype = torch.float64 if double else torch.float32
+    x = torch.as_tensor(data.draw(inputs(max_exponent=3)), dtype=dtype)
+    hyper = data.draw(hyperparameters(activation))
+    d = x.shape[-1]
+    kernel = DEQKernel(activation, ard_num_dims=d if ard else None).to(dtype)
+    upper = kernel.raw_weight_variance_constraint.upper_bound.item()
+    kernel.weight_variance = min(max(hyper["weight_variance"], 1e-6), upper * (1 - 1e-6))  # open interval
+    kernel.bias_variance = max(hyper["bias_variance"], 1e-6)  # the Positive constraint excludes 0
+    iv = hyper["input_variance"] * (torch.linspace(0.5, 2.0, d, dtype=dtype) if ard else torch.ones(1, dtype=dtype))
+    kernel.input_variance = iv
+    k = kernel(x).to_dense()
+    expected = equilibrium_covariance(
+        x,
+        activation=activation,
+        weight_variance=kernel.weight_variance.detach(),
+        input_variance=kernel.input_variance.detach().reshape(-1),
+        bias_variance=kernel.bias_variance.detach(),
+    ).reshape(k.shape)
+    case = f"{activation=}, {double=}, {ard=}, x={x.tolist()!r}, {hyper=}"
+    assert torch.isfinite(k).all(), case
+    assert torch.equal(k, k.mT), case
+    assert torch.equal(kernel(x, diag=True), k.diagonal()), case
+    assert torch.allclose(k, expected, rtol=10 * _tolerance(dtype), atol=0), case
+    k.sum().backward()
+    for name, parameter in kernel.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), (name, case)
