@@ -1,0 +1,1037 @@
+"""``deq-kernel``: Gaussian processes with the DEQ kernel from the command line.
+
+Commands::
+
+    deq-kernel demo [--out DIR]                  DEQ GP against an RBF GP on bundled data, with a plot
+    deq-kernel fit DATA.csv --target COL         fit a model by marginal likelihood and save it
+    deq-kernel predict MODEL_DIR DATA.csv        predictive means (and std / class probabilities)
+    deq-kernel verify [--widths 64,256,1024]     Monte Carlo check against finite-width DEQs
+    deq-kernel bench [--quick]                   the kernel benchmark's ratio table
+
+Bad input (a missing file or column, a non-numeric or missing cell, ...) ends the command
+with exit status 2 and one line on stderr starting ``error:``; an unexpected failure with
+status 1, and its traceback only under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import __version__
+from .model_io import (
+    InputError,
+    SavedModel,
+    check_no_missing,
+    fitted_hyperparameters,
+    load_model,
+    missing_rows,
+    numeric_columns,
+    read_csv,
+)
+
+__all__ = ["InputError", "main"]
+
+PROG = "deq-kernel"
+#: Largest number of distinct integer target values that ``--task auto`` reads as classes.
+AUTO_MAX_CLASSES = 10
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A progress bar (tqdm) on a terminal; otherwise a plain line at each tenth of the way.
+
+    Parameters
+    ----------
+    total : int
+        Expected number of steps.
+    description : str
+        What is progressing, e.g. ``"fit"``.
+    stream : text stream, default ``sys.stderr``
+    """
+
+    def __init__(self, total: int, description: str, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.description = description
+        self.count = 0
+        self.stream = sys.stderr if stream is None else stream
+        self._bar = None
+        self._reported = 0
+        if _is_terminal(self.stream):
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=description, file=self.stream, leave=False, dynamic_ncols=True)
+
+    def update(self, steps: int = 1) -> None:
+        """Advance by ``steps``."""
+        self.count += steps
+        if self._bar is not None:
+            self._bar.update(steps)
+            return
+        tenth = max(1, math.ceil(self.total / 10))
+        if self.count - self._reported >= tenth or self.count == self.total:
+            self._reported = self.count
+            print(f"{self.description}: {self.count}/{self.total}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Remove the bar (plain lines stay)."""
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def optimizer_steps(progress: Progress) -> Iterator[None]:
+    """Advance ``progress`` by one after every ``torch.optim`` step taken inside the block."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: progress.update())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@dataclass
+class TrainingData:
+    """Features and target read from a CSV file, ready for an estimator."""
+
+    features: list[str]
+    X: np.ndarray
+    target: str
+    task: str
+    y: np.ndarray  # float targets (regression) or class indices (classification)
+    classes: list[str] | None
+    dropped: int
+
+
+def load_training_data(path: str, target: str, task: str, drop_missing: bool) -> TrainingData:
+    """Read ``path``, check it, and split it into standardisable features and a target.
+
+    Raises
+    ------
+    InputError
+        For every problem the user can fix: see :mod:`deq_kernel.model_io`, plus a missing
+        target column, no feature column, fewer than two rows, a constant target, or one class.
+    """
+    table = read_csv(path)
+    if target not in table.header:
+        raise InputError(f"target column {target!r} is not in {path!r} (columns: {', '.join(table.header)})")
+    features = [name for name in table.header if name != target]
+    if not features:
+        raise InputError(f"{path!r} has no feature columns besides the target {target!r}")
+    dropped = 0
+    if drop_missing:
+        mask = missing_rows(table, table.header)
+        dropped = int(mask.sum())
+        table = table.select(~mask)
+        if not table.rows:
+            raise InputError(f"every row of {path!r} has a missing value; nothing is left to fit")
+    else:
+        check_no_missing(table, table.header, hint=" (use --drop-missing to drop such rows)")
+    X = numeric_columns(table, features)
+    if len(table.rows) < 2:
+        raise InputError(f"{path!r} has {len(table.rows)} usable data row; fitting needs at least 2")
+    cells = table.column(target)
+    task = _resolve_task(task, cells)
+    if task == "regression":
+        y = numeric_columns(table, [target], kind="target")[:, 0]
+        if np.all(y == y[0]):
+            raise InputError(f"target column {target!r} is constant ({cells[0]}): there is nothing to fit")
+        return TrainingData(features, X, target, task, y, None, dropped)
+    labels = _class_labels(cells)
+    classes, y = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    if len(classes) < 2:
+        raise InputError(f"target column {target!r} has a single class ({classes[0]!r}); classification needs 2")
+    return TrainingData(features, X, target, task, y.astype(np.int64), [str(c) for c in classes], dropped)
+
+
+def _resolve_task(task: str, cells: Sequence[str]) -> str:
+    """``auto``: classification for non-numeric targets or a few distinct integers, else regression."""
+    if task != "auto":
+        return task
+    try:
+        values = np.array([float(c) for c in cells])
+    except ValueError:
+        return "classification"
+    if not np.all(np.isfinite(values)):
+        return "regression"  # reported as a bad target cell
+    distinct = np.unique(values)
+    integral = np.all(distinct == np.round(distinct))
+    return "classification" if integral and len(distinct) <= AUTO_MAX_CLASSES else "regression"
+
+
+def _class_labels(cells: Sequence[str]) -> list[str]:
+    """Labels as text, numbers written canonically (``"1"`` and ``"1.0"`` are one class)."""
+    labels = []
+    for cell in cells:
+        try:
+            value = float(cell)
+        except ValueError:
+            labels.append(cell)
+            continue
+        labels.append(str(int(value)) if math.isfinite(value) and value == round(value) else repr(value))
+    return labels
+
+
+def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(X - mean) / scale`` per column, with the mean and scale (1 for a constant column)."""
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    return (X - mean) / scale, mean, scale
+
+
+def make_estimator(task: str, args: argparse.Namespace) -> Any:
+    """The estimator that ``fit`` trains, with the command-line settings.
+
+    Hyperparameters are fitted by Adam, ``--steps`` at most, stopping early once the marginal
+    likelihood has not improved by ``--tol`` (relative) for ten steps. ``--method`` and its
+    options are passed only to estimators that take them.
+    """
+    from .sklearn import DEQGPClassifier, DEQGPRegressor  # looked up now: the estimators' parameters decide
+
+    cls = DEQGPRegressor if task == "regression" else DEQGPClassifier
+    estimator = cls(
+        args.activation,
+        ard=args.ard,
+        optimizer="adam",
+        max_iter=args.steps,
+        tol=args.tol,
+        learning_rate=args.learning_rate,
+        random_state=args.seed,
+    )
+    known = estimator.get_params(deep=False)
+    extra = {
+        "method": args.method,
+        "n_inducing": args.n_inducing,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "kernel": args.kernel,
+    }
+    defaults = {"method": "exact", "kernel": "nngp"}  # what an estimator without the parameter does
+    for name, value in extra.items():
+        if value is None or (name not in known and defaults.get(name) == value):
+            continue
+        if name not in known:
+            option = "--" + name.replace("_", "-")
+            raise InputError(
+                f"{option} {value} needs an estimator with a {name!r} parameter, which {cls.__name__} "
+                f"of deq_kernel {__version__} does not have"
+            )
+        estimator.set_params(**{name: value})
+    if uses_own_progress(estimator):
+        estimator.set_params(verbose=True)
+    return estimator
+
+
+def uses_own_progress(estimator: Any) -> bool:
+    """Whether the estimator reports its own progress (a sparse variational fit, by epochs)."""
+    params = estimator.get_params(deep=False)
+    return params.get("method") == "svgp" and "verbose" in params
+
+
+def fit_estimator(estimator: Any, X: np.ndarray, y: np.ndarray, steps: int, description: str = "fit") -> float:
+    """Fit ``estimator`` with a progress bar over optimiser steps; returns the seconds taken."""
+    start = time.perf_counter()
+    if uses_own_progress(estimator):
+        estimator.fit(X, y)
+    else:
+        with Progress(steps, description) as progress, optimizer_steps(progress):
+            estimator.fit(X, y)
+    return time.perf_counter() - start
+
+
+def cross_validate(estimator: Any, X: np.ndarray, y: np.ndarray, task: str, folds: int, seed: int) -> np.ndarray:
+    """Held-out scores (R^2 or accuracy) of clones of ``estimator`` refitted on each fold's rest."""
+    from sklearn.base import clone
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if task == "classification":
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    else:
+        splitter = KFold(folds, shuffle=True, random_state=seed)
+    scores = []
+    with Progress(folds, "cross-validation") as progress:
+        for train, test in splitter.split(X, y):
+            model = clone(estimator).fit(X[train], y[train])
+            scores.append(model.score(X[test], y[test]))
+            progress.update()
+    return np.asarray(scores)
+
+
+def _cv_folds(requested: int, data: TrainingData) -> tuple[int, str]:
+    """The number of folds that the data allow (0: none), and why it is smaller, if it is."""
+    if requested == 0:
+        return 0, ""
+    limit = len(data.y) if data.task == "regression" else int(np.bincount(data.y).min())
+    if limit < 2:
+        return 0, "too few rows per class" if data.task == "classification" else "too few rows"
+    if limit < requested:
+        return limit, f"limited by {'the smallest class' if data.task == 'classification' else 'the rows'}"
+    return requested, ""
+
+
+def command_fit(args: argparse.Namespace) -> int:
+    """``deq-kernel fit``: read, standardise, fit with progress, report, cross-validate, save."""
+    data = load_training_data(args.data, args.target, args.task, args.drop_missing)
+    Z, mean, scale = standardise(data.X)
+    estimator = make_estimator(data.task, args)
+    described = f"{len(data.y)} rows, {len(data.features)} features"
+    if data.dropped:
+        described += f" ({data.dropped} rows with missing values dropped)"
+    if data.task == "classification":
+        described += f", {len(data.classes)} classes: {', '.join(data.classes)}"
+    print(f"{data.task} of {data.target!r} on {described}")
+    seconds = fit_estimator(estimator, Z, data.y, args.steps)
+    steps = getattr(estimator, "n_iter_", None)
+    variational = estimator.get_params(deep=False).get("method") == "svgp"
+    if variational:
+        print(f"fitted in {seconds:.1f} s ({steps} minibatch steps)")
+        print(f"evidence lower bound: {estimator.log_marginal_likelihood_value_:.4g}")
+    else:
+        if steps is not None and steps < args.steps:
+            print(f"fitted in {seconds:.1f} s: stopped early after {steps} of {args.steps} steps (converged)")
+        else:
+            print(f"fitted in {seconds:.1f} s ({args.steps} steps)")
+        print(f"log marginal likelihood: {estimator.log_marginal_likelihood_value_:.4g}")
+    print("fitted hyperparameters:")
+    for name, value in fitted_hyperparameters(estimator).items():
+        print(f"  {name:<16} {_format_value(value)}")
+    folds, why = _cv_folds(args.cv, data)
+    if folds:
+        scores = cross_validate(estimator, Z, data.y, data.task, folds, args.seed)
+        metric = "R^2" if data.task == "regression" else "accuracy"
+        note = f" ({why})" if why else ""
+        print(f"{folds}-fold cross-validated {metric}: {scores.mean():.4f} +/- {scores.std():.4f}{note}")
+    elif args.cv:
+        print(f"cross-validation skipped: {why}")
+    model = SavedModel(estimator, data.task, data.target, data.features, mean, scale, data.classes, Z, data.y)
+    path = model.save(args.out)
+    print(f"saved the model to {str(path)!r}")
+    return 0
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    """``deq-kernel predict``: a saved model applied to the columns of a CSV file, by name."""
+    model = load_model(args.model)
+    table = read_csv(args.data)
+    lacking = [name for name in model.features if name not in table.header]
+    if lacking:
+        raise InputError(
+            f"{args.data!r} lacks the training column(s) {', '.join(repr(n) for n in lacking)} of model {args.model!r}"
+        )
+    check_no_missing(table, model.features)
+    X = numeric_columns(table, model.features)
+    columns = model.predict(X, return_std=args.std)
+    write_csv(columns, args.out)
+    if args.out is not None:
+        print(f"wrote {len(X)} predictions to {args.out!r}", file=sys.stderr)
+    return 0
+
+
+def write_csv(columns: dict[str, np.ndarray], out: str | None) -> None:
+    """Write named columns as CSV to the file ``out`` (atomically) or to stdout.
+
+    Floats are written with :func:`repr`, which reads back to the same float exactly.
+    """
+    names = list(columns)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for row in zip(*(columns[n] for n in names), strict=True):
+        writer.writerow([repr(float(v)) if isinstance(v, (float, np.floating)) else str(v) for v in row])
+    if out is None:
+        sys.stdout.write(buffer.getvalue())
+        return
+    target = Path(out)
+    if target.is_dir():
+        raise InputError(f"--out {out!r} is a directory; give a file name")
+    staging = target.with_name(f".{target.name}.tmp")
+    try:
+        staging.write_text(buffer.getvalue(), encoding="utf-8")
+        os.replace(staging, target)
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
+        raise InputError(f"cannot write {out!r}: {exc.strerror}") from None
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@dataclass
+class DemoRow:
+    """One line of the demo's table."""
+
+    data: str
+    model: str
+    n_train: int
+    n_test: int
+    metric: str
+    score: float
+    nlpd: float
+    seconds: float
+    hyperparameters: str
+
+
+def _demo_regression(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
+    """DEQ GP and RBF GP on scikit-learn's diabetes data; returns table rows and plot data."""
+    from sklearn.datasets import load_diabetes
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+    from sklearn.model_selection import train_test_split
+
+    from .sklearn import DEQGPRegressor
+
+    X, y = load_diabetes(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
+    if quick:
+        X_train, y_train = X_train[:80], y_train[:80]
+    Z_train, mean, scale = standardise(X_train)
+    Z_test = (X_test - mean) / scale
+    variance = float(np.var(y_train))
+
+    deq = DEQGPRegressor("relu", max_iter=20 if quick else 100, random_state=0)
+    start = time.perf_counter()
+    deq.fit(Z_train, y_train)
+    deq_seconds = time.perf_counter() - start
+    deq_mean, deq_std = deq.predict(Z_test, return_std=True)
+    # The predictive distribution of an observation adds the noise (in units of the targets).
+    deq_noise = deq.model_.likelihood.noise.item() * variance
+    deq_std = np.sqrt(deq_std**2 + deq_noise)
+    base = deq.model_.covar_module.base_kernel
+    deq_hypers = (
+        f"weight_variance={base.weight_variance.item():.3g} input_variance={base.input_variance.item():.3g} "
+        f"bias_variance={base.bias_variance.item():.3g} outputscale={deq.model_.covar_module.outputscale.item():.3g} "
+        f"noise={deq.model_.likelihood.noise.item():.3g}"
+    )
+
+    kernel = ConstantKernel(1.0) * RBF(1.0) + WhiteKernel(0.1)
+    rbf = GaussianProcessRegressor(kernel, normalize_y=True, random_state=0)
+    start = time.perf_counter()
+    rbf.fit(Z_train, y_train)
+    rbf_seconds = time.perf_counter() - start
+    rbf_mean, rbf_std = rbf.predict(Z_test, return_std=True)  # the WhiteKernel is part of the kernel
+    fitted = rbf.kernel_
+    rbf_hypers = (
+        f"lengthscale={fitted.k1.k2.length_scale:.3g} outputscale={fitted.k1.k1.constant_value:.3g} "
+        f"noise={fitted.k2.noise_level:.3g}"
+    )
+    rows = [
+        DemoRow(
+            "diabetes",
+            "DEQ GP (relu)",
+            len(y_train),
+            len(y_test),
+            "RMSE",
+            _rmse(deq_mean, y_test),
+            _gaussian_nlpd(deq_mean, deq_std, y_test),
+            deq_seconds,
+            deq_hypers,
+        ),
+        DemoRow(
+            "diabetes",
+            "RBF GP",
+            len(y_train),
+            len(y_test),
+            "RMSE",
+            _rmse(rbf_mean, y_test),
+            _gaussian_nlpd(rbf_mean, rbf_std, y_test),
+            rbf_seconds,
+            rbf_hypers,
+        ),
+    ]
+    plot = {"y_test": y_test, "deq": (deq_mean, deq_std), "rbf": (rbf_mean, rbf_std)}
+    return rows, plot
+
+
+def _demo_classification(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
+    """DEQ GP and RBF GP classifiers on scikit-learn's breast-cancer data."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.gaussian_process import GaussianProcessClassifier
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel
+    from sklearn.model_selection import train_test_split
+
+    from .sklearn import DEQGPClassifier
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    if quick:
+        X_train, y_train = X_train[:80], y_train[:80]
+    Z_train, mean, scale = standardise(X_train)
+    Z_test = (X_test - mean) / scale
+
+    deq = DEQGPClassifier("relu", max_iter=20 if quick else 100, random_state=0)
+    start = time.perf_counter()
+    deq.fit(Z_train, y_train)
+    deq_seconds = time.perf_counter() - start
+    deq_proba = deq.predict_proba(Z_test)
+    fitted = deq.kernel_
+    deq_hypers = (
+        f"weight_variance={fitted.weight_variance:.3g} input_variance={float(fitted.input_variance):.3g} "
+        f"bias_variance={fitted.bias_variance:.3g}"
+    )
+
+    rbf = GaussianProcessClassifier(ConstantKernel(1.0) * RBF(1.0), random_state=0)
+    start = time.perf_counter()
+    rbf.fit(Z_train, y_train)
+    rbf_seconds = time.perf_counter() - start
+    rbf_proba = rbf.predict_proba(Z_test)
+    rbf_hypers = f"lengthscale={rbf.kernel_.k2.length_scale:.3g} outputscale={rbf.kernel_.k1.constant_value:.3g}"
+    rows = [
+        DemoRow(
+            "breast_cancer",
+            "DEQ GP (relu)",
+            len(y_train),
+            len(y_test),
+            "accuracy",
+            _accuracy(deq_proba, y_test),
+            _categorical_nlpd(deq_proba, y_test),
+            deq_seconds,
+            deq_hypers,
+        ),
+        DemoRow(
+            "breast_cancer",
+            "RBF GP",
+            len(y_train),
+            len(y_test),
+            "accuracy",
+            _accuracy(rbf_proba, y_test),
+            _categorical_nlpd(rbf_proba, y_test),
+            rbf_seconds,
+            rbf_hypers,
+        ),
+    ]
+    order = np.concatenate([np.flatnonzero(y_test == c)[:30] for c in (0, 1)])
+    covariance = fitted(Z_test[order])
+    scale = np.sqrt(np.diag(covariance))
+    plot = {"correlation": covariance / np.outer(scale, scale), "labels": y_test[order]}
+    return rows, plot
+
+
+def _rmse(mean: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((mean - y) ** 2)))
+
+
+def _gaussian_nlpd(mean: np.ndarray, std: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log density of ``y`` under independent normals."""
+    return float(np.mean(0.5 * np.log(2 * np.pi * std**2) + 0.5 * ((y - mean) / std) ** 2))
+
+
+def _accuracy(proba: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.argmax(proba, axis=1) == y))
+
+
+def _categorical_nlpd(proba: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log probability of the true class (the log loss)."""
+    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-300, None))))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    """A plain-text table, columns padded to their widest cell."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _demo_table(rows: Sequence[DemoRow]) -> str:
+    headers = ["data", "model", "train", "test", "held-out", "NLPD", "seconds", "fitted hyperparameters"]
+    cells = [
+        [
+            r.data,
+            r.model,
+            str(r.n_train),
+            str(r.n_test),
+            f"{r.metric} {r.score:.4g}",
+            f"{r.nlpd:.4g}",
+            f"{r.seconds:.1f}",
+            r.hyperparameters,
+        ]
+        for r in rows
+    ]
+    return format_table(headers, cells, right={2, 3, 5, 6})
+
+
+def _pyplot() -> Any | None:
+    """matplotlib's pyplot on the Agg backend, or None (with one line saying so) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'deq-kernel[plot]')")
+        return None
+    return plt
+
+
+def _demo_plot(regression: dict[str, Any], classification: dict[str, Any], path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    mean, std = regression["deq"]
+    order = np.argsort(mean)
+    position = np.arange(len(order))
+    left.fill_between(position, (mean - 2 * std)[order], (mean + 2 * std)[order], alpha=0.25, label="DEQ GP, 95% band")
+    left.plot(position, mean[order], lw=2, label="DEQ GP mean")
+    left.plot(position, regression["rbf"][0][order], "--", lw=1.5, label="RBF GP mean")
+    left.plot(position, regression["y_test"][order], "k.", ms=4, label="held-out target")
+    left.set(
+        xlabel="held-out patients, by DEQ GP mean",
+        ylabel="disease progression",
+        title="diabetes: predictions with uncertainty",
+    )
+    left.legend(loc="upper left", fontsize=8)
+    image = right.imshow(classification["correlation"], cmap="viridis")
+    boundary = int(np.sum(classification["labels"] == classification["labels"][0])) - 0.5
+    right.axhline(boundary, color="w", lw=1)
+    right.axvline(boundary, color="w", lw=1)
+    right.set(
+        title="breast cancer: fitted DEQ kernel correlation,\n30 held-out points of each class", xticks=[], yticks=[]
+    )
+    fig.colorbar(image, ax=right, shrink=0.85)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    """``deq-kernel demo``: DEQ and RBF Gaussian processes on two bundled data sets, a table and a plot."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    start = time.perf_counter()
+    size = " (quick: 80 training rows each)" if args.quick else ""
+    print(f"DEQ Gaussian processes against RBF Gaussian processes on scikit-learn's bundled data{size}")
+    print("fitting: diabetes (regression) ...", file=sys.stderr, flush=True)
+    # Matrices of a few hundred rows gain nothing from more threads, and threads that wait on
+    # each other slow down many times over when the cores are shared: one thread is the fast
+    # and predictable choice here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):  # NumPy's and SciPy's BLAS, for the RBF baselines
+            reg_rows, reg_plot = _demo_regression(args.quick)
+            print("fitting: breast_cancer (classification) ...", file=sys.stderr, flush=True)
+            clf_rows, clf_plot = _demo_classification(args.quick)
+    finally:
+        torch.set_num_threads(threads)
+    print(_demo_table(reg_rows + clf_rows))
+    print("held-out: RMSE (lower is better) or accuracy; NLPD: mean negative log predictive density (lower is better)")
+    path = Path(args.out) / "deq-kernel-demo.png"
+    if _demo_plot(reg_plot, clf_plot, path):
+        print(f"plot: {path}")
+    print(f"total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    """``deq-kernel verify``: finite-width DEQ kernels against the exact kernel, by width."""
+    import torch
+
+    import deq_kernel
+    from deq_kernel.finite import network_kernels
+
+    widths = args.widths
+    activation = deq_kernel.get_activation(args.activation)
+    if not args.weight_variance < activation.weight_variance_bound:
+        raise InputError(
+            f"--weight-variance must be below {activation.weight_variance_bound:.6g} for activation "
+            f"{args.activation!r}, got {args.weight_variance}"
+        )
+    x = torch.randn(args.points, args.dim, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    settings = {
+        "activation": args.activation,
+        "weight_variance": args.weight_variance,
+        "bias_variance": args.bias_variance,
+    }
+    exact = deq_kernel.equilibrium_covariance(x, **settings)
+    norm = torch.linalg.matrix_norm(exact)
+    print(
+        f"{args.activation} DEQ, weight_variance={args.weight_variance}, bias_variance={args.bias_variance}: "
+        f"{args.points} points in d={args.dim}, {args.networks} networks per width (seed {args.seed})"
+    )
+    rows, errors = [], []
+    with Progress(len(widths), "verify") as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", deq_kernel.finite.DroppedNetworksWarning)
+        for width in widths:
+            kernels = network_kernels(
+                x, width=width, n_networks=args.networks, seed=args.seed, nonconverged="drop", **settings
+            )
+            each = (torch.linalg.matrix_norm(kernels - exact) / norm).numpy()
+            mean_error = float(np.mean(each))
+            average = float(torch.linalg.matrix_norm(kernels.mean(0) - exact) / norm)
+            errors.append(mean_error)
+            rows.append(
+                [
+                    str(width),
+                    str(len(each)),
+                    f"{mean_error:.4f}",
+                    f"{np.std(each):.4f}",
+                    f"{mean_error * math.sqrt(width):.3f}",
+                    f"{average:.4f}",
+                ]
+            )
+            progress.update()
+    headers = ["width", "networks", "rel. error", "sd", "rel. error*sqrt(width)", "rel. error of mean kernel"]
+    print(format_table(headers, rows, right=set(range(6))))
+    print("rel. error: relative Frobenius distance of one network's kernel h.h'/width to the exact kernel, averaged")
+    if len(widths) >= 2:
+        slope = float(np.polyfit(np.log(widths), np.log(errors), 1)[0])
+        print(f"log-log slope of the error against width: {slope:.3f} (theory: -0.5)")
+    plt = _pyplot()
+    if plt is not None:
+        path = Path(args.out) / "deq-kernel-verify.png"
+        fig, ax = plt.subplots(figsize=(5, 4), constrained_layout=True)
+        ax.loglog(widths, errors, "o-", label="finite DEQ networks")
+        ref = errors[0] * np.sqrt(widths[0] / np.asarray(widths, dtype=float))
+        ax.loglog(widths, ref, "k--", lw=1, label="width$^{-1/2}$")
+        ax.set(
+            xlabel="width", ylabel="relative error of the network kernel", title=f"{args.activation} DEQ: NNGP check"
+        )
+        ax.legend()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"plot: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def find_benchmark() -> Path:
+    """``benchmarks/bench_kernel.py`` of the source tree, or the script ``$DEQ_KERNEL_BENCHMARK`` names."""
+    override = os.environ.get("DEQ_KERNEL_BENCHMARK")
+    if override:
+        if not Path(override).is_file():
+            raise InputError(f"DEQ_KERNEL_BENCHMARK names {override!r}, which is not a file")
+        return Path(override)
+    for path in (
+        Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernel.py",
+        Path.cwd() / "benchmarks" / "bench_kernel.py",
+    ):
+        if path.is_file():
+            return path
+    raise InputError(
+        "the kernel benchmark (benchmarks/bench_kernel.py) ships with the source tree, not the installed "
+        "package: run deq-kernel bench from a checkout, or set DEQ_KERNEL_BENCHMARK to the script"
+    )
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    """``deq-kernel bench``: run the kernel benchmark script, which prints its ratio table."""
+    script = find_benchmark()
+    command = [sys.executable, str(script)]
+    if args.quick:
+        command.append("--quick")
+    if args.activations:
+        command += ["--activations", args.activations]
+    sys.stdout.flush()
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the benchmark {script} failed with exit status {result.returncode}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line (exit status 2), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 64,256,1024, got {text!r}"
+        )
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``deq-kernel`` and its commands."""
+    from .activations import ACTIVATIONS
+
+    names = sorted(name for name in ACTIVATIONS if isinstance(name, str))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an unexpected failure"
+    )
+
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1], parents=[common])
+    parser.add_argument("--version", action="version", version=_version_text())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="DEQ GP against RBF GP on bundled data, with a plot",
+        description="Fit DEQ and RBF Gaussian processes to scikit-learn's bundled diabetes "
+        "(regression) and breast-cancer (classification) data; print held-out RMSE or "
+        "accuracy, NLPD, fitted hyperparameters and times; write a plot.",
+    )
+    demo.add_argument("--out", default=".", metavar="DIR", help="where to write deq-kernel-demo.png (default: .)")
+    demo.add_argument("--quick", action="store_true", help="80 training rows per data set, fewer steps")
+    demo.set_defaults(handler=command_demo)
+
+    fit = commands.add_parser(
+        "fit",
+        parents=[common],
+        help="fit a DEQ GP to a CSV file and save it",
+        description="Standardise the features of a CSV file, fit a DEQ Gaussian process's "
+        "hyperparameters by marginal likelihood (Adam, stopping early once it stops "
+        "improving), print them and a cross-validated score, and save the model.",
+    )
+    fit.add_argument("data", metavar="DATA.csv", help="CSV file with a header row")
+    fit.add_argument("--target", required=True, metavar="COL", help="name of the column to predict")
+    fit.add_argument(
+        "--task",
+        choices=("auto", "regression", "classification"),
+        default="auto",
+        help=f"auto: classification for text labels or at most {AUTO_MAX_CLASSES} distinct integers",
+    )
+    fit.add_argument(
+        "--activation",
+        choices=names,
+        default="relu",
+        metavar="NAME",
+        help=f"activation of the DEQ: {', '.join(names)} (default: relu)",
+    )
+    fit.add_argument("--ard", action="store_true", help="one input variance per feature")
+    fit.add_argument(
+        "--steps", type=_positive_int, default=200, metavar="N", help="most optimiser steps (default: 200)"
+    )
+    fit.add_argument(
+        "--tol",
+        type=_non_negative_float,
+        default=1e-4,
+        help="stop when the marginal likelihood improves by less than this (relative) for 10 steps (default: 1e-4)",
+    )
+    fit.add_argument(
+        "--learning-rate", type=_positive_float, help="optimiser step size (default: the estimator's, 0.1 for Adam)"
+    )
+    fit.add_argument(
+        "--method",
+        choices=("exact", "svgp"),
+        default="exact",
+        help="exact GP, or a sparse variational GP where the estimators support it",
+    )
+    fit.add_argument("--n-inducing", type=_positive_int, metavar="M", help="inducing points (svgp)")
+    fit.add_argument("--batch-size", type=_positive_int, metavar="B", help="minibatch size (svgp)")
+    fit.add_argument("--epochs", type=_positive_int, metavar="E", help="passes over the data (svgp)")
+    fit.add_argument(
+        "--kernel",
+        choices=("nngp", "ntk"),
+        default="nngp",
+        help="the DEQ's Gaussian-process kernel or, where the estimators support it, its neural tangent kernel",
+    )
+    fit.add_argument(
+        "--cv",
+        type=_non_negative_int,
+        default=5,
+        metavar="K",
+        help="folds of the cross-validated score, each refitted; 0 skips it (default: 5)",
+    )
+    fit.add_argument("--drop-missing", action="store_true", help="drop rows with empty or NaN cells")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    fit.add_argument("--out", default="deq-model", metavar="MODEL_DIR", help="model directory (default: deq-model)")
+    fit.set_defaults(handler=command_fit)
+
+    predict = commands.add_parser(
+        "predict",
+        parents=[common],
+        help="predict with a saved model",
+        description="Predict the target of each row of a CSV file with a saved model. "
+        "The training feature columns are found by name; other columns are ignored.",
+    )
+    predict.add_argument("model", metavar="MODEL_DIR", help="directory written by deq-kernel fit")
+    predict.add_argument("data", metavar="DATA.csv", help="CSV file with the training feature columns")
+    predict.add_argument(
+        "--std", action="store_true", help="also write the standard deviation (regression) or class probabilities"
+    )
+    predict.add_argument("--out", metavar="PRED.csv", help="output file (default: standard output)")
+    predict.set_defaults(handler=command_predict)
+
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="Monte Carlo check against finite-width DEQs",
+        description="Compare the kernels of randomly drawn finite-width DEQs with the "
+        "exact infinite-width kernel, print the error table and write a log-log plot.",
+    )
+    verify.add_argument("--activation", choices=names, default="relu", metavar="NAME", help="(default: relu)")
+    verify.add_argument("--widths", type=_widths, default=[64, 256, 1024], help="(default: 64,256,1024)")
+    verify.add_argument(
+        "--networks", type=_positive_int, default=50, metavar="N", help="networks per width (default: 50)"
+    )
+    verify.add_argument("--points", type=_positive_int, default=8, metavar="N", help="input points (default: 8)")
+    verify.add_argument("--dim", type=_positive_int, default=10, metavar="D", help="input dimension (default: 10)")
+    verify.add_argument("--weight-variance", type=_positive_float, default=0.36, help="(default: 0.36)")
+    verify.add_argument("--bias-variance", type=_non_negative_float, default=0.1, help="(default: 0.1)")
+    verify.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    verify.add_argument("--out", default=".", metavar="DIR", help="where to write deq-kernel-verify.png (default: .)")
+    verify.set_defaults(handler=command_verify)
+
+    bench = commands.add_parser(
+        "bench",
+        parents=[common],
+        help="the kernel benchmark's ratio table",
+        description="Run benchmarks/bench_kernel.py: the DEQ kernel's time against "
+        "GPyTorch's RBF kernel and the 100-step Picard iteration.",
+    )
+    bench.add_argument("--quick", action="store_true", help="n = 512, one repeat")
+    bench.add_argument("--activations", metavar="NAMES", help="comma-separated (default: relu,tanh)")
+    bench.set_defaults(handler=command_bench)
+    return parser
+
+
+def _version_text() -> str:
+    return f"{PROG} {__version__}"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``deq-kernel`` with ``argv`` (default: the process's arguments); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    try:
+        return handler(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        else:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"error: {type(exc).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = previous
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""CSV tables in, fitted models out: what the ``deq-kernel`` command line reads and writes.
+
+* :func:`read_csv` and :func:`numeric_columns` turn a CSV file with a header row into a
+  float64 matrix, naming the column and line of the first bad cell.
+* :class:`SavedModel` is a fitted :class:`~deq_kernel.sklearn.DEQGPRegressor` or
+  :class:`~deq_kernel.sklearn.DEQGPClassifier` with its feature names, feature scaler and
+  class labels. :meth:`SavedModel.save` writes a directory holding ``model.json`` (format
+  version, feature names, scaler, kernel settings, task, classes, library version) and
+  ``tensors.pt`` (training data and the GPyTorch model's state, written with
+  :func:`torch.save`, read with ``weights_only=True``: no pickled code). The directory is
+  written under a temporary name next to the target and renamed into place, so a crash never
+  leaves a half-written model. :func:`load_model` re-creates the estimator with the library's
+  own classes and reproduces the saved model's predictions bit for bit.
+
+Every problem with the user's input raises :class:`InputError`, whose message is one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .sklearn import DEQGPClassifier, DEQGPRegressor
+
+__all__ = [
+    "FORMAT_VERSION",
+    "InputError",
+    "SavedModel",
+    "Table",
+    "load_model",
+    "numeric_columns",
+    "read_csv",
+]
+
+#: Version of the model directory layout; a reader refuses anything newer.
+FORMAT_VERSION = 1
+#: Names of the two files of a model directory.
+MODEL_FILE = "model.json"
+TENSORS_FILE = "tensors.pt"
+_FORMAT_NAME = "deq-kernel model"
+_ESTIMATORS = {cls.__name__: cls for cls in (DEQGPRegressor, DEQGPClassifier)}
+#: Cells read as missing values (besides those that parse as NaN).
+_MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})
+
+Estimator = DEQGPRegressor | DEQGPClassifier
+
+
+class InputError(ValueError):
+    """A problem with the user's data, options or files, described in one line."""
+
+
+# --------------------------------------------------------------------------- CSV tables
+
+
+@dataclass
+class Table:
+    """A CSV file's header and data rows (as text).
+
+    Attributes
+    ----------
+    path : str
+        The file, as the user named it.
+    header : list of str
+        Column names.
+    rows : list of list of str
+        Data rows, each as long as the header.
+    lines : list of int
+        The file line of each data row (the header is line 1), for messages.
+    """
+
+    path: str
+    header: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+
+    def column(self, name: str) -> list[str]:
+        """The cells of column ``name``."""
+        index = self.header.index(name)
+        return [row[index] for row in self.rows]
+
+    def select(self, keep: np.ndarray) -> Table:
+        """The table restricted to the rows where ``keep`` is true."""
+        rows = [row for row, k in zip(self.rows, keep, strict=True) if k]
+        lines = [line for line, k in zip(self.lines, keep, strict=True) if k]
+        return Table(self.path, self.header, rows, lines)
+
+
+def read_csv(path: str | os.PathLike) -> Table:
+    """Read a comma-separated file whose first line names the columns.
+
+    Raises
+    ------
+    InputError
+        The file is missing, unreadable, empty, has no data rows, repeated or empty column
+        names, or a row whose number of fields differs from the header's.
+    """
+    name = str(path)
+    file = Path(path)
+    if not file.exists():
+        raise InputError(f"data file {name!r} does not exist")
+    if file.is_dir():
+        raise InputError(f"{name!r} is a directory, not a CSV file")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{name!r} is not a text (UTF-8 CSV) file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {name!r}: {exc.strerror}") from None
+    reader = csv.reader(text.splitlines())
+    records: list[tuple[int, list[str]]] = []
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                records.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise InputError(f"{name!r} is not valid CSV (line {reader.line_num}: {exc})") from None
+    if not records:
+        raise InputError(f"data file {name!r} is empty")
+    header = [cell.strip() for cell in records[0][1]]
+    if any(not h for h in header):
+        raise InputError(f"{name!r}: column {header.index('') + 1} of the header has no name")
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise InputError(f"{name!r}: repeated column name(s) {_names(repeated)} in the header")
+    if len(records) == 1:
+        raise InputError(f"data file {name!r} has a header but no data rows")
+    for line, row in records[1:]:
+        if len(row) != len(header):
+            raise InputError(f"{name!r}: line {line} has {len(row)} fields, the header has {len(header)}")
+    return Table(name, header, [[c.strip() for c in row] for _, row in records[1:]], [line for line, _ in records[1:]])
+
+
+def is_missing(cell: str) -> bool:
+    """Whether a cell is empty or names a missing value (``NaN``, ``NA``, ...)."""
+    return cell.strip().lower() in _MISSING
+
+
+def missing_rows(table: Table, columns: Sequence[str]) -> np.ndarray:
+    """A boolean mask of the rows with a missing value in any of ``columns``."""
+    mask = np.zeros(len(table.rows), dtype=bool)
+    for name in columns:
+        mask |= np.array([is_missing(c) for c in table.column(name)], dtype=bool)
+    return mask
+
+
+def check_no_missing(table: Table, columns: Sequence[str], hint: str = "") -> None:
+    """Raise :class:`InputError` naming the first missing cell of ``columns`` (in file order)."""
+    first = None
+    for name in columns:
+        for cell, line in zip(table.column(name), table.lines, strict=True):
+            if is_missing(cell):
+                if first is None or line < first[1]:
+                    first = (name, line)
+                break
+    if first is not None:
+        raise InputError(
+            f"{table.path!r}: column {first[0]!r} has a missing value (empty or NaN) at line {first[1]}{hint}"
+        )
+
+
+def numeric_columns(table: Table, columns: Sequence[str], kind: str = "feature") -> np.ndarray:
+    """The cells of ``columns`` as a float64 matrix of shape ``(n_rows, len(columns))``.
+
+    Raises
+    ------
+    InputError
+        For a cell that is not a finite number, naming its column and line.
+    """
+    out = np.empty((len(table.rows), len(columns)), dtype=np.float64)
+    for j, name in enumerate(columns):
+        for i, (cell, line) in enumerate(zip(table.column(name), table.lines, strict=True)):
+            try:
+                value = float(cell)
+            except ValueError:
+                raise InputError(
+                    f"{table.path!r}: {kind} column {name!r} is not numeric ({cell!r} at line {line})"
+                ) from None
+            if not math.isfinite(value):
+                raise InputError(
+                    f"{table.path!r}: {kind} column {name!r} has the non-finite value {cell!r} at line {line}"
+                )
+            out[i, j] = value
+    return out
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class SavedModel:
+    """A fitted DEQ Gaussian-process estimator with what is needed to apply it to a CSV file.
+
+    Attributes
+    ----------
+    estimator : DEQGPRegressor or DEQGPClassifier
+        Fitted on standardised features (and, for classification, class indices).
+    task : {"regression", "classification"}
+    target : str
+        Name of the target column.
+    features : list of str
+        Names of the feature columns, in the estimator's order.
+    feature_mean, feature_scale : ndarray of shape (n_features,)
+        The standardisation ``(x - feature_mean) / feature_scale`` applied before the estimator.
+    classes : list of str or None
+        Class labels (classification), indexed by the estimator's classes.
+    train_inputs : ndarray of shape (n_samples, n_features)
+        The standardised training features.
+    train_targets : ndarray of shape (n_samples,)
+        Training targets (regression) or class indices (classification).
+    """
+
+    estimator: Estimator
+    task: str
+    target: str
+    features: list[str]
+    feature_mean: np.ndarray
+    feature_scale: np.ndarray
+    classes: list[str] | None
+    train_inputs: np.ndarray
+    train_targets: np.ndarray
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Standardise raw feature values as the training features were."""
+        return (np.asarray(X, dtype=np.float64) - self.feature_mean) / self.feature_scale
+
+    def predict(self, X: np.ndarray, *, return_std: bool = False) -> dict[str, np.ndarray]:
+        """Predictions for raw feature rows, as named output columns.
+
+        Regression gives ``mean`` (and ``std``, the standard deviation of the latent function,
+        with ``return_std``); classification gives ``label`` (and one ``proba_<class>``
+        column per class, with ``return_std``).
+        """
+        Z = self.transform(X)
+        if self.task == "regression":
+            if not return_std:
+                return {"mean": self.estimator.predict(Z)}
+            mean, std = self.estimator.predict(Z, return_std=True)
+            return {"mean": mean, "std": std}
+        proba = self.estimator.predict_proba(Z)
+        labels = np.asarray(self.classes, dtype=object)[np.argmax(proba, axis=1)]
+        out: dict[str, np.ndarray] = {"label": labels}
+        if return_std:
+            out.update({f"proba_{c}": proba[:, k] for k, c in enumerate(self.classes)})
+        return out
+
+    # ------------------------------------------------------------------ writing
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON description of the model (without the tensors' checksum)."""
+        return {
+            "format": _FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "task": self.task,
+            "target": self.target,
+            "features": list(self.features),
+            "scaler": {"mean": self.feature_mean.tolist(), "scale": self.feature_scale.tolist()},
+            "classes": None if self.classes is None else list(self.classes),
+            "estimator": {"class": type(self.estimator).__name__, "params": _json_params(self.estimator)},
+            "kernel": fitted_hyperparameters(self.estimator),
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the model directory atomically and return its path.
+
+        The files are written to a new temporary directory next to ``directory``, which is
+        then renamed to ``directory``. An existing model directory there is replaced only
+        once the new one is complete; any other existing path is refused.
+
+        Raises
+        ------
+        InputError
+            ``directory`` exists and is not a model directory, or cannot be written.
+        """
+        target = Path(directory)
+        if target.exists() and not (target.is_dir() and (target / MODEL_FILE).is_file()):
+            raise InputError(f"{str(target)!r} exists and is not a model directory; choose another --out")
+        parent = target.resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        except OSError as exc:
+            raise InputError(f"cannot write the model to {str(target)!r}: {exc.strerror}") from None
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's directory is private; a model directory is not
+        try:
+            self._write(staging)
+            _replace_directory(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def _write(self, directory: Path) -> None:
+        model = self.estimator.model_
+        tensors = {
+            "train_inputs": torch.from_numpy(np.ascontiguousarray(self.train_inputs, dtype=np.float64)),
+            "train_targets": torch.from_numpy(np.ascontiguousarray(self.train_targets)),
+            "state_dict": {name: value.detach().cpu() for name, value in model.state_dict().items()},
+        }
+        tensor_path = directory / TENSORS_FILE
+        with open(tensor_path, "wb") as f:
+            torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
+        meta = self.metadata()
+        meta["tensors"] = {"file": TENSORS_FILE, "sha256": _sha256(tensor_path)}
+        with open(directory / MODEL_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first, then removed."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=staging.parent))
+    os.rmdir(retired)
+    os.replace(target, retired)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(retired, target)  # put the old model back
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_params(estimator: Estimator) -> dict[str, Any]:
+    """The estimator's constructor parameters that JSON can hold (others keep their defaults)."""
+    params = {}
+    for name, value in estimator.get_params(deep=False).items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        with contextlib.suppress(TypeError, ValueError):
+            json.dumps(value)
+            params[name] = value
+    return params
+
+
+def fitted_hyperparameters(estimator: Estimator) -> dict[str, Any]:
+    """The fitted kernel settings of an estimator, by name (for people: not read back)."""
+    model = estimator.model_
+    covar = model.covar_module
+    base = getattr(covar, "base_kernel", covar)
+    if not hasattr(base, "weight_variance"):
+        return {}
+    out: dict[str, Any] = {"activation": base.activation.name}
+    for name in ("weight_variance", "input_variance", "bias_variance"):
+        values = getattr(base, name).detach().cpu().reshape(-1).tolist()
+        out[name] = values[0] if len(values) == 1 else values
+    if hasattr(covar, "outputscale"):
+        scale = covar.outputscale.detach().cpu().reshape(-1).tolist()
+        out["outputscale"] = scale[0] if len(scale) == 1 else scale
+    noise = getattr(model.likelihood, "noise", None)
+    if isinstance(estimator, DEQGPRegressor) and noise is not None:
+        out["noise"] = float(noise.detach().cpu().reshape(-1)[0])
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_model(directory: str | os.PathLike) -> SavedModel:
+    """Read a model directory written by :meth:`SavedModel.save`.
+
+    The estimator is re-created from its saved parameters, conditioned on the saved training
+    data without optimising (``optimizer=None``), and given the saved GPyTorch state, so its
+    predictions are those of the saved model, bit for bit.
+
+    Raises
+    ------
+    InputError
+        The directory does not exist or is not a model, comes from a newer format version,
+        or has a missing or corrupted file.
+    """
+    path = Path(directory)
+    name = str(directory)
+    if not path.exists():
+        raise InputError(f"model directory {name!r} does not exist")
+    if not path.is_dir() or not (path / MODEL_FILE).is_file():
+        raise InputError(f"{name!r} is not a deq-kernel model directory (no {MODEL_FILE})")
+    meta = _read_metadata(path / MODEL_FILE)
+    tensor_path = path / meta["tensors"]["file"]
+    if not tensor_path.is_file():
+        raise InputError(f"corrupted model {name!r}: {meta['tensors']['file']} is missing")
+    if _sha256(tensor_path) != meta["tensors"]["sha256"]:
+        raise InputError(f"corrupted model {name!r}: {tensor_path.name} does not match its checksum in {MODEL_FILE}")
+    try:
+        tensors = torch.load(tensor_path, map_location="cpu", weights_only=True)
+        inputs = tensors["train_inputs"].numpy()
+        targets = tensors["train_targets"].numpy()
+        state = tensors["state_dict"]
+    except Exception as exc:  # any failure to read the file means it is damaged
+        raise InputError(f"corrupted model {name!r}: cannot read {tensor_path.name} ({type(exc).__name__})") from None
+    estimator = _recreate(meta["estimator"], name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # conditioning only; the saved fit already reported its warnings
+        estimator.fit(inputs, targets)
+    try:
+        estimator.model_.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        raise InputError(f"corrupted model {name!r}: the saved GP state does not fit its settings ({exc})") from None
+    estimator.model_.eval()
+    scaler = meta["scaler"]
+    return SavedModel(
+        estimator=estimator,
+        task=meta["task"],
+        target=meta["target"],
+        features=list(meta["features"]),
+        feature_mean=np.asarray(scaler["mean"], dtype=np.float64),
+        feature_scale=np.asarray(scaler["scale"], dtype=np.float64),
+        classes=None if meta["classes"] is None else [str(c) for c in meta["classes"]],
+        train_inputs=inputs,
+        train_targets=targets,
+    )
+
+
+def _read_metadata(file: Path) -> dict[str, Any]:
+    where = str(file)
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"corrupted model file {where!r}: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
+        raise InputError(f"{where!r} is not a deq-kernel model description")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InputError(f"corrupted model file {where!r}: bad format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"model {str(file.parent)!r} has format version {version}, newer than this deq-kernel "
+            f"{__version__} reads ({FORMAT_VERSION}); upgrade deq-kernel"
+        )
+    required = {"task", "target", "features", "scaler", "classes", "estimator", "tensors"}
+    missing = sorted(required - meta.keys())
+    if missing:
+        raise InputError(f"corrupted model file {where!r}: missing {_names(missing)}")
+    try:
+        ok = (
+            meta["task"] in ("regression", "classification")
+            and meta["estimator"]["class"] in _ESTIMATORS
+            and isinstance(meta["estimator"]["params"], dict)
+            and len(meta["scaler"]["mean"]) == len(meta["scaler"]["scale"]) == len(meta["features"])
+            and isinstance(meta["tensors"]["file"], str)
+            and "/" not in meta["tensors"]["file"]
+            and isinstance(meta["tensors"]["sha256"], str)
+            and (meta["classes"] is None) == (meta["task"] == "regression")
+        )
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise InputError(f"corrupted model file {where!r}: malformed entries")
+    return meta
+
+
+def _recreate(spec: dict[str, Any], name: str) -> Estimator:
+    """A new, unfitted estimator with the saved parameters that conditions without optimising."""
+    cls = _ESTIMATORS[spec["class"]]
+    known = cls().get_params(deep=False)
+    params = dict(spec["params"])
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InputError(
+            f"model {name!r} uses estimator setting(s) {_names(unknown)} that this deq-kernel {__version__} lacks"
+        )
+    if "input_variance" in params and isinstance(params["input_variance"], list):
+        params["input_variance"] = np.asarray(params["input_variance"], dtype=np.float64)
+    params.update(optimizer=None, max_fit_samples=None, n_restarts_optimizer=0)
+    if params.get("method") == "svgp":
+        # A variational model is re-created by one pass, then given the saved state.
+        params.update(epochs=1, verbose=False)
+    try:
+        return cls(**{k: v for k, v in params.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"corrupted model {name!r}: bad estimator settings ({exc})") from None
