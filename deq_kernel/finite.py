@@ -286,10 +286,14 @@ class _ImplicitBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, injection: Tensor, weight: Tensor, act: Activation, options: dict) -> Tensor:
-        ctx.act, ctx.options = act, options
-        ctx.save_for_backward(h, weight, torch.addmm(injection, h, weight.mT))
+    def forward(h: Tensor, injection: Tensor, weight: Tensor, act: Activation, options: dict) -> Tensor:
         return h.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        # Separate from forward so that torch.func transforms (vjp, jacrev) accept the function.
+        h, injection, weight, ctx.act, ctx.options = inputs
+        ctx.save_for_backward(h, weight, torch.addmm(injection, h, weight.mT))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
