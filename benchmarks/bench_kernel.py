@@ -9,7 +9,10 @@ Every ratio is measured in the same run on the same X (standard normal, n x d):
   step needs a 2-D Gauss-Hermite rule per pair (20 x 20 nodes); that is timed on a block of
   rows for one step and scaled to n rows and 100 steps (every step and row costs the same),
   which the table marks with ``~``;
-* ``deq``: :func:`deq_kernel.equilibrium_covariance`.
+* ``deq``: :func:`deq_kernel.equilibrium_covariance`;
+* ``bwd/fwd``: the backward pass (gradient of a weighted sum of ``K`` with respect to the
+  weight, input and bias variances) over the forward time, the backward time being the
+  time of forward and backward together minus the forward time.
 
 The error column is the largest difference of ``deq`` from an independent float64 reference,
 relative to the largest entry: for relu the float64 Picard result on the whole matrix
@@ -131,7 +134,25 @@ def run_case(name: str, x: torch.Tensor, repeats: int, reference: torch.Tensor |
             )
     m = reference.shape[-1]
     err = float((ours[:m, :m].double() - reference).abs().max() / reference.abs().max())
-    return dict(rbf=t_rbf, deq=t_deq, picard=t_picard, extrapolated=extrapolated, error=err, reference=reference)
+
+    def forward_backward() -> None:
+        hypers = [torch.tensor(v, dtype=x.dtype, requires_grad=True) for v in (w, 1.0, BIAS_VARIANCE)]
+        k = deq_kernel.equilibrium_covariance(
+            x, activation=name, weight_variance=hypers[0], input_variance=hypers[1], bias_variance=hypers[2]
+        )
+        torch.autograd.grad((k * weights).sum(), hypers)
+
+    weights = torch.rand(x.shape[0], x.shape[0], generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    t_both = best_time(forward_backward, repeats)
+    return dict(
+        rbf=t_rbf,
+        deq=t_deq,
+        backward=max(t_both - t_deq, 0.0),
+        picard=t_picard,
+        extrapolated=extrapolated,
+        error=err,
+        reference=reference,
+    )
 
 
 def main() -> None:
@@ -151,7 +172,7 @@ def main() -> None:
     print(f"weight_variance: half the activation's bound; bias_variance={BIAS_VARIANCE}; input_variance=1")
     header = (
         f"{'activation':<10} {'dtype':<8} {'rbf s':>8} {'deq s':>8} {'deq/rbf':>8} "
-        f"{'picard s':>10} {'picard/deq':>11} {'rel. error':>11}"
+        f"{'picard s':>10} {'picard/deq':>11} {'rel. error':>11} {'bwd/fwd':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -164,7 +185,8 @@ def main() -> None:
             marker = "~" if r["extrapolated"] else " "
             print(
                 f"{name:<10} {dtype_name:<8} {r['rbf']:8.3f} {r['deq']:8.3f} {r['deq'] / r['rbf']:7.1f}x "
-                f"{marker}{r['picard']:9.1f} {r['picard'] / r['deq']:10.0f}x {r['error']:11.1e}"
+                f"{marker}{r['picard']:9.1f} {r['picard'] / r['deq']:10.0f}x {r['error']:11.1e} "
+                f"{r['backward'] / r['deq']:7.2f}x"
             )
 
 
