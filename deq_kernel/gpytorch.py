@@ -36,6 +36,7 @@ from .functional import equilibrium_covariance
 from .solver import ConvergenceError
 
 __all__ = [
+    "KERNELS",
     "WEIGHT_VARIANCE_MARGIN",
     "CholeskyMarginalLogLikelihood",
     "DEQKernel",
@@ -51,6 +52,9 @@ __all__ = [
 #: already has negative eigenvalues of 1e-7 of its largest, and the kernel itself tends to
 #: the degenerate "every correlation 1". One percent keeps it accurate and loses nothing.
 WEIGHT_VARIANCE_MARGIN = 1e-2
+
+#: Values accepted for ``kernel``: the network's Gaussian-process kernel or its neural tangent kernel.
+KERNELS = ("nngp", "ntk")
 
 
 class DEQKernel(Kernel):
@@ -77,11 +81,28 @@ class DEQKernel(Kernel):
     bias variance :math:`\sigma_b^2` (``bias_variance``) are hyperparameters. There is no output
     scale: wrap the kernel in :class:`gpytorch.kernels.ScaleKernel`, as with any other kernel.
 
+    With ``kernel="ntk"`` the covariance is instead the neural tangent kernel of the same
+    network with all of :math:`U, W, b, v` trained (Feng and Kolter, arXiv:2310.14062; derived in
+    :mod:`deq_kernel.ntk`),
+
+    .. math::
+        \Theta(\mathbf{x}, \mathbf{x'}) = k_\text{DEQ}(\mathbf{x}, \mathbf{x'})
+        + \frac{\dot E(\mathbf{x}, \mathbf{x'})}{1 - \sigma_w^2 \dot E(\mathbf{x}, \mathbf{x'})}
+        K^*(\mathbf{x}, \mathbf{x'}),
+        \qquad \dot E = \mathbb{E}[\phi'(u)\phi'(v)],
+
+    the kernel of gradient-descent training of the infinitely wide DEQ. Both kernels are
+    proportional to the output variance :math:`\sigma_v^2`, so both are computed with
+    :math:`\sigma_v^2 = 1` and the ``ScaleKernel``'s ``outputscale`` is :math:`\sigma_v^2`.
+
     Parameters
     ----------
     activation : str, Activation or callable, default "relu"
         One of :data:`deq_kernel.ACTIVATIONS`, an :class:`~deq_kernel.Activation`, or a smooth
         elementwise torch function.
+    kernel : {"nngp", "ntk"}, default "nngp"
+        The Gaussian-process kernel of the randomly initialised network (``"nngp"``) or its
+        neural tangent kernel (``"ntk"``; not for the ``"step"`` activation).
     ard_num_dims : int, optional
         Give each of this many input dimensions its own input variance.
     batch_shape : torch.Size, optional
@@ -137,6 +158,7 @@ class DEQKernel(Kernel):
         self,
         activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
         *,
+        kernel: str = "nngp",
         ard_num_dims: int | None = None,
         batch_shape: torch.Size | None = None,
         active_dims: tuple[int, ...] | None = None,
@@ -155,6 +177,11 @@ class DEQKernel(Kernel):
         super().__init__(ard_num_dims=ard_num_dims, batch_shape=batch_shape, active_dims=active_dims)
         self._activation_spec = (activation, dict(activation_kwargs))
         self._activation = get_activation(activation, **activation_kwargs)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+        if kernel == "ntk":
+            self._activation.derivative_activation()  # raises at once for an activation without an NTK
+        self.kernel = kernel
         bound = self._activation.weight_variance_bound
 
         if weight_variance_constraint is None:
@@ -287,6 +314,7 @@ class DEQKernel(Kernel):
             input_variance=self.input_variance.squeeze(-2),
             bias_variance=self.bias_variance.squeeze(-1),
             diag=diag,
+            output=self.kernel,
         )
 
 
@@ -362,6 +390,8 @@ class ExactGPModel(gpytorch.models.ExactGP):
         Default: ``ConstantMean(batch_shape=batch_shape)``.
     activation : str, default "relu"
         Activation of the default DEQ kernel.
+    kernel : {"nngp", "ntk"}, default "nngp"
+        The default DEQ kernel's ``kernel`` (see :class:`DEQKernel`).
     ard : bool, default False
         Give the default DEQ kernel one input variance per input dimension.
     batch_shape : torch.Size, default ``torch.Size()``
@@ -390,6 +420,7 @@ class ExactGPModel(gpytorch.models.ExactGP):
         covar_module: Kernel | None = None,
         mean_module: Mean | None = None,
         activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
+        kernel: str = "nngp",
         ard: bool = False,
         batch_shape: torch.Size = torch.Size(),  # noqa: B008 - immutable
         **activation_kwargs: Any,
@@ -398,7 +429,7 @@ class ExactGPModel(gpytorch.models.ExactGP):
         batch_shape = torch.Size(batch_shape)
         if covar_module is None:
             ard_num_dims = train_inputs.shape[-1] if ard else None
-            base = DEQKernel(activation, ard_num_dims=ard_num_dims, **activation_kwargs)
+            base = DEQKernel(activation, kernel=kernel, ard_num_dims=ard_num_dims, **activation_kwargs)
             covar_module = ScaleKernel(base, batch_shape=batch_shape)
         self.covar_module = covar_module
         self.mean_module = ConstantMean(batch_shape=batch_shape) if mean_module is None else mean_module

@@ -24,7 +24,12 @@ import gpytorch
 import numpy as np
 import torch
 from gpytorch.kernels import ScaleKernel
-from gpytorch.likelihoods import DirichletClassificationLikelihood, GaussianLikelihood
+from gpytorch.likelihoods import (
+    BernoulliLikelihood,
+    DirichletClassificationLikelihood,
+    GaussianLikelihood,
+    SoftmaxLikelihood,
+)
 from gpytorch.utils.warnings import GPInputWarning
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.gaussian_process.kernels import ConstantKernel, Hyperparameter, Kernel, WhiteKernel
@@ -35,7 +40,8 @@ from torch import Tensor
 
 from .activations import Activation, get_activation
 from .functional import equilibrium_covariance
-from .gpytorch import WEIGHT_VARIANCE_MARGIN, DEQKernel, ExactGPModel, FitResult, fit_exact_gp
+from .gpytorch import KERNELS, WEIGHT_VARIANCE_MARGIN, DEQKernel, ExactGPModel, FitResult, fit_exact_gp
+from .variational import SVGPModel, fit_svgp, predict_latent
 
 __all__ = ["DEQ", "DEQGPClassifier", "DEQGPRegressor"]
 
@@ -64,6 +70,12 @@ class DEQ(Kernel):
     by :func:`deq_kernel.equilibrium_covariance`. Multiply by a
     :class:`~sklearn.gaussian_process.kernels.ConstantKernel` for an output variance.
 
+    With ``kernel="ntk"`` it is instead the neural tangent kernel of the same network with all
+    of :math:`U, W, b, v` trained (Feng and Kolter, arXiv:2310.14062; see :mod:`deq_kernel.ntk`),
+    :math:`\Theta = k + \dot E\, K^* / (1 - \sigma_w^2 \dot E)` with
+    :math:`\dot E = E[\phi'(u)\phi'(v)]`: the kernel of gradient-descent training. It too is
+    proportional to the output variance, which the ``ConstantKernel`` then holds.
+
     Parameters
     ----------
     activation : str, default "relu"
@@ -83,6 +95,8 @@ class DEQ(Kernel):
     input_variance_bounds, bias_variance_bounds : pair of floats or "fixed", default (1e-5, 1e5)
     activation_kwargs : dict, optional
         Activation options, e.g. ``{"negative_slope": 0.1}`` for ``"leaky_relu"``.
+    kernel : {"nngp", "ntk"}, default "nngp"
+        The network's Gaussian-process kernel or its neural tangent kernel (not for ``"step"``).
 
     Notes
     -----
@@ -113,6 +127,7 @@ class DEQ(Kernel):
         input_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
         bias_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
         activation_kwargs: dict[str, Any] | None = None,
+        kernel: str = "nngp",
     ) -> None:
         self.activation = activation
         self.weight_variance = weight_variance
@@ -122,11 +137,18 @@ class DEQ(Kernel):
         self.input_variance_bounds = input_variance_bounds
         self.bias_variance_bounds = bias_variance_bounds
         self.activation_kwargs = activation_kwargs
+        self.kernel = kernel
 
     # ------------------------------------------------------------------ hyperparameters
 
     def _activation(self) -> Activation:
         return get_activation(self.activation, **(self.activation_kwargs or {}))
+
+    def _output(self) -> str:
+        """The core's ``output`` for :attr:`kernel`."""
+        if isinstance(self.kernel, str) and self.kernel in KERNELS:
+            return self.kernel
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {self.kernel!r}")
 
     @property
     def anisotropic(self) -> bool:
@@ -225,9 +247,10 @@ class DEQ(Kernel):
         else:
             iv = f"{float(np.ravel(self.input_variance)[0]):.3g}"
         name = self.activation if isinstance(self.activation, str) else self._activation().name
+        tangent = "" if self.kernel == "nngp" else f", kernel={self.kernel!r}"
         return (
             f"DEQ(activation={name!r}, weight_variance={self.weight_variance:.3g}, input_variance={iv}, "
-            f"bias_variance={self.bias_variance:.3g})"
+            f"bias_variance={self.bias_variance:.3g}{tangent})"
         )
 
     # ------------------------------------------------------------------ internals
@@ -247,7 +270,7 @@ class DEQ(Kernel):
         }
 
     def _covariance(self, x: Tensor, y: Tensor | None, diag: bool = False, **hypers: Tensor) -> Tensor:
-        return equilibrium_covariance(x, y, activation=self._activation(), diag=diag, **hypers)
+        return equilibrium_covariance(x, y, activation=self._activation(), diag=diag, output=self._output(), **hypers)
 
     def _jacobian_by_pairs(self, x: Tensor, hypers: dict[str, Tensor], free: list[str]) -> tuple[Tensor, Tensor]:
         """Entries and their gradients, pair by pair: each pair gets its own copy of the hyperparameters.
@@ -257,7 +280,7 @@ class DEQ(Kernel):
         the batch dimension and one copy of each hyperparameter per pair, no two entries share
         a copy, so one backward pass of their sum gives every entry's gradient.
         """
-        act = self._activation()
+        act, output = self._activation(), self._output()
         if act.homogeneous:
             # The relu family's tabulated solver builds one table per batch entry whose weight
             # variance it reads; the general solver handles a weight variance per pair at once.
@@ -275,7 +298,7 @@ class DEQ(Kernel):
                 shape = (count, t.numel()) if name == "input_variance" else (count,)
                 leaves[name] = t.reshape(-1).expand(shape).clone().requires_grad_(name in free)
             values = equilibrium_covariance(
-                x[i].unsqueeze(-2), x[j].unsqueeze(-2), activation=act, diag=True, **leaves
+                x[i].unsqueeze(-2), x[j].unsqueeze(-2), activation=act, diag=True, output=output, **leaves
             ).squeeze(-1)
             K[i, j] = K[j, i] = values.detach()
             if free:
@@ -311,6 +334,9 @@ class _SolvedPairwise(Activation):
     def prepare(self, q1: Tensor, q2: Tensor | None = None) -> tuple[tuple, tuple | None]:
         return self.activation.prepare(q1, q2)
 
+    def derivative_activation(self) -> Activation:
+        return self.activation.derivative_activation()
+
 
 # --------------------------------------------------------------------------- estimators
 
@@ -327,11 +353,20 @@ class _DEQGPBase(BaseEstimator):
         return tags
 
     def _check_params(self) -> None:
-        get_activation(self.activation, **(self.activation_kwargs or {}))  # raises for a bad name
+        act = get_activation(self.activation, **(self.activation_kwargs or {}))  # raises for a bad name
+        if not (isinstance(self.kernel, str) and self.kernel in KERNELS):
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {self.kernel!r}")
+        if self.kernel == "ntk":
+            act.derivative_activation()  # raises for an activation without a neural tangent kernel
         if self.optimizer not in ("lbfgs", "adam", None):
             raise ValueError(f"optimizer must be 'lbfgs', 'adam' or None, got {self.optimizer!r}")
         _check_int(self.max_iter, "max_iter", 1)
         _check_int(self.n_restarts_optimizer, "n_restarts_optimizer", 0)
+        if self.method not in ("exact", "svgp"):
+            raise ValueError(f"method must be 'exact' or 'svgp', got {self.method!r}")
+        _check_int(self.n_inducing, "n_inducing", 1)
+        _check_int(self.batch_size, "batch_size", 1)
+        _check_int(self.epochs, "epochs", 1)
         if self.max_fit_samples is not None:
             _check_int(self.max_fit_samples, "max_fit_samples", 2)
         _check_positive(self.tol, "tol", allow_zero=True)
@@ -426,6 +461,48 @@ class _DEQGPBase(BaseEstimator):
             model = full
         return model, result
 
+    def _fit_svgp(
+        self,
+        x: Tensor,
+        targets: Tensor,
+        likelihood: Any,
+        num_tasks: int | None = None,
+        prepare: Callable[[SVGPModel], None] | None = None,
+    ) -> tuple[SVGPModel, FitResult]:
+        """A sparse variational GP on all samples, inducing inputs initially a random subset of them."""
+        rng = check_random_state(self.random_state)
+        num_samples, num_features = x.shape
+        rows = np.sort(rng.choice(num_samples, size=min(self.n_inducing, num_samples), replace=False))
+        model = SVGPModel(
+            x[rows].clone(),
+            likelihood,
+            num_tasks=num_tasks,
+            activation=self.activation,
+            kernel=self.kernel,
+            ard=self.ard,
+            **(self.activation_kwargs or {}),
+        ).to(device=x.device, dtype=torch.float64)
+        _initialise(model.covar_module, self._initial_values(None, num_features))
+        if prepare is not None:
+            prepare(model)
+        seed = int(rng.randint(2**31 - 1))
+        # The softmax likelihood's ELBO draws Monte Carlo samples: seeded, so fits repeat.
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(seed)
+            result = fit_svgp(
+                model,
+                x,
+                targets,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                learning_rate=0.01 if self.learning_rate is None else self.learning_rate,
+                train_hyperparameters=self.optimizer is not None,
+                generator=torch.Generator().manual_seed(seed),
+                verbose=bool(self.verbose),
+            )
+        history = [value * num_samples for value in result.elbo_history]
+        return model, FitResult(result.elbo * num_samples, result.n_steps, result.n_steps, False, history)
+
     def _to_tensor(self, X: np.ndarray) -> Tensor:
         return torch.tensor(np.asarray(X), dtype=torch.float64, device=self._device())  # a copy: X may be read-only
 
@@ -450,6 +527,9 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
     ----------
     activation : str, default "relu"
         One of :data:`deq_kernel.ACTIVATIONS`.
+    kernel : {"nngp", "ntk"}, default "nngp"
+        The DEQ's Gaussian-process kernel or its neural tangent kernel (see
+        :class:`deq_kernel.DEQKernel`); either is scaled by the fitted output variance.
     weight_variance : float, optional
         Initial weight variance; default half the activation's bound (relu: 1).
     input_variance : float or array-like of shape (n_features,), default 1.0
@@ -470,7 +550,7 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
     tol : float, default 1e-6
         Stopping tolerance of the optimiser (objective per data point).
     learning_rate : float, optional
-        Optimiser step size; default 1 for L-BFGS, 0.1 for Adam.
+        Optimiser step size; default 1 for L-BFGS, 0.1 for Adam, 0.01 for ``method="svgp"``.
     n_restarts_optimizer : int, default 0
         Further fits from random initial hyperparameters; the one of highest marginal
         likelihood is kept.
@@ -478,6 +558,25 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         Fit the hyperparameters on a random subset of at most this many samples (each
         evaluation of the marginal likelihood costs O(n^3)); the model then conditions on all
         samples. Default: all samples.
+    method : {"exact", "svgp"}, default "exact"
+        ``"exact"``: an exact GP. ``"svgp"``: a sparse variational GP
+        (:class:`deq_kernel.variational.SVGPModel`, :func:`~deq_kernel.variational.fit_svgp`) on all
+        samples, with ``n_inducing`` learned inducing points and the hyperparameters fitted by Adam
+        on the evidence lower bound over minibatches: O(n m^2) per epoch and O(batch_size m + m^2)
+        memory, for data too large for an exact GP. ``optimizer=None`` then holds the
+        hyperparameters at their initial values (only the variational distribution and the
+        inducing inputs are learned); ``max_iter``, ``tol``, ``n_restarts_optimizer`` and
+        ``max_fit_samples`` are unused.
+    n_inducing : int, default 512
+        Inducing points of ``method="svgp"``, initially a random subset of the samples (all of
+        them when there are fewer).
+    batch_size : int, default 1024
+        Minibatch size of ``method="svgp"``, and its block size in prediction.
+    epochs : int, default 20
+        Passes over the data of ``method="svgp"``.
+    verbose : bool, default False
+        Report the progress of ``method="svgp"`` on standard error: a progress bar per epoch, or
+        one line per epoch when standard error is not a terminal.
     random_state : int, RandomState instance or None, default None
         Draws the restarts' initial hyperparameters and the subset of ``max_fit_samples``.
     device : str or torch.device, optional
@@ -487,13 +586,14 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
 
     Attributes
     ----------
-    model_ : deq_kernel.gpytorch.ExactGPModel
+    model_ : deq_kernel.gpytorch.ExactGPModel or deq_kernel.variational.SVGPModel
         The fitted GPyTorch model (on standardised targets).
     kernel_ : sklearn.gaussian_process.kernels.Kernel
         The fitted covariance of the standardised targets as a scikit-learn kernel,
         ``ConstantKernel * DEQ + WhiteKernel``.
     log_marginal_likelihood_value_ : float
-        Log marginal likelihood of the standardised training targets at ``kernel_``.
+        Log marginal likelihood of the standardised training targets at ``kernel_`` (with
+        ``method="svgp"``: its evidence lower bound, the last epoch's average).
     n_iter_ : int
         Optimiser iterations of the kept fit.
     n_features_in_ : int
@@ -521,6 +621,7 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         self,
         activation: str = "relu",
         *,
+        kernel: str = "nngp",
         weight_variance: float | None = None,
         input_variance: float | np.ndarray = 1.0,
         bias_variance: float = 0.1,
@@ -533,11 +634,17 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         learning_rate: float | None = None,
         n_restarts_optimizer: int = 0,
         max_fit_samples: int | None = None,
+        method: str = "exact",
+        n_inducing: int = 512,
+        batch_size: int = 1024,
+        epochs: int = 20,
+        verbose: bool = False,
         random_state: int | np.random.RandomState | None = None,
         device: str | torch.device | None = None,
         activation_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.activation = activation
+        self.kernel = kernel
         self.weight_variance = weight_variance
         self.input_variance = input_variance
         self.bias_variance = bias_variance
@@ -550,6 +657,11 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         self.learning_rate = learning_rate
         self.n_restarts_optimizer = n_restarts_optimizer
         self.max_fit_samples = max_fit_samples
+        self.method = method
+        self.n_inducing = n_inducing
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.verbose = verbose
         self.random_state = random_state
         self.device = device
         self.activation_kwargs = activation_kwargs
@@ -584,14 +696,28 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
             inputs, outputs = (x, targets) if rows is None else (x[rows], targets[rows])
             likelihood = GaussianLikelihood()
             model = ExactGPModel(
-                inputs, outputs, likelihood, activation=self.activation, ard=self.ard, **(self.activation_kwargs or {})
+                inputs,
+                outputs,
+                likelihood,
+                activation=self.activation,
+                kernel=self.kernel,
+                ard=self.ard,
+                **(self.activation_kwargs or {}),
             ).to(device=x.device, dtype=torch.float64)
             _initialise(model.covar_module, initial)
             model.likelihood.noise = float(self.noise)
             model.mean_module.constant = 0.0
             return model
 
-        self.model_, result = self._fit_model(build, X.shape[0], X.shape[1])
+        if self.method == "svgp":
+
+            def prepare(model: SVGPModel) -> None:
+                model.likelihood.noise = float(self.noise)
+                model.mean_module.constant = 0.0
+
+            self.model_, result = self._fit_svgp(x, targets, GaussianLikelihood(), prepare=prepare)
+        else:
+            self.model_, result = self._fit_model(build, X.shape[0], X.shape[1])
         self.log_marginal_likelihood_value_ = result.log_marginal_likelihood
         self.n_iter_ = result.n_iter
         self.kernel_ = ConstantKernel(self.model_.covar_module.outputscale.item()) * _to_sklearn_kernel(
@@ -627,6 +753,10 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
             raise ValueError("at most one of return_std and return_cov can be requested")
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
+        if isinstance(self.model_, SVGPModel) and not return_cov:
+            mean, variance = predict_latent(self.model_, self._to_tensor(X), batch_size=self.batch_size)
+            mean = mean.cpu().numpy() * self._y_scale + self._y_mean
+            return (mean, variance.sqrt().cpu().numpy() * self._y_scale) if return_std else mean
         with _prediction():
             posterior = self.model_(self._to_tensor(X))
             mean = posterior.mean.cpu().numpy() * self._y_scale + self._y_mean
@@ -656,6 +786,9 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
     ----------
     activation : str, default "relu"
         One of :data:`deq_kernel.ACTIVATIONS`.
+    kernel : {"nngp", "ntk"}, default "nngp"
+        The DEQ's Gaussian-process kernel or its neural tangent kernel (see
+        :class:`deq_kernel.DEQKernel`); either is scaled by the fitted output variance.
     weight_variance : float, optional
         Initial weight variance; default half the activation's bound (relu: 1).
     input_variance : float or array-like of shape (n_features,), default 1.0
@@ -673,7 +806,7 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
     tol : float, default 1e-6
         Stopping tolerance of the optimiser.
     learning_rate : float, optional
-        Optimiser step size; default 1 for L-BFGS, 0.1 for Adam.
+        Optimiser step size; default 1 for L-BFGS, 0.1 for Adam, 0.01 for ``method="svgp"``.
     n_restarts_optimizer : int, default 0
         Further fits from random initial hyperparameters; the best is kept.
     max_fit_samples : int or None, default 500
@@ -682,6 +815,28 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         likelihood factorises one ``n x n`` matrix per class, so this bounds the cost of
         fitting (500 samples: well under a minute for ten classes on one CPU core); ``None``
         fits on all samples.
+    method : {"exact", "svgp"}, default "exact"
+        ``"exact"``: an exact GP. ``"svgp"``: a sparse variational GP
+        (:class:`deq_kernel.variational.SVGPModel`, :func:`~deq_kernel.variational.fit_svgp`) on all
+        samples, with ``n_inducing`` learned inducing points and the hyperparameters fitted by Adam
+        on the evidence lower bound over minibatches: O(n m^2) per epoch and O(batch_size m + m^2)
+        memory, for data too large for an exact GP. ``optimizer=None`` then holds the
+        hyperparameters at their initial values (only the variational distribution and the
+        inducing inputs are learned); ``max_iter``, ``tol``, ``n_restarts_optimizer`` and
+        ``max_fit_samples`` are unused.
+        The likelihood is Bernoulli (probit) for two classes; for more, one latent function per
+        class and a softmax likelihood (GPyTorch's ``SoftmaxLikelihood`` without mixing), the
+        latent functions sharing the inducing inputs, DEQ hyperparameters and output scale.
+    n_inducing : int, default 512
+        Inducing points of ``method="svgp"``, initially a random subset of the samples (all of
+        them when there are fewer).
+    batch_size : int, default 1024
+        Minibatch size of ``method="svgp"``, and its block size in prediction.
+    epochs : int, default 20
+        Passes over the data of ``method="svgp"``.
+    verbose : bool, default False
+        Report the progress of ``method="svgp"`` on standard error: a progress bar per epoch, or
+        one line per epoch when standard error is not a terminal.
     random_state : int, RandomState instance or None, default None
         Draws the subset of ``max_fit_samples``, the restarts' initial values and the Monte
         Carlo draws of :meth:`predict_proba`.
@@ -693,8 +848,9 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
-    model_ : deq_kernel.gpytorch.ExactGPModel
-        The fitted GPyTorch model, batched over classes.
+    model_ : deq_kernel.gpytorch.ExactGPModel or deq_kernel.variational.SVGPModel
+        The fitted GPyTorch model, batched over classes (``method="svgp"``: one latent function
+        for two classes, one per class otherwise).
     kernel_ : DEQ
         The fitted DEQ kernel (shared by the classes) as a scikit-learn kernel.
     log_marginal_likelihood_value_ : float
@@ -725,6 +881,7 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         self,
         activation: str = "relu",
         *,
+        kernel: str = "nngp",
         weight_variance: float | None = None,
         input_variance: float | np.ndarray = 1.0,
         bias_variance: float = 0.1,
@@ -736,11 +893,17 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         learning_rate: float | None = None,
         n_restarts_optimizer: int = 0,
         max_fit_samples: int | None = 500,
+        method: str = "exact",
+        n_inducing: int = 512,
+        batch_size: int = 1024,
+        epochs: int = 20,
+        verbose: bool = False,
         random_state: int | np.random.RandomState | None = None,
         device: str | torch.device | None = None,
         activation_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.activation = activation
+        self.kernel = kernel
         self.weight_variance = weight_variance
         self.input_variance = input_variance
         self.bias_variance = bias_variance
@@ -752,6 +915,11 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         self.learning_rate = learning_rate
         self.n_restarts_optimizer = n_restarts_optimizer
         self.max_fit_samples = max_fit_samples
+        self.method = method
+        self.n_inducing = n_inducing
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.verbose = verbose
         self.random_state = random_state
         self.device = device
         self.activation_kwargs = activation_kwargs
@@ -787,7 +955,10 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
             )
             # One DEQ kernel (one kernel matrix) for all classes; scale and mean per class.
             base = DEQKernel(
-                self.activation, ard_num_dims=X.shape[1] if self.ard else None, **(self.activation_kwargs or {})
+                self.activation,
+                kernel=self.kernel,
+                ard_num_dims=X.shape[1] if self.ard else None,
+                **(self.activation_kwargs or {}),
             )
             covar = ScaleKernel(base, batch_shape=torch.Size([num_classes]))
             targets = likelihood.transformed_targets
@@ -797,7 +968,15 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
             _initialise(model.covar_module, initial)
             return model
 
-        self.model_, result = self._fit_model(build, X.shape[0], X.shape[1], stratify=labels.cpu().numpy())
+        if self.method == "svgp":
+            if num_classes == 2:
+                likelihood, targets, tasks = BernoulliLikelihood(), labels.to(x.dtype), None
+            else:
+                likelihood = SoftmaxLikelihood(num_features=num_classes, num_classes=num_classes, mixing_weights=False)
+                targets, tasks = labels, num_classes
+            self.model_, result = self._fit_svgp(x, targets, likelihood, num_tasks=tasks)
+        else:
+            self.model_, result = self._fit_model(build, X.shape[0], X.shape[1], stratify=labels.cpu().numpy())
         self.log_marginal_likelihood_value_ = result.log_marginal_likelihood
         self.n_iter_ = result.n_iter
         self.kernel_ = _to_sklearn_kernel(self.model_.covar_module.base_kernel, self.activation, self.activation_kwargs)
@@ -819,12 +998,28 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         """
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
+        if isinstance(self.model_, SVGPModel):
+            return self._svgp_proba(self._to_tensor(X))
         with _prediction():
             latent = self.model_(self._to_tensor(X))  # batch over classes: (n_classes, n)
             mean, std = latent.mean, latent.variance.clamp_min(0.0).sqrt()
             draws = torch.as_tensor(self._draws, dtype=mean.dtype, device=mean.device)
             samples = mean + std * draws.unsqueeze(-1)  # (draws, n_classes, n)
             proba = torch.softmax(samples, dim=-2).mean(0).T
+        return proba.cpu().numpy()
+
+    def _svgp_proba(self, x: Tensor) -> np.ndarray:
+        mean, variance = predict_latent(self.model_, x, batch_size=self.batch_size)
+        if self.model_.num_tasks is None:
+            # Bernoulli with the probit link: E[Phi(f)] = Phi(mean / sqrt(1 + variance)), exactly.
+            p = torch.special.ndtr(mean / torch.sqrt(1.0 + variance))
+            return torch.stack([1.0 - p, p], dim=-1).cpu().numpy()
+        draws = torch.as_tensor(self._draws, dtype=mean.dtype, device=mean.device).unsqueeze(-1)
+        blocks = []
+        for start in range(0, mean.shape[0], 1024):  # (draws, classes, rows) at a time
+            m, s = mean[start : start + 1024].T, variance[start : start + 1024].sqrt().T
+            blocks.append(torch.softmax(m + s * draws, dim=-2).mean(0).T)
+        proba = torch.cat(blocks) if blocks else mean.new_zeros(0, len(self.classes_))
         return proba.cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
@@ -881,6 +1076,7 @@ def _to_sklearn_kernel(kernel: DEQKernel, activation: Any, activation_kwargs: di
         input_variance=iv.copy() if iv.size > 1 else float(iv[0]),
         bias_variance=float(kernel.bias_variance.detach().reshape(-1)[0]),
         activation_kwargs=activation_kwargs,
+        kernel=kernel.kernel,
     )
 
 

@@ -629,3 +629,60 @@ def test_botorch_bayesian_optimisation_on_hartmann6():
         X = torch.cat([X, candidates])
         Y = torch.cat([Y, problem(candidates).unsqueeze(-1)])
     assert X.shape == (16, 6)
+
+
+# --------------------------------------------------------------------------- kernel="ntk"
+
+
+def test_ntk_kernel_is_the_core_ntk():
+    torch.manual_seed(3)
+    x1, x2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    kernel = DEQKernel("tanh", kernel="ntk", ard_num_dims=3).double()
+    kernel.weight_variance, kernel.input_variance, kernel.bias_variance = 0.4, torch.tensor([0.5, 1.0, 2.0]), 0.3
+    hypers = dict(
+        activation="tanh", weight_variance=0.4, input_variance=torch.tensor([0.5, 1.0, 2.0]), bias_variance=0.3
+    )
+    with torch.no_grad():
+        expected = deq_kernel.equilibrium_covariance(x1, x2, output="ntk", **hypers)
+        assert torch.allclose(kernel(x1, x2).to_dense(), expected, rtol=1e-10, atol=0)
+        assert torch.allclose(
+            kernel(x1, diag=True), deq_kernel.equilibrium_covariance(x1, diag=True, output="ntk", **hypers)
+        )
+        nngp = DEQKernel("tanh", ard_num_dims=3).double()
+        nngp.load_state_dict(kernel.state_dict())
+        assert not torch.allclose(nngp(x1).to_dense(), kernel(x1).to_dense())
+    # ScaleKernel's outputscale is the output variance of the NTK
+    scaled = ScaleKernel(kernel).double()
+    scaled.outputscale = 2.5
+    with torch.no_grad():
+        theta = deq_kernel.equilibrium_covariance(x1, output="ntk", output_variance=2.5, **hypers)
+        assert torch.allclose(scaled(x1).to_dense(), theta, rtol=1e-10)
+
+
+def test_ntk_kernel_gradients_pickle_and_model():
+    torch.manual_seed(4)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    y = torch.sin(x[:, 0])
+    model = ExactGPModel(x, y, GaussianLikelihood(), kernel="ntk").double()
+    assert model.covar_module.base_kernel.kernel == "ntk"
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    model.train()
+    loss = -mll(model(x), y)
+    loss.backward()
+    base = model.covar_module.base_kernel
+    for p in (base.raw_weight_variance, base.raw_input_variance, base.raw_bias_variance):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    restored = pickle.loads(pickle.dumps(base))
+    assert restored.kernel == "ntk"
+    with torch.no_grad():
+        assert torch.equal(restored(x).to_dense(), base(x).to_dense())
+    result = fit_exact_gp(model, max_iter=20)
+    assert math.isfinite(result.log_marginal_likelihood)
+
+
+def test_ntk_kernel_bad_values():
+    for bad in ("NTK", "tangent", None, 1):
+        with pytest.raises(ValueError, match="kernel must be one of 'nngp', 'ntk'"):
+            DEQKernel(kernel=bad)
+    with pytest.raises(ValueError, match="step"):
+        DEQKernel("step", kernel="ntk")

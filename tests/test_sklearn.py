@@ -330,3 +330,64 @@ def test_device_and_dtype():
     reg = DEQGPRegressor(max_iter=5, device="cpu").fit(X.astype(np.float32), y)
     assert reg.model_.train_inputs[0].dtype == torch.float64
     assert reg.predict(X.astype(np.float32)).dtype == np.float64
+
+
+# --------------------------------------------------------------------------- kernel="ntk"
+
+
+def test_ntk_kernel_is_the_core_ntk_with_gradient(rng):
+    X, Y = rng.normal(size=(7, 3)), rng.normal(size=(4, 3))
+    kernel = DEQ("erf", weight_variance=0.6, input_variance=[0.5, 1.0, 2.0], bias_variance=0.2, kernel="ntk")
+    hypers = dict(
+        activation="erf", weight_variance=0.6, input_variance=torch.tensor([0.5, 1.0, 2.0]), bias_variance=0.2
+    )
+    expected = deq_kernel.equilibrium_covariance(X, Y, output="ntk", **hypers).numpy()
+    np.testing.assert_allclose(kernel(X, Y), expected, rtol=1e-12)
+    np.testing.assert_allclose(kernel.diag(X), np.diag(deq_kernel.equilibrium_covariance(X, output="ntk", **hypers)))
+    assert not np.allclose(kernel(X), DEQ("erf", weight_variance=0.6, input_variance=[0.5, 1.0, 2.0])(X))
+    # relu goes through the pairwise path of the gradient; erf through the general one.
+    for k in (kernel, DEQ(weight_variance=1.2, kernel="ntk")):
+        K, gradient = k(X, eval_gradient=True)
+        np.testing.assert_allclose(K, k(X), rtol=1e-12)
+        assert np.all(np.isfinite(gradient))
+        np.testing.assert_allclose(gradient, _theta_gradient_by_central_differences(k, X), rtol=1e-5, atol=1e-8)
+
+
+def test_ntk_kernel_clone_params_pickle_repr_and_bad_value(rng):
+    X = rng.normal(size=(5, 2))
+    kernel = DEQ(weight_variance=1.1, kernel="ntk")
+    assert kernel.get_params()["kernel"] == "ntk"
+    assert clone(kernel).kernel == "ntk" and clone(kernel) == kernel
+    assert kernel.clone_with_theta(kernel.theta).kernel == "ntk"
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(kernel))(X), kernel(X))
+    assert "kernel='ntk'" in repr(kernel) and "kernel" not in repr(DEQ())
+    composite = ConstantKernel(2.0) * kernel + WhiteKernel(0.1)
+    np.testing.assert_allclose(composite(X), 2.0 * kernel(X) + 0.1 * np.eye(5))
+    for bad in ("NTK", "rbf", None):
+        with pytest.raises(ValueError, match="kernel must be one of 'nngp', 'ntk'"):
+            DEQ(kernel=bad)(X)
+    with pytest.raises(ValueError, match="step"):
+        DEQ("step", kernel="ntk")(X)
+
+
+@pytest.mark.parametrize("Estimator", [DEQGPRegressor, DEQGPClassifier])
+def test_estimators_with_the_ntk(Estimator):
+    X, y = _regression(40)
+    if Estimator is DEQGPClassifier:
+        y = (y > 0).astype(int)
+    estimator = Estimator(kernel="ntk", max_iter=15, random_state=0)
+    assert clone(estimator).get_params()["kernel"] == "ntk"
+    estimator.fit(X, y)
+    base = estimator.model_.covar_module.base_kernel
+    assert base.kernel == "ntk"
+    sk_kernel = estimator.kernel_.k1.k2 if Estimator is DEQGPRegressor else estimator.kernel_
+    assert sk_kernel.kernel == "ntk"
+    # the fitted GPyTorch kernel and the scikit-learn one are the same NTK
+    np.testing.assert_allclose(sk_kernel(X[:6]), base(torch.as_tensor(X[:6])).to_dense().detach().numpy(), rtol=1e-10)
+    restored = pickle.loads(pickle.dumps(estimator))
+    np.testing.assert_array_equal(restored.predict(X), estimator.predict(X))
+    assert estimator.score(X, y) > 0.6
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        Estimator(kernel="tangent").fit(X, y)
+    with pytest.raises(ValueError, match="step"):
+        Estimator("step", kernel="ntk").fit(X, y)
