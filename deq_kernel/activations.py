@@ -91,6 +91,20 @@ def _sin_from_cos(rho: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(1.0 - rho * rho, min=0.0))
 
 
+def _orthant(rho: Tensor) -> Tensor:
+    r"""``(pi - arccos rho) / (2 pi)``, the orthant probability, with a finite gradient at ``|rho| = 1``.
+
+    Its derivative ``1 / (2 pi sqrt(1 - rho^2))`` is infinite at ``rho = +-1``, where
+    ``rho`` is at an extreme and its own derivative with respect to the inputs vanishes:
+    the chain rule's ``inf * 0`` would give NaN. There the (one-sided) derivative is
+    replaced by 0, the limit of the product; elsewhere it is exact.
+    """
+    r = rho.detach()
+    sin = _sin_from_cos(r)
+    slope = torch.where(sin > 0, 1.0 / (_TWO_PI * torch.where(sin > 0, sin, 1.0)), 0.0)
+    return (_PI - torch.arccos(r)) / _TWO_PI + slope * (rho - r)
+
+
 class Activation(abc.ABC):
     """An elementwise activation together with its Gaussian dual.
 
@@ -269,10 +283,12 @@ class StepMixture(Activation):
         p2 = torch.where(q2 > 0, 0.5, 0.0).to(rho.dtype)
         both = (q1 * q2) > 0
         rho_c = rho.clamp(-1.0, 1.0)
-        joint = torch.where(both, (_PI - torch.arccos(rho_c)) / _TWO_PI, 0.0)
+        joint = torch.where(both, _orthant(rho_c), 0.0)
         value = a * a + a * (1.0 - a) * (p1 + p2) + (1.0 - a) ** 2 * joint + 0.0 * (q1 * q2)
         qq = (q1 * q2).detach()
-        slope = torch.where(both, (1.0 - a) ** 2 / (_TWO_PI * torch.sqrt(qq) * _sin_from_cos(rho_c.detach())), 0.0)
+        denom = _TWO_PI * torch.sqrt(qq) * _sin_from_cos(rho_c.detach())
+        # Infinite at |rho| = 1, where rho is extreme and its own derivative vanishes: 0 there.
+        slope = torch.where(both & (denom > 0), (1.0 - a) ** 2 / torch.where(denom > 0, denom, 1.0), 0.0)
         return value, slope
 
 
@@ -316,10 +332,11 @@ class Step(Activation):
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         qq = state1[0] * state2[0]
         rho = rho.clamp(-1.0, 1.0)
-        value = torch.where(qq > 0, (_PI - torch.arccos(rho)) / _TWO_PI, 0.0) + 0.0 * qq
+        value = torch.where(qq > 0, _orthant(rho), 0.0) + 0.0 * qq
         qq = qq.detach()
-        denom = _TWO_PI * torch.sqrt(qq) * _sin_from_cos(rho)
-        slope = torch.where(qq > 0, 1.0 / denom, 0.0)
+        denom = _TWO_PI * torch.sqrt(qq) * _sin_from_cos(rho.detach())
+        # Infinite at |rho| = 1, where rho is extreme and its own derivative vanishes: 0 there.
+        slope = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
         return value, slope
 
 
