@@ -129,8 +129,9 @@ def run_case(name: str, x: torch.Tensor, repeats: int, reference: torch.Tensor |
         else:
             m = 256 if name in CLOSED_FORMS else 12
             xm = x[:m].double().numpy()
+            slope = getattr(deq_kernel.get_activation(name), "negative_slope", 0.0)
             reference = torch.as_tensor(
-                picard_kernel(xm, activation=name, weight_variance=w, bias_variance=BIAS_VARIANCE)
+                picard_kernel(xm, activation=name, weight_variance=w, bias_variance=BIAS_VARIANCE, slope=slope)
             )
     m = reference.shape[-1]
     err = float((ours[:m, :m].double() - reference).abs().max() / reference.abs().max())

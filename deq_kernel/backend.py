@@ -60,8 +60,17 @@ def block_elements(total: int, device: torch.device) -> int:
     return compiled if _wants_compile(total, device) else eager
 
 
+#: Compiled variants kept per kernel (dtypes, activations and broadcast patterns each need
+#: one); past torch's default of 8 dynamo silently runs the function eagerly.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    config = getattr(torch, "_dynamo", None) and torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if config is not None and getattr(config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
+            setattr(config, name, RECOMPILE_LIMIT)
     return torch.compile(fn, dynamic=True)
 
 

@@ -233,25 +233,22 @@ def _step_function(act: Activation) -> Callable[..., tuple[Tensor, ...]]:
 
 
 @functools.cache
-def _finish_function(act: Activation) -> Callable[..., None]:
-    """Write ``rho`` and ``V`` of a converged block in place."""
+def _finish_function(act: Activation) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``rho`` and ``V`` of a converged block."""
 
     def finish(
-        rho_out: Tensor,
-        value_out: Tensor,
         x: Tensor,
         free: Tensor,
         identical: Tensor,
         d_rows: Tensor,
         d_cols: Tensor,
         *states: Tensor,
-    ) -> None:
+    ) -> tuple[Tensor, Tensor]:
         half = len(states) // 2
         at = torch.where(free, x.clamp(-1.0, 1.0), 0.0)
         v, _ = act.bulk_pair_dual(states[:half], states[half:], at)
-        rho_out.copy_(torch.where(identical, 1.0, at))
         # Identical to rounding: D of either point; their mean keeps k(x, x') = k(x', x).
-        value_out.copy_(torch.where(identical, 0.5 * (d_rows + d_cols), v))
+        return torch.where(identical, 1.0, at), torch.where(identical, 0.5 * (d_rows + d_cols), v)
 
     return finish
 
@@ -322,9 +319,7 @@ def _pairs_forward(
             x = moved
         free[sel] = free_b.expand(free[sel].shape)
         identical[sel] = ident_b.expand(identical[sel].shape)
-        finish(
-            rho[sel],
-            value[sel],
+        rho_b, value_b = finish(
             x,
             free_b,
             ident_b,
@@ -333,6 +328,8 @@ def _pairs_forward(
             *st1,
             *st2,
         )
+        rho[sel] = rho_b.expand(rho[sel].shape)
+        value[sel] = value_b.expand(value[sel].shape)
         if square:
             rows = slice(start, start + block)
             for t in (rho, value, free, identical):
@@ -352,17 +349,21 @@ def _pairs_forward(
 
 
 def _rows_of(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
-    """Rows ``sel[-2]`` of a tensor that broadcasts against the pair array (size-1 rows stay)."""
+    """Rows ``sel[-2]`` of a tensor that broadcasts against the pair array (size-1 rows stay).
+
+    Slices are copied to fresh storage: a compiled kernel guards on its inputs' storage
+    offsets, and views at a new offset per block would recompile it block after block.
+    """
     if not matrix or t.dim() < 2 or t.shape[-2] == 1:
         return t
-    return t[..., sel[-2], :]
+    return t[..., sel[-2], :].clone()
 
 
 def _cols_of(t: Tensor, cols: slice, matrix: bool) -> Tensor:
-    """Columns ``cols`` of a tensor that broadcasts against the pair array (size-1 columns stay)."""
+    """Columns ``cols`` of a tensor that broadcasts against the pair array (size-1 columns stay), copied."""
     if not matrix or t.shape[-1] == 1:
         return t
-    return t[..., cols]
+    return t[..., cols].clone()
 
 
 def _block(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
