@@ -348,27 +348,40 @@ def _pairs_forward(
     return rho, value, free, identical
 
 
-def _rows_of(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
-    """Rows ``sel[-2]`` of a tensor that broadcasts against the pair array (size-1 rows stay).
+# Slices handed to the block kernels are copied to fresh storage: a compiled kernel guards
+# on its inputs' storage offsets, and views at a new offset per block would recompile it
+# block after block.
 
-    Slices are copied to fresh storage: a compiled kernel guards on its inputs' storage
-    offsets, and views at a new offset per block would recompile it block after block.
-    """
+
+def _row_view(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
     if not matrix or t.dim() < 2 or t.shape[-2] == 1:
         return t
-    return t[..., sel[-2], :].clone()
+    return t[..., sel[-2], :]
+
+
+def _col_view(t: Tensor, cols: slice, matrix: bool) -> Tensor:
+    if not matrix or t.shape[-1] == 1:
+        return t
+    return t[..., cols]
+
+
+def _fresh(view: Tensor, t: Tensor) -> Tensor:
+    return t if view is t else view.clone()
+
+
+def _rows_of(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
+    """Rows ``sel[-2]`` of a tensor that broadcasts against the pair array (size-1 rows stay), copied."""
+    return _fresh(_row_view(t, sel, matrix), t)
 
 
 def _cols_of(t: Tensor, cols: slice, matrix: bool) -> Tensor:
     """Columns ``cols`` of a tensor that broadcasts against the pair array (size-1 columns stay), copied."""
-    if not matrix or t.shape[-1] == 1:
-        return t
-    return t[..., cols].clone()
+    return _fresh(_col_view(t, cols, matrix), t)
 
 
 def _block(t: Tensor, sel: tuple, matrix: bool) -> Tensor:
-    """The block ``sel`` of a pair array, respecting broadcast (size-1) dimensions."""
-    return _cols_of(_rows_of(t, sel, matrix), sel[-1], matrix) if matrix else t
+    """The block ``sel`` of a pair array, respecting broadcast (size-1) dimensions, copied once."""
+    return _fresh(_col_view(_row_view(t, sel, matrix), sel[-1], matrix), t) if matrix else t
 
 
 def _mirror_rows(t: Tensor, rows: slice) -> None:
