@@ -12,11 +12,9 @@ change of variables makes analytic, so the interpolation error is uniformly
 :math:`O(h^4)` (about 1e-12 before polishing, rounding level after).
 
 :math:`\tilde c` itself comes out of one matrix product, with :math:`1/\sqrt{q}` folded into
-the operands. Everything after the product is one elementwise pass, run in row blocks
-(fused by ``torch.compile`` where :mod:`deq_kernel.backend` allows): no array of the size
-of the result other than the result exists, in either direction. The backward pass
-recomputes each block from the operands of the product and applies the implicit
-function theorem, :math:`d\rho = (d\tilde c + \kappa\,dw)/(1 - w\kappa'(\rho))`.
+the operands. Everything after the product is one elementwise pass, run in row blocks by
+:mod:`deq_kernel.product`. The backward pass recomputes each block and applies the
+implicit function theorem, :math:`d\rho = (d\tilde c + \kappa\,dw)/(1 - w\kappa'(\rho))`.
 """
 
 from __future__ import annotations
@@ -27,10 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import backend
 from .activations import PiecewiseLinear
+from .product import product_kernel
 from .solver import ConvergenceError, _newton
 
 __all__ = ["TABLE_SIZE", "CorrelationTable", "homogeneous_kernel"]
@@ -61,6 +58,16 @@ class CorrelationTable:
         """``(rho, kappa(rho), kappa'(rho), residual of the interpolated value)``, elementwise."""
         return _solve(c_tilde, self.params, *self.coefs)
 
+    @staticmethod
+    def forward_block(*args: Any) -> None:
+        """The block function of :mod:`deq_kernel.product`."""
+        _forward_block(*args)
+
+    @staticmethod
+    def backward_block(*args: Any) -> tuple[Tensor, ...]:
+        """The block function of :mod:`deq_kernel.product`."""
+        return _backward_block(*args)
+
 
 @functools.lru_cache(maxsize=64)
 def _build_table(negative_slope: float, name: str, w: float) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -75,10 +82,6 @@ def _build_table(negative_slope: float, name: str, w: float) -> tuple[tuple[Tens
     params = (-2.0 / g_range, 1.0 + 2.0 * g_minus / g_range, w, a)
     _verify(act, params, coefs, g_minus, g_range)
     return coefs, torch.tensor(params, dtype=torch.float64)
-
-    def solve(self, c_tilde: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(rho, kappa(rho), kappa'(rho), residual of the interpolated value)``, elementwise."""
-        return _solve(c_tilde, self.params, *self.coefs)
 
 
 def _tabulate(
@@ -210,236 +213,6 @@ def _backward_block(
     return lam, (lam * kappa).sum(), g_root * r2, g_root * r1, g_scale
 
 
-# --------------------------------------------------------------------------- the Function
-
-
-def _c_tilde(lhs: Tensor, rhs: Tensor, rows: slice, cols: slice, matrix: bool, two_sided: bool) -> Tensor:
-    """``lhs[rows] rhs[cols]^T`` (symmetrised with the transposed product when ``two_sided``)."""
-    if not matrix:
-        return (lhs * rhs).sum(-1)
-    out = lhs[..., rows, :] @ rhs[..., cols, :].mT
-    if two_sided:
-        out = 0.5 * (out + rhs[..., rows, :] @ lhs[..., cols, :].mT)
-    return out
-
-
-def _mirror(target: Tensor, rows: slice) -> None:
-    """Copy a finished row block's upper part to the columns below it (exact symmetry)."""
-    start, stop = rows.start, min(rows.stop, target.shape[-2])
-    block = target[..., start:stop, start:stop]
-    block.copy_(block.triu() + block.triu(1).mT)
-    target[..., stop:, start:stop] = target[..., start:stop, stop:].mT
-
-
-def _fold(grad: Tensor, rows: slice) -> Tensor:
-    """Gradient of a row block's computed entries when the lower part is a mirror of the upper.
-
-    Entry ``(i, j)``, ``i < j``, feeds both ``(i, j)`` and ``(j, i)``; the diagonal feeds itself;
-    the block's own lower triangle is overwritten and feeds nothing.
-    """
-    start, stop = rows.start, min(rows.stop, grad.shape[-2])
-    folded = grad[..., start:stop, start:] + grad[..., start:, start:stop].mT
-    size = stop - start
-    square = folded[..., :, :size]
-    square.copy_(square.triu(1) + torch.diag_embed(grad[..., start:stop, start:stop].diagonal(dim1=-2, dim2=-1)))
-    return folded
-
-
-def _rows(t: Tensor, rows: slice, matrix: bool) -> Tensor:
-    return t[..., rows, :] if matrix and t.shape[-2] > 1 else t
-
-
-def _cols(t: Tensor, cols: slice, matrix: bool) -> Tensor:
-    return t[..., :, cols] if matrix and t.shape[-1] > 1 else t
-
-
-class _HomogeneousKernel(torch.autograd.Function):
-    """``(lhs, rhs, w, r1, r2, scale[, diagonal]) -> r1 r2 scale f(rho*(lhs rhs^T))``.
-
-    ``f`` is ``rho`` (``want="cov"``) or ``kappa(rho)`` (``want="value"``). All tensors arrive
-    expanded to the full batch shape; with one table per batch entry the batch is
-    flattened and handled entry by entry.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        tables: list[CorrelationTable],
-        value: bool,
-        matrix: bool,
-        two_sided: bool,
-        symmetric: bool,
-        lhs: Tensor,
-        rhs: Tensor,
-        w: Tensor,
-        r1: Tensor,
-        r2: Tensor,
-        scale: Tensor,
-        diagonal: Tensor | None,
-    ) -> Tensor:
-        shape = _out_shape(lhs, rhs, matrix)
-        total = math.prod(shape)
-        result = lhs.new_empty(shape)
-        flat = result.reshape(len(tables), *shape[len(shape) - (2 if matrix else 1) :]) if len(tables) > 1 else result
-        kernel = backend.fused(_forward_block, total, lhs.device)
-        for table, (a, b, s1, s2, sc), out in _parts(tables, (lhs, rhs, r1, r2, scale), matrix):
-            target = flat[out]
-            for rows in _row_blocks(target.shape, matrix, total, lhs.device):
-                # A symmetric matrix is computed on and right of the diagonal, then mirrored.
-                cols = slice(rows.start, None) if symmetric else slice(None)
-                dest = target[..., rows, cols] if matrix else target
-                c = _c_tilde(a, b, rows, cols, matrix, two_sided)
-                kernel(dest, c, _rows(s1, rows, matrix), _cols(s2, cols, matrix), sc, table.params, *table.coefs, value)
-                if symmetric:
-                    _mirror(target, rows)
-        if diagonal is not None:
-            result.diagonal(dim1=-2, dim2=-1).copy_(diagonal)
-        ctx.tables, ctx.flags = tables, (value, matrix, two_sided, symmetric)
-        ctx.has_diagonal = diagonal is not None
-        ctx.save_for_backward(lhs, rhs, w, r1, r2, scale)
-        return result
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        lhs, rhs, w, r1, r2, scale = ctx.saved_tensors
-        tables, (value, matrix, two_sided, symmetric) = ctx.tables, ctx.flags
-        need_lhs, need_rhs, need_w, need_r1, need_r2, need_scale, need_diag = ctx.needs_input_grad[5:12]
-        grad_diag = None
-        if ctx.has_diagonal:
-            grad_diag = grad.diagonal(dim1=-2, dim2=-1).clone() if need_diag else None
-            grad = grad.clone()
-            grad.diagonal(dim1=-2, dim2=-1).zero_()  # the overridden entries do not depend on the rest
-        shape = grad.shape
-        total = math.prod(shape)
-        many = len(tables) > 1
-        point_dims = 2 if matrix else 1
-        grad = grad.expand(shape)
-        flat_grad = grad.reshape(len(tables), *shape[len(shape) - point_dims :]) if many else grad
-        grads = {
-            name: torch.zeros_like(t)
-            for name, t in (("lhs", lhs), ("rhs", rhs), ("r1", r1), ("r2", r2), ("scale", scale))
-        }
-        flat = {
-            k: (_flatten(v, len(tables), tail) if many else v)
-            for (k, v), tail in zip(grads.items(), _tails(matrix), strict=True)
-        }
-        grad_w = torch.zeros(len(tables), dtype=w.dtype, device=w.device)
-        kernel = backend.fused(_backward_block, total, lhs.device)
-        parts = _parts(tables, (lhs, rhs, r1, r2, scale), matrix)
-        for k, (table, (a, b, s1, s2, sc), out) in enumerate(parts):
-            g_all = flat_grad[out]
-            ga, gb, gs1, gs2, gsc = (flat[name][out] for name in ("lhs", "rhs", "r1", "r2", "scale"))
-            for rows in _row_blocks(g_all.shape, matrix, total, lhs.device):
-                cols = slice(rows.start, None) if symmetric else slice(None)
-                if not matrix:
-                    g = g_all
-                else:
-                    g = _fold(g_all, rows) if symmetric else g_all[..., rows, cols]
-                c = _c_tilde(a, b, rows, cols, matrix, two_sided)
-                lam, gw, g1, g2, g3 = kernel(
-                    c,
-                    g,
-                    _rows(s1, rows, matrix),
-                    _cols(s2, cols, matrix),
-                    sc,
-                    table.params,
-                    *table.coefs,
-                    value,
-                    matrix,
-                )
-                grad_w[k] += gw
-                gsc += g3
-                if matrix:
-                    gs1[..., rows, :] += g1
-                    gs2[..., :, cols] += g2
-                    if need_lhs or need_rhs:
-                        _accumulate_product_grads(lam, a, b, ga, gb, rows, cols, two_sided)
-                else:
-                    gs1 += g1
-                    gs2 += g2
-                    ga += lam.unsqueeze(-1) * b
-                    gb += lam.unsqueeze(-1) * a
-        grad_w = grad_w.reshape(shape[: len(shape) - point_dims] + (1,) * point_dims) if many else grad_w.sum()
-        return (
-            None,
-            None,
-            None,
-            None,
-            None,
-            grads["lhs"] if need_lhs else None,
-            grads["rhs"] if need_rhs else None,
-            grad_w.expand_as(w) if (need_w and not many) else (grad_w.sum_to_size(w.shape) if need_w else None),
-            grads["r1"] if need_r1 else None,
-            grads["r2"] if need_r2 else None,
-            grads["scale"] if need_scale else None,
-            grad_diag,
-        )
-
-
-def _accumulate_product_grads(
-    lam: Tensor, a: Tensor, b: Tensor, ga: Tensor, gb: Tensor, rows: slice, cols: slice, two_sided: bool
-) -> None:
-    """Gradients of ``c = a[rows] b[cols]^T`` (or its symmetrised form) given ``dL/dc = lam``."""
-    half = 0.5 if two_sided else 1.0
-    ga[..., rows, :] += half * (lam @ b[..., cols, :])
-    gb[..., cols, :] += half * (lam.mT @ a[..., rows, :])
-    if two_sided:
-        gb[..., rows, :] += 0.5 * (lam @ a[..., cols, :])
-        ga[..., cols, :] += 0.5 * (lam.mT @ b[..., rows, :])
-
-
-def _out_shape(lhs: Tensor, rhs: Tensor, matrix: bool) -> torch.Size:
-    return torch.Size((*lhs.shape[:-1], rhs.shape[-2])) if matrix else lhs.shape[:-1]
-
-
-def _tails(matrix: bool) -> tuple[int, ...]:
-    """Trailing (non-batch) dimensions of ``(lhs, rhs, r1, r2, scale)``: operands are always
-    ``(points, features)``; the factors have the pair array's point dimensions."""
-    point_dims = 2 if matrix else 1
-    return (2, 2, point_dims, point_dims, point_dims)
-
-
-def _flatten(t: Tensor, entries: int, tail: int) -> Tensor:
-    return t.reshape(entries, *t.shape[t.dim() - tail :])
-
-
-def _parts(tables: list[CorrelationTable], tensors: tuple[Tensor, ...], matrix: bool):
-    """``(table, tensors, out index)``: everything at once, or one flattened batch entry at a time."""
-    if len(tables) == 1:
-        yield tables[0], tensors, (Ellipsis,)
-        return
-    flat = [_flatten(t, len(tables), tail) for t, tail in zip(tensors, _tails(matrix), strict=True)]
-    for b, table in enumerate(tables):
-        yield table, tuple(t[b] for t in flat), (b,)
-
-
-def _row_blocks(shape: torch.Size, matrix: bool, total: int, device: torch.device) -> list[slice]:
-    if not matrix:
-        return [slice(None)]
-    rows = shape[-2]
-    per_row = max(1, math.prod(shape) // max(1, rows))
-    step = max(1, backend.block_elements(total, device) // per_row)
-    return [slice(i, i + step) for i in range(0, rows, step)]
-
-
-def correlation_tables(
-    act: PiecewiseLinear, w: Tensor, batch: torch.Size, point_dims: int, dtype: torch.dtype
-) -> list[CorrelationTable]:
-    """One table for a scalar ``w``; else one per entry of the batch (shared where equal)."""
-    values = w.detach().to(torch.float64)
-    if values.numel() == 1:
-        return [CorrelationTable(act, float(values.reshape(())), dtype, w.device)]
-    cache: dict[float, CorrelationTable] = {}
-    tables = []
-    per_batch = values.reshape(values.shape[: values.dim() - point_dims])
-    for value in per_batch.expand(batch).reshape(-1).tolist():
-        if value not in cache:
-            cache[value] = CorrelationTable(act, value, dtype, w.device)
-        tables.append(cache[value])
-    return tables
-
-
 def homogeneous_kernel(
     act: PiecewiseLinear,
     lhs: Tensor,
@@ -457,56 +230,25 @@ def homogeneous_kernel(
 ) -> Tensor:
     """Pairs of the relu family, from operands whose product is ``c_tilde = s12 / sqrt(q1 q2)``.
 
-    Parameters
-    ----------
-    lhs, rhs : Tensor
-        ``(..., n, k)`` and ``(..., m, k)``: ``c_tilde = lhs @ rhs^T`` (``matrix``), or
-        elementwise pairs ``c_tilde = (lhs * rhs).sum(-1)`` with ``m = n``. With
-        ``two_sided`` the product is symmetrised, ``(lhs rhs^T + rhs lhs^T) / 2``.
-    w : Tensor
-        Weight variance, broadcasting against the batch with size-1 point dimensions.
-    r1, r2 : Tensor
-        Factors with ``r1 r2 = sqrt(q1 q2)``: ``(..., n, 1)`` and ``(..., 1, m)`` (``matrix``),
-        else ``(..., n)`` each.
-    want : {"cov", "value"}
-        ``r1 r2 rho*`` (``K*``) or ``r1 r2 kappa(rho*)`` (``E[phi(u) phi(v)]``).
-    scale : Tensor, optional
-        Output scale applied last, broadcasting like ``w``.
-    symmetric : bool
-        The result is square and symmetric (``lhs`` and ``rhs`` the same operand, or
-        ``two_sided``): it is computed on and above the diagonal and mirrored, which halves
-        the work and makes it bitwise symmetric.
-    diagonal : Tensor, optional
-        Replaces the diagonal of a square result.
-
-    Returns the result with the full batch shape, differentiable in every tensor.
+    ``lhs @ rhs^T`` is ``c_tilde``; ``r1 r2 = sqrt(q1 q2)``; ``want`` is ``"cov"`` for
+    ``r1 r2 rho*`` (``K*``) or ``"value"`` for ``r1 r2 kappa(rho*)`` (``E[phi(u) phi(v)]``).
+    One table is built per distinct weight variance. Shapes and the other arguments are
+    those of :func:`deq_kernel.product.product_kernel`.
     """
     if want not in ("cov", "value"):
         raise ValueError(f"want must be 'cov' or 'value', got {want!r}")
-    point_dims = 2 if matrix else 1
-    one = torch.ones((1,) * point_dims, dtype=lhs.dtype, device=lhs.device)
-    scale = one if scale is None else scale
-    batch = torch.broadcast_shapes(
-        lhs.shape[:-2],
-        rhs.shape[:-2],
-        r1.shape[: r1.dim() - point_dims],
-        r2.shape[: r2.dim() - point_dims],
-        w.shape[: max(0, w.dim() - point_dims)],
-        scale.shape[: max(0, scale.dim() - point_dims)],
-    )
-    n, k = lhs.shape[-2], lhs.shape[-1]
-    m = rhs.shape[-2]
-    lhs = lhs.expand(*batch, n, k)
-    rhs = rhs.expand(*batch, m, k)
-    if matrix:
-        r1, r2 = r1.expand(*batch, n, 1), r2.expand(*batch, 1, m)
-        scale = scale.expand(*batch, 1, 1)
-    else:
-        r1, r2 = r1.expand(*batch, n), r2.expand(*batch, n)
-        scale = scale.expand(*batch, 1)
-    if diagonal is not None:
-        diagonal = diagonal.expand(*batch, n)
-    tables = correlation_tables(act, w, batch, point_dims, lhs.dtype)
-    return _HomogeneousKernel.apply(
-        tables, want == "value", matrix, two_sided, symmetric and matrix, lhs, rhs, w, r1, r2, scale, diagonal
+    dtype, device = lhs.dtype, lhs.device
+    return product_kernel(
+        lambda value: CorrelationTable(act, value, dtype, device),
+        lhs,
+        rhs,
+        w,
+        r1,
+        r2,
+        value=want == "value",
+        matrix=matrix,
+        two_sided=two_sided,
+        symmetric=symmetric,
+        scale=scale,
+        diagonal=diagonal,
     )
