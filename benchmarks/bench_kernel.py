@@ -10,9 +10,11 @@ Every ratio is measured in the same run on the same X (standard normal, n x d):
   rows for one step and scaled to n rows and 100 steps (every step and row costs the same),
   which the table marks with ``~``;
 * ``deq``: :func:`deq_kernel.equilibrium_covariance`;
-* ``bwd/fwd``: the backward pass (gradient of a weighted sum of ``K`` with respect to the
-  weight, input and bias variances) over the forward time, the backward time being the
-  time of forward and backward together minus the forward time.
+* ``bwd/fwd``: the backward pass (the gradient of the scalar ``<W, K>`` for a fixed random
+  ``W`` with respect to the weight, input and bias variances, taken as the backward of ``K``
+  with upstream gradient ``W``, as a marginal likelihood hands it over) over the forward
+  time, the backward time being the time of forward and backward together minus the
+  forward time.
 
 The error column is the largest difference of ``deq`` from an independent float64 reference,
 relative to the largest entry: for relu the float64 Picard result on the whole matrix
@@ -141,7 +143,7 @@ def run_case(name: str, x: torch.Tensor, repeats: int, reference: torch.Tensor |
         k = deq_kernel.equilibrium_covariance(
             x, activation=name, weight_variance=hypers[0], input_variance=hypers[1], bias_variance=hypers[2]
         )
-        torch.autograd.grad((k * weights).sum(), hypers)
+        torch.autograd.grad(k, hypers, grad_outputs=weights)  # the gradient of <weights, K>
 
     weights = torch.rand(x.shape[0], x.shape[0], generator=torch.Generator().manual_seed(1), dtype=x.dtype)
     t_both = best_time(forward_backward, repeats)

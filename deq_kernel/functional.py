@@ -14,6 +14,7 @@ with :math:`(u, v)` centred Gaussian with covariance
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .activations import Activation, PiecewiseLinear, get_activation, safe_sqrt
+from .activations import Activation, Erf, PiecewiseLinear, get_activation, safe_sqrt
+from .arcsine import arcsine_kernel
 from .backend import check_output_fits
 from .homogeneous import homogeneous_kernel
 from .ntk import tangent_kernel
@@ -182,6 +184,10 @@ def equilibrium_covariance(
     return out.expand(*batch, x1.shape[-2], *((x2.shape[-2],) if outer else ()))
 
 
+#: Activations whose pair equation is read off one matrix product (:mod:`deq_kernel.product`).
+_ONE_PRODUCT = {PiecewiseLinear: "homogeneous", Erf: "arcsine"}
+
+
 class _Pairs(NamedTuple):
     """Per-point quantities the pair computation needs."""
 
@@ -252,8 +258,12 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
     if outer and p.symmetric:
         diagonal = ov.squeeze(-1) * p.d1 if nngp else p.q1
 
-    if isinstance(act, PiecewiseLinear):
-        # A zero-variance point (zero input, no bias) has covariance 0 with everything.
+    one_product = _ONE_PRODUCT.get(type(act))
+    if one_product is not None:
+        # erf: r = sqrt(q + 1/2) (never 0); the relu family: r = sqrt(q), and a zero-variance
+        # point (zero input, no bias) has covariance 0 with everything.
+        if isinstance(act, Erf):
+            r1, r2 = torch.sqrt(p.q1 + 0.5), torch.sqrt(p.q2 + 0.5)
         inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
         inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
         if outer:
@@ -262,8 +272,8 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
             lhs = _cat_features(p.x1s * inv1.unsqueeze(-1), (p.bias.unsqueeze(-1) * inv1).unsqueeze(-1))
             rhs = _cat_features(p.x2 * inv2.unsqueeze(-1), inv2.unsqueeze(-1))
             two_sided = False
-        return homogeneous_kernel(
-            act,
+        kernel = functools.partial(homogeneous_kernel, act) if one_product == "homogeneous" else arcsine_kernel
+        return kernel(
             lhs,
             rhs,
             w,

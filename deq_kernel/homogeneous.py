@@ -179,6 +179,7 @@ def _forward_block(
 def _backward_block(
     c_tilde: Tensor,
     grad: Tensor,
+    grad_t: Tensor | None,
     r1: Tensor,
     r2: Tensor,
     scale: Tensor,
@@ -192,6 +193,8 @@ def _backward_block(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dL/dc_tilde, dL/dw, dL/dr1, dL/dr2, dL/dscale)``, reduced over the block where shared."""
     rho, kappa, kappa_prime, _ = _solve(c_tilde, params, c0, c1, c2, c3)
+    if grad_t is not None:
+        grad = grad + grad_t
     w = params[2]
     out = kappa if value else rho
     root = r1 * r2

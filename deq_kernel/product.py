@@ -9,14 +9,15 @@ elementwise block functions:
 * ``forward(out, c, r1, r2, scale, params, *coefs, value)`` writes the block's result into
   ``out`` and returns ``None`` or a scalar tensor, the block's largest estimated relative
   error, which the family's ``check`` then judges (refining the block or raising);
-* ``backward(c, grad, r1, r2, scale, params, *coefs, value, matrix)`` returns
-  ``(dL/dc, dL/dw, dL/dr1, dL/dr2, dL/dscale)``, reduced over the block where shared.
+* ``backward(c, grad, grad_t, r1, r2, scale, params, *coefs, value, matrix)`` returns
+  ``(dL/dc, dL/dw, dL/dr1, dL/dr2, dL/dscale)`` for the gradient ``grad`` (plus ``grad_t``,
+  that of the mirrored block, unless ``None``), reduced over the block where shared.
 
 This module runs them in row blocks (fused by ``torch.compile`` where
 :mod:`deq_kernel.backend` allows): no array of the size of the result other than the result
 exists, in either direction. A symmetric result is computed on and above the diagonal and
-mirrored, which halves the work and makes it bitwise symmetric. The backward pass recomputes
-each block from the operands of the product.
+mirrored, which halves the work and makes it bitwise symmetric. The
+backward pass recomputes each block from the operands of the product.
 """
 
 from __future__ import annotations
@@ -55,25 +56,38 @@ def _c_block(lhs: Tensor, rhs: Tensor, rows: slice, cols: slice, matrix: bool, t
     return out
 
 
-def _mirror(target: Tensor, rows: slice) -> None:
-    """Copy a finished row block's upper part to the columns below it (exact symmetry)."""
-    start, stop = rows.start, min(rows.stop, target.shape[-2])
-    block = target[..., start:stop, start:stop]
-    block.copy_(block.triu() + block.triu(1).mT)
-    target[..., stop:, start:stop] = target[..., start:stop, stop:].mT
+def _pieces(rows: slice, n: int, symmetric: bool) -> list[tuple[slice, bool]]:
+    """The column ranges of a row block, each with whether it is mirrored below the diagonal.
 
-
-def _fold(grad: Tensor, rows: slice) -> Tensor:
-    """Gradient of a row block's computed entries when the lower part is a mirror of the upper.
-
-    Entry ``(i, j)``, ``i < j``, feeds both ``(i, j)`` and ``(j, i)``; the diagonal feeds itself;
-    the block's own lower triangle is overwritten and feeds nothing.
+    A symmetric result is computed on and above the diagonal: the square on the diagonal
+    (made symmetric by copying its upper triangle down) and the columns right of it, whose
+    values are copied, transposed, below the diagonal.
     """
-    start, stop = rows.start, min(rows.stop, grad.shape[-2])
-    folded = grad[..., start:stop, start:] + grad[..., start:, start:stop].mT
-    size = stop - start
-    square = folded[..., :, :size]
-    square.copy_(square.triu(1) + torch.diag_embed(grad[..., start:stop, start:stop].diagonal(dim1=-2, dim2=-1)))
+    if not symmetric:
+        return [(slice(None), False)]
+    stop = min(rows.stop, n)
+    square = [(slice(rows.start, stop), False)]
+    return [*square, (slice(stop, None), True)] if stop < n else square
+
+
+def _symmetrise_square(target: Tensor, rows: slice) -> None:
+    """Copy the upper triangle of the square on the diagonal to its lower triangle (exact symmetry)."""
+    block = target[..., rows, rows]
+    size = block.shape[-1]
+    upper = torch.ones(size, size, dtype=torch.bool, device=block.device).triu_()
+    block.copy_(torch.where(upper, block, block.mT))
+
+
+def _folded_square(grad: Tensor, rows: slice, zero_diagonal: bool) -> Tensor:
+    """Gradient of the square's computed upper triangle when its lower triangle is a mirror.
+
+    Entry ``(i, j)``, ``i < j``, feeds both ``(i, j)`` and ``(j, i)``; the diagonal feeds itself
+    (nothing, where the diagonal is replaced afterwards); the lower triangle feeds nothing.
+    """
+    square = grad[..., rows, rows]
+    folded = (square + square.mT).triu(1)
+    if not zero_diagonal:
+        folded = folded + torch.diag_embed(square.diagonal(dim1=-2, dim2=-1))
     return folded
 
 
@@ -113,18 +127,22 @@ class _ProductKernel(torch.autograd.Function):
         result = lhs.new_empty(shape)
         flat = result.reshape(len(parts), *shape[len(shape) - (2 if matrix else 1) :]) if len(parts) > 1 else result
         kernel = backend.fused(parts[0].forward_block, total, lhs.device)
+        n = shape[-2] if matrix else 0
         for part, (a, b, s1, s2, sc), out in _parts(parts, (lhs, rhs, r1, r2, scale), matrix):
             target = flat[out]
-            for rows in _row_blocks(target.shape, matrix, total, lhs.device):
-                cols = slice(rows.start, None) if symmetric else slice(None)
-                dest = target[..., rows, cols] if matrix else target
-                c = _c_block(a, b, rows, cols, matrix, two_sided)
-                s1_b, s2_b = _rows(s1, rows, matrix), _cols(s2, cols, matrix)
-                miss = kernel(dest, c, s1_b, s2_b, sc, part.params, *part.coefs, value)
-                if miss is not None:
-                    part.check(miss, dest, c, s1_b, s2_b, sc, value)
+            for rows in _row_blocks(target.shape, matrix, total, lhs.device, symmetric):
+                for cols, mirrored in _pieces(rows, n, symmetric):
+                    dest = target[..., rows, cols] if matrix else target
+                    c = _c_block(a, b, rows, cols, matrix, two_sided)
+                    s1_b, s2_b = _rows(s1, rows, matrix), _cols(s2, cols, matrix)
+                    miss = kernel(dest, c, s1_b, s2_b, sc, part.params, *part.coefs, value)
+                    if miss is not None:
+                        part.check(miss, dest, c, s1_b, s2_b, sc, value)
+                    if mirrored:
+                        # A transposed store inside the fused loop is several times slower.
+                        target[..., cols, rows] = dest.mT
                 if symmetric:
-                    _mirror(target, rows)
+                    _symmetrise_square(target, rows)
         if diagonal is not None:
             result.diagonal(dim1=-2, dim2=-1).copy_(diagonal)
         ctx.parts, ctx.flags = parts, (value, matrix, two_sided, symmetric)
@@ -141,8 +159,9 @@ class _ProductKernel(torch.autograd.Function):
         grad_diag = None
         if ctx.has_diagonal:
             grad_diag = grad.diagonal(dim1=-2, dim2=-1).clone() if need_diag else None
-            grad = grad.clone()
-            grad.diagonal(dim1=-2, dim2=-1).zero_()  # the overridden entries do not depend on the rest
+            if not symmetric:
+                grad = grad.clone()
+                grad.diagonal(dim1=-2, dim2=-1).zero_()  # the overridden entries do not depend on the rest
         shape = grad.shape
         total = math.prod(shape)
         many = len(parts) > 1
@@ -159,30 +178,34 @@ class _ProductKernel(torch.autograd.Function):
         }
         grad_w = torch.zeros(len(parts), dtype=w.dtype, device=w.device)
         kernel = backend.fused(parts[0].backward_block, total, lhs.device)
+        n = shape[-2] if matrix else 0
         for k, (part, (a, b, s1, s2, sc), out) in enumerate(_parts(parts, (lhs, rhs, r1, r2, scale), matrix)):
             g_all = flat_grad[out]
             ga, gb, gs1, gs2, gsc = (flat[name][out] for name in ("lhs", "rhs", "r1", "r2", "scale"))
-            for rows in _row_blocks(g_all.shape, matrix, total, lhs.device):
-                cols = slice(rows.start, None) if symmetric else slice(None)
-                if not matrix:
-                    g = g_all
-                else:
-                    g = _fold(g_all, rows) if symmetric else g_all[..., rows, cols]
-                c = _c_block(a, b, rows, cols, matrix, two_sided)
-                s1_b, s2_b = _rows(s1, rows, matrix), _cols(s2, cols, matrix)
-                lam, gw, g1, g2, g3 = kernel(c, g, s1_b, s2_b, sc, part.params, *part.coefs, value, matrix)
-                grad_w[k] += gw
-                gsc += g3
-                if matrix:
-                    gs1[..., rows, :] += g1
-                    gs2[..., :, cols] += g2
-                    if need_lhs or need_rhs:
-                        _accumulate_product_grads(lam, a, b, ga, gb, rows, cols, two_sided)
-                else:
-                    gs1 += g1
-                    gs2 += g2
-                    ga += lam.unsqueeze(-1) * b
-                    gb += lam.unsqueeze(-1) * a
+            for rows in _row_blocks(g_all.shape, matrix, total, lhs.device, symmetric):
+                for cols, mirrored in _pieces(rows, n, symmetric):
+                    if not matrix:
+                        g, g_t = g_all, None
+                    elif symmetric and not mirrored:
+                        g, g_t = _folded_square(g_all, rows, ctx.has_diagonal), None
+                    else:
+                        g = g_all[..., rows, cols]
+                        g_t = g_all[..., cols, rows].mT if mirrored else None
+                    c = _c_block(a, b, rows, cols, matrix, two_sided)
+                    s1_b, s2_b = _rows(s1, rows, matrix), _cols(s2, cols, matrix)
+                    lam, gw, g1, g2, g3 = kernel(c, g, g_t, s1_b, s2_b, sc, part.params, *part.coefs, value, matrix)
+                    grad_w[k] += gw
+                    gsc += g3
+                    if matrix:
+                        gs1[..., rows, :] += g1
+                        gs2[..., :, cols] += g2
+                        if need_lhs or need_rhs:
+                            _accumulate_product_grads(lam, a, b, ga, gb, rows, cols, two_sided)
+                    else:
+                        gs1 += g1
+                        gs2 += g2
+                        ga += lam.unsqueeze(-1) * b
+                        gb += lam.unsqueeze(-1) * a
         grad_w = grad_w.reshape(shape[: len(shape) - point_dims] + (1,) * point_dims) if many else grad_w.sum()
         return (
             None,
@@ -239,12 +262,19 @@ def _parts(
         yield part, tuple(t[b] for t in flat), (b,)
 
 
-def _row_blocks(shape: torch.Size, matrix: bool, total: int, device: torch.device) -> list[slice]:
+#: Largest row block of a symmetric result: the square on the diagonal is computed whole
+#: and then symmetrised, so its size is wasted work.
+SQUARE_ROWS = 256
+
+
+def _row_blocks(shape: torch.Size, matrix: bool, total: int, device: torch.device, symmetric: bool) -> list[slice]:
     if not matrix:
         return [slice(None)]
     rows = shape[-2]
     per_row = max(1, math.prod(shape) // max(1, rows))
     step = max(1, backend.block_elements(total, device) // per_row)
+    if symmetric:
+        step = min(step, SQUARE_ROWS)
     return [slice(i, i + step) for i in range(0, rows, step)]
 
 

@@ -45,12 +45,18 @@ def test_compiled_kernels_agree_with_eager(rng, fresh_backend, name):
         assert torch.allclose(eager, compiled, rtol=1e-12, atol=1e-14)
 
 
-def test_compiled_gradients_agree_with_eager(rng, fresh_backend):
+@pytest.mark.parametrize("name", ["relu", "erf"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compiled_gradients_agree_with_eager(rng, fresh_backend, name, symmetric):
     grads = {}
     for mode in (False, True):
-        x, z, w = _relu_case(rng, grad=True)
-        with settings.compile(mode):
-            (equilibrium_covariance(x, z, weight_variance=w, bias_variance=0.1) ** 2).sum().backward()
+        x, z, _ = _relu_case(rng, grad=True)
+        w = torch.tensor(1.7 if name == "relu" else 0.7, dtype=torch.float64, requires_grad=True)
+        # Blocks of 40 rows: a symmetric matrix then has squares and mirrored rectangles.
+        with settings.compile(mode), settings.max_block_size(40 * 150):
+            second = None if symmetric else z
+            k = equilibrium_covariance(x, second, activation=name, weight_variance=w, bias_variance=0.1)
+            (k**2).sum().backward()
         grads[mode] = (x.grad, w.grad)
         rng = __import__("numpy").random.default_rng(20231017)  # same draws for both modes
     for eager, compiled in zip(grads[False], grads[True], strict=True):
@@ -99,13 +105,14 @@ def test_small_blocks_give_the_same_matrix(rng, name):
         assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
 
 
-def test_small_blocks_give_the_same_gradients(rng):
+@pytest.mark.parametrize("name", ["relu", "erf"])
+def test_small_blocks_give_the_same_gradients(rng, name):
     grads = []
     for block in (None, 25):
         x = torch.as_tensor(rng.normal(size=(20, 3))).requires_grad_()
-        w = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+        w = torch.tensor(1.2 if name == "relu" else 0.6, dtype=torch.float64, requires_grad=True)
         with settings.max_block_size(block):
-            equilibrium_covariance(x, weight_variance=w, output_variance=2.0).sum().backward()
+            equilibrium_covariance(x, activation=name, weight_variance=w, output_variance=2.0).sum().backward()
         grads.append((x.grad, w.grad))
         rng = __import__("numpy").random.default_rng(20231017)
     for a, b in zip(*grads, strict=True):
