@@ -26,6 +26,12 @@ A block whose bound exceeds eight machine epsilons is iterated further, eagerly,
 holds (or :class:`~deq_kernel.solver.ConvergenceError` is raised). The backward pass
 recomputes the block and applies the implicit function theorem,
 :math:`dt = (d\beta + \theta\,d\alpha) / (1 - \alpha/s)`.
+
+The variable :math:`t` resolves :math:`1 - t` only to the working precision, which matters
+for saturated pairs of large variances (:math:`1 - t \approx 1/(4q)`); calls whose largest
+variance would lose accuracy that way (:func:`arcsine_resolves`: in float32 above about
+:math:`q = 90`, in float64 above about :math:`2.5 \cdot 10^9`) are left to the general solver,
+whose correlation variable keeps it.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from . import settings
 from .product import product_kernel
 from .solver import ConvergenceError
 
-__all__ = ["NEWTON_STEPS", "arcsine_kernel"]
+__all__ = ["NEWTON_STEPS", "arcsine_kernel", "arcsine_resolves"]
 
 #: Newton steps per block before the final, checked correction. Three quarters of the
 #: pairs of a broad random sample of variances, correlations and weight variances are at
@@ -51,6 +57,23 @@ _TWO_OVER_PI = 2.0 / math.pi
 _BOUND_EPS = 8.0
 
 
+#: Accuracy the arcsine variable must keep, relative to ``V``, by dtype.
+ACCURACY = {torch.float64: 1e-11, torch.float32: 1e-6}
+
+
+def arcsine_resolves(q1: Tensor, q2: Tensor) -> bool:
+    """Whether the arcsine variable resolves every pair of these variances to :data:`ACCURACY`.
+
+    The rounding of ``beta`` (``eps``) moves ``V`` by about ``(2/pi) eps / s``, and
+    ``s = sqrt(1 - t^2) >= 1 / sqrt(2 q + 1)`` for the largest variance ``q``: large variances
+    in float32 (``q`` above about 90) would lose digits that the correlation variable of the
+    general solver keeps, and are left to it.
+    """
+    eps = torch.finfo(q1.dtype).eps
+    largest = max(float(q.detach().max()) if q.numel() else 0.0 for q in (q1, q2))
+    return _TWO_OVER_PI * eps * math.sqrt(2.0 * largest + 1.0) <= ACCURACY.get(q1.dtype, 1e-11)
+
+
 def _newton_step(t: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(delta, s, theta)`` at ``t``: the Newton correction, ``sqrt(1 - t^2)`` and ``arcsin t``."""
     s = torch.sqrt((1.0 - t) * (1.0 + t))
@@ -59,14 +82,21 @@ def _newton_step(t: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor
 
 
 def _solve(c: Tensor, r1: Tensor, r2: Tensor, params: Tensor, steps: int) -> tuple[Tensor, ...]:
-    """``(t, theta, s, alpha, miss)`` at the root for ``beta = c``, ``miss`` the error bound."""
+    """``(t, theta, s, alpha, miss)`` at the root for ``beta = c``, ``miss`` the error bound.
+
+    ``params = (w, t_max)``: ``|t|`` is kept below ``t_max = 1 - eps``. A root beyond it is
+    one whose distance from +-1 the rounding of ``beta`` does not resolve (variances of order
+    ``1/eps``); it is returned as ``+-t_max``, which is as accurate as the inputs allow.
+    """
     root = r1 * r2
     alpha = (_TWO_OVER_PI * params[0]) / root
+    t_max = params[1]
     t = c / (1.0 - alpha)
-    t = t + alpha * t * t * t / (6.0 * (1.0 - alpha))
+    t = (t + alpha * t * t * t / (6.0 * (1.0 - alpha))).clamp(-t_max, t_max)
     for _ in range(steps):
-        t = t - _newton_step(t, alpha, c)[0]
+        t = (t - _newton_step(t, alpha, c)[0]).clamp(-t_max, t_max)
     delta, s, theta = _newton_step(t, alpha, c)
+    delta = torch.where((t.abs() >= t_max) & (delta * t <= 0.0), 0.0, delta)  # saturated
     miss = delta * delta / (2.0 * s * s * (s - alpha))
     return t - delta, theta - delta / s, s, alpha, miss
 
@@ -129,7 +159,7 @@ class ArcsineFamily:
 
     def __init__(self, w: float, dtype: torch.dtype, device: torch.device) -> None:
         self.w = w
-        self.params = torch.tensor([w], dtype=dtype, device=device)
+        self.params = torch.tensor([w, 1.0 - torch.finfo(dtype).eps], dtype=dtype, device=device)
         self.coefs: tuple[Tensor, ...] = ()
 
     forward_block = staticmethod(_forward_block)

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from .activations import Activation, Erf, PiecewiseLinear, get_activation, safe_sqrt
-from .arcsine import arcsine_kernel
+from .arcsine import arcsine_kernel, arcsine_resolves
 from .backend import check_output_fits
 from .homogeneous import homogeneous_kernel
 from .ntk import tangent_kernel
-from .solver import solve_diagonal, solve_pairs
+from .solver import snap_correlation, solve_diagonal, solve_pairs
 
 __all__ = ["OUTPUTS", "equilibrium_covariance"]
 
@@ -259,6 +259,8 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
         diagonal = ov.squeeze(-1) * p.d1 if nngp else p.q1
 
     one_product = _ONE_PRODUCT.get(type(act))
+    if one_product == "arcsine" and not arcsine_resolves(p.q1, p.q2):
+        one_product = None  # variances too large for the arcsine variable: the general solver
     if one_product is not None:
         # erf: r = sqrt(q + 1/2) (never 0); the relu family: r = sqrt(q), and a zero-variance
         # point (zero input, no bias) has covariance 0 with everything.
@@ -321,7 +323,7 @@ def _ntk_output(act: Activation, derivative: Activation, p: _Pairs, w: Tensor, o
     r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
     inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
     inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
-    rho = (cov * (rows(inv1) * cols(inv2))).clamp(-1.0, 1.0)
+    rho = snap_correlation(cov * (rows(inv1) * cols(inv2)), torch.finfo(cov.dtype).eps)
     # Identical points (correlation 1, where some derivative duals have infinite slope)
     # and zero-variance points take the diagonal's value; the others the pair dual.
     s12 = _inner(p, outer=outer)

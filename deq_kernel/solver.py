@@ -232,6 +232,23 @@ def _step_function(act: Activation) -> Callable[..., tuple[Tensor, ...]]:
     return step
 
 
+#: Correlations within this many machine epsilons of +-1 are taken as exactly +-1.
+COLLINEAR_EPS = 16.0
+
+
+def snap_correlation(rho: Tensor, eps: float) -> Tensor:
+    """``rho`` clamped to [-1, 1], with values within ``COLLINEAR_EPS`` epsilons of +-1 set to +-1.
+
+    Collinear inputs without bias (``x' = a x``) have correlation exactly +-1, which
+    rounding turns into ``1 - O(eps)``; for activations whose dual has an infinite slope there
+    (the step: ``arccos`` near 1 turns ``eps`` into ``sqrt(eps)``), two computations of the
+    same pair (a joint matrix and a cross block) would then differ by 1e-8 instead of
+    agreeing to rounding. Snapping moves a smooth dual by ``O(eps)`` only.
+    """
+    r = rho.clamp(-1.0, 1.0)
+    return torch.where(r.abs() >= 1.0 - COLLINEAR_EPS * eps, torch.sign(r), r)
+
+
 @functools.cache
 def _finish_function(act: Activation) -> Callable[..., tuple[Tensor, Tensor]]:
     """``rho`` and ``V`` of a converged block."""
@@ -242,10 +259,11 @@ def _finish_function(act: Activation) -> Callable[..., tuple[Tensor, Tensor]]:
         identical: Tensor,
         d_rows: Tensor,
         d_cols: Tensor,
+        eps: float,
         *states: Tensor,
     ) -> tuple[Tensor, Tensor]:
         half = len(states) // 2
-        at = torch.where(free, x.clamp(-1.0, 1.0), 0.0)
+        at = torch.where(free, snap_correlation(x, eps), 0.0)
         v, _ = act.bulk_pair_dual(states[:half], states[half:], at)
         # Identical to rounding: D of either point; their mean keeps k(x, x') = k(x', x).
         return torch.where(identical, 1.0, at), torch.where(identical, 0.5 * (d_rows + d_cols), v)
@@ -325,6 +343,7 @@ def _pairs_forward(
             ident_b,
             _rows_of(d_rows, sel, matrix),
             _cols_of(d_cols, cols, matrix),
+            eps,
             *st1,
             *st2,
         )

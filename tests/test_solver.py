@@ -165,3 +165,20 @@ def test_step_kernel_is_discontinuous_on_the_diagonal():
 
 def test_version_is_exposed():
     assert deq_kernel.__version__
+
+
+@pytest.mark.parametrize("output", ["nngp", "ntk"])
+def test_collinear_points_have_correlation_exactly_one(output):
+    # x' = a x without bias: correlation +-1 exactly, which rounding would turn into
+    # 1 - O(eps); the step's dual (and relu's tangent kernel) would amplify that to 1e-8.
+    x = np.array([[0.1257302210933933], [1.2573022109339329], [-0.5029208843735732]])
+    act = "step" if output == "nngp" else "relu"
+    hyper = dict(activation=act, weight_variance=0.0, input_variance=0.5, bias_variance=0.0, output=output)
+    joint = equilibrium_covariance(x, **hyper)
+    for i in range(3):
+        for j in range(3):
+            cross = equilibrium_covariance(x[i : i + 1], x[j : j + 1], **hyper)
+            assert float(cross) == pytest.approx(float(joint[i, j]), abs=1e-15)
+    if output == "nngp":  # E[step(u) step(v)] = 1/2 for rho = 1 and 0 for rho = -1
+        expected = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.5]])
+        assert np.allclose(joint.numpy(), expected, rtol=0, atol=1e-15)
