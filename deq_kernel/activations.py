@@ -159,12 +159,20 @@ class Activation(abc.ABC):
         """Pairs at which :meth:`bulk_pair_dual` is not accurate (``None``: none)."""
         return None
 
-    def prepare(self, q1: Tensor, q2: Tensor | None = None) -> tuple[State, State | None]:
+    def prepare(
+        self, q1: Tensor, q2: Tensor | None = None, *, coverage: float | None = None
+    ) -> tuple[State, State | None]:
         """Per-point state for :meth:`pair_dual`; a tuple whose first entry is ``q``.
 
-        The last dimension of every tensor of a state indexes the points.
+        The last dimension of every tensor of a state indexes the points. ``coverage`` is
+        a correlation below which most pairs are expected to lie (a hint for series
+        activations; pairs beyond it stay exact, through :meth:`inexact_pairs`).
         """
         return (q1,), (None if q2 is None else (q2,))
+
+    def pair_start(self, state1: State, state2: State, c_tilde: Tensor, inv_root: Tensor, w: Tensor) -> Tensor:
+        """A starting correlation for the pair equation ``rho = c_tilde + w V(rho) / sqrt(q1 q2)``."""
+        return c_tilde
 
     def check_weight_variance(self, weight_variance: Tensor) -> None:
         """Raise ``ValueError`` if any weight variance is outside the well-posed range."""
@@ -861,14 +869,15 @@ class QuadratureActivation(Activation):
         slope = ((self.derivative(ud) ** 2 + phi.detach() * self.second_derivative(ud)) * weights).sum(-1)
         return value.to(q.dtype), slope.to(q.dtype)
 
-    def prepare(self, q1: Tensor, q2: Tensor | None = None) -> tuple[State, State | None]:
+    def prepare(
+        self, q1: Tensor, q2: Tensor | None = None, *, coverage: float | None = None
+    ) -> tuple[State, State | None]:
         qs = [q1] if q2 is None else [q1, q2]
         q_max = max(_max_or_zero(q.detach().to(torch.float64)) for q in qs)
         z, weights = self._nodes(q_max, hermite=True)
         top = self._ORDERS[-1]
         hermite = _hermite_table(z, top).to(q1.device)
         weighted = (hermite * weights.to(q1.device)).T  # (nodes, K+1)
-        tol = _series_tolerance(q1.dtype)
         raw = []
         for q in qs:
             q64 = q.to(torch.float64)
@@ -876,11 +885,28 @@ class QuadratureActivation(Activation):
             coef = torch.movedim(phi @ weighted, -1, 0)  # (K+1, ..., n)
             total = (phi * phi * weights.to(q.device)).sum(-1)
             raw.append((q, coef, total))
-        # The main order: the smallest whose bound holds at |rho| <= 0.9 for every point;
-        # pairs beyond it are re-evaluated at the top order, and beyond that integrated.
+        states = self._states(raw, coverage)
+        return states[0], (states[1] if q2 is not None else None)
+
+    def narrow(self, state1: State, state2: State | None, coverage: float) -> tuple[State, State | None]:
+        """The states of :meth:`prepare` with the main order chosen for ``coverage`` instead."""
+        given = [state1] if state2 is None else [state1, state2]
+        raw = [(st[0], st[2].to(torch.float64), st[3].to(torch.float64)) for st in given]
+        states = self._states(raw, coverage)
+        return states[0], (states[1] if state2 is not None else None)
+
+    def _states(self, raw: list[tuple[Tensor, Tensor, Tensor]], coverage: float | None) -> list[State]:
+        """States from ``(q, float64 coefficients to the top order, float64 D(q))`` per point set.
+
+        The main order is the smallest whose bound holds at ``|rho| <= coverage`` (default
+        and at most 0.9) for every point; pairs beyond it are re-evaluated at the top order,
+        and beyond that integrated.
+        """
+        tol = _series_tolerance(raw[0][0].dtype)
+        cover = 0.9 if coverage is None else min(max(float(coverage), 0.0), 0.9)
         main = self._ORDERS[-2]
         for candidate in self._ORDERS[:-1]:
-            if all(_tail_ratio(coef, total, candidate) * 0.9 ** (candidate + 1) <= tol for _, coef, total in raw):
+            if all(_tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for _, coef, total in raw):
                 main = candidate
                 break
         states = []
@@ -889,7 +915,7 @@ class QuadratureActivation(Activation):
             tail_top = (total - (coef * coef).sum(0)).clamp_min(0.0)
             dt = q.dtype
             states.append((q, coef[: main + 1].to(dt), coef.to(dt), total.to(dt), tail_main.to(dt), tail_top.to(dt)))
-        return states[0], (states[1] if q2 is not None else None)
+        return states
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         q1, a1, b1, total1, tail1, top1 = state1
@@ -918,6 +944,13 @@ class QuadratureActivation(Activation):
         if bool(still.any()):
             value, slope = self._direct_pairs(q1, q2, rho, still, value, slope)
         return value, slope
+
+    def pair_start(self, state1: State, state2: State, c_tilde: Tensor, inv_root: Tensor, w: Tensor) -> Tensor:
+        """The root of the equation with ``V`` cut after its linear term (exact for small ``rho``)."""
+        a1, a2 = state1[1], state2[1]
+        slope = w * (a1[1] * a2[1]) * inv_root
+        start = (c_tilde + w * (a1[0] * a2[0]) * inv_root) / torch.where(slope < 1.0, 1.0 - slope, 1.0)
+        return start.clamp(-1.0, 1.0)
 
     def bulk_pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         """The main-order series alone (Horner's rule), exact where :meth:`inexact_pairs` is False."""

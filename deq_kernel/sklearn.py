@@ -331,8 +331,10 @@ class _SolvedPairwise(Activation):
     def pair_dual(self, state1: tuple, state2: tuple, rho: Tensor) -> tuple[Tensor, Tensor]:
         return self.activation.pair_dual(state1, state2, rho)
 
-    def prepare(self, q1: Tensor, q2: Tensor | None = None) -> tuple[tuple, tuple | None]:
-        return self.activation.prepare(q1, q2)
+    def prepare(
+        self, q1: Tensor, q2: Tensor | None = None, *, coverage: float | None = None
+    ) -> tuple[tuple, tuple | None]:
+        return self.activation.prepare(q1, q2, coverage=coverage)
 
     def derivative_activation(self) -> Activation:
         return self.activation.derivative_activation()

@@ -261,12 +261,17 @@ def _finish_function(act: Activation) -> Callable[..., tuple[Tensor, Tensor]]:
         d_cols: Tensor,
         eps: float,
         *states: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         half = len(states) // 2
         at = torch.where(free, snap_correlation(x, eps), 0.0)
         v, _ = act.bulk_pair_dual(states[:half], states[half:], at)
+        inexact = act.inexact_pairs(states[:half], states[half:], at)
         # Identical to rounding: D of either point; their mean keeps k(x, x') = k(x', x).
-        return torch.where(identical, 1.0, at), torch.where(identical, 0.5 * (d_rows + d_cols), v)
+        return (
+            torch.where(identical, 1.0, at),
+            torch.where(identical, 0.5 * (d_rows + d_cols), v),
+            None if inexact is None else inexact & free,
+        )
 
     return finish
 
@@ -309,6 +314,7 @@ def _pairs_forward(
     budget = max(1, backend.block_elements(total, device) // 4)
     block = max(1, budget // max(1, total // max(rows_total, 1))) if matrix else 1
     square = symmetric and matrix
+    inexact = None  # pairs at which the bulk dual is not exact, once there are any
     for start in range(0, max(rows_total, 1), block):
         # A symmetric matrix is solved on and right of the diagonal, then mirrored.
         cols = slice(start, None) if square else slice(None)
@@ -318,7 +324,7 @@ def _pairs_forward(
         c_tilde, inv_root, free_b, ident_b = prepare(
             _block(s12, sel, matrix), _rows_of(s11, sel, matrix), _cols_of(s22, cols, matrix), st1[0], st2[0], eps
         )
-        x = torch.where(free_b, c_tilde.clamp(-1.0, 1.0), 0.0)
+        x = torch.where(free_b, act.pair_start(st1, st2, c_tilde, inv_root, w), 0.0)
         lo, hi = -torch.ones_like(x), torch.ones_like(x)
         for iteration in range(max_iter + 1):
             moved, polished, lo, hi, open_residual = step(x, lo, hi, c_tilde, inv_root, w, free_b, tol, *st1, *st2)
@@ -337,7 +343,7 @@ def _pairs_forward(
             x = moved
         free[sel] = free_b.expand(free[sel].shape)
         identical[sel] = ident_b.expand(identical[sel].shape)
-        rho_b, value_b = finish(
+        rho_b, value_b, inexact_b = finish(
             x,
             free_b,
             ident_b,
@@ -349,21 +355,21 @@ def _pairs_forward(
         )
         rho[sel] = rho_b.expand(rho[sel].shape)
         value[sel] = value_b.expand(value[sel].shape)
+        if inexact_b is not None and bool(inexact_b.any()):
+            if inexact is None:
+                inexact = torch.zeros_like(free)
+            inexact[sel] = inexact_b.expand(inexact[sel].shape)
         if square:
             rows = slice(start, start + block)
-            for t in (rho, value, free, identical):
+            for t in (rho, value, free, identical) + (() if inexact is None else (inexact,)):
                 _mirror_rows(t, rows)
-    inexact = act.inexact_pairs(state1, state2, rho)
     if inexact is not None:
-        inexact = inexact.expand(shape) & free
-        if bool(inexact.any()):
-            _resolve_exactly(act, state1, state2, s12, w, rho, value, inexact)
-            if symmetric and matrix:
-                # The exact fallback integrates in an order of the two points; average the
-                # (symmetric) set of such pairs with their mirror images.
-                both = inexact | inexact.mT
-                rho[both] = 0.5 * (rho[both] + rho.mT[both])
-                value[both] = 0.5 * (value[both] + value.mT[both])
+        index = _resolve_exactly(act, state1, state2, s12, w, rho, value, inexact)
+        if symmetric and matrix:
+            # The exact fallback integrates in an order of the two points; average the
+            # (mirrored, so symmetric) set of such pairs with their mirror images.
+            mirror = (*index[:-2], index[-1], index[-2])
+            rho[index], value[index] = 0.5 * (rho[index] + rho[mirror]), 0.5 * (value[index] + value[mirror])
     return rho, value, free, identical
 
 
@@ -413,20 +419,25 @@ def _mirror_rows(t: Tensor, rows: slice) -> None:
     t[..., stop:, start:stop] = t[..., start:stop, stop:].mT
 
 
-def _gather(t: Tensor, shape: torch.Size, mask: Tensor) -> Tensor:
-    """Entries of a broadcast tensor at ``mask`` (over the trailing pair dims), leading dims kept."""
+def _gather(t: Tensor, shape: torch.Size, index: tuple[Tensor, ...]) -> Tensor:
+    """Entries of a broadcast tensor at ``index`` (over the trailing pair dims), leading dims kept."""
     lead = t.shape[: t.dim() - len(shape)] if t.dim() > len(shape) else ()
-    return t.expand(*lead, *shape)[(Ellipsis, mask)] if lead else t.expand(shape)[mask]
+    return t.expand(*lead, *shape)[(Ellipsis, *index)]
 
 
 def _resolve_exactly(
     act: Activation, state1: State, state2: State, s12: Tensor, w: Tensor, rho: Tensor, value: Tensor, mask: Tensor
-) -> None:
-    """Solve the pairs in ``mask`` again with the exact dual, starting from the bulk solution."""
+) -> tuple[Tensor, ...]:
+    """Solve the pairs in ``mask`` again with the exact dual, starting from the bulk solution.
+
+    The pairs are located once (one pass over the mask), and their index is returned; every
+    broadcast input is gathered by index, without expanding it to the pair array.
+    """
     shape = mask.shape
-    st1 = tuple(_gather(t, shape, mask) for t in state1)
-    st2 = tuple(_gather(t, shape, mask) for t in state2)
-    s12_m, w_m = _gather(s12, shape, mask), _gather(w, shape, mask)
+    index = mask.nonzero(as_tuple=True)
+    st1 = tuple(_gather(t, shape, index) for t in state1)
+    st2 = tuple(_gather(t, shape, index) for t in state2)
+    s12_m, w_m = _gather(s12, shape, index), _gather(w, shape, index)
     root = safe_sqrt(st1[0] * st2[0])
 
     def residual(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -434,10 +445,11 @@ def _resolve_exactly(
         mapped = (w_m * v + s12_m) / root
         return x - mapped, 1.0 - w_m * vc, 1.0 + mapped.abs()
 
-    x0 = rho[mask]
+    x0 = rho[index]
     x = _newton(residual, x0, -torch.ones_like(x0), torch.ones_like(x0), what="pair").clamp(-1.0, 1.0)
-    rho[mask] = x
-    value[mask] = act.pair_dual(st1, st2, x)[0]
+    rho[index] = x
+    value[index] = act.pair_dual(st1, st2, x)[0]
+    return index
 
 
 class _PairFixedPoint(torch.autograd.Function):

@@ -182,3 +182,30 @@ def test_collinear_points_have_correlation_exactly_one(output):
     if output == "nngp":  # E[step(u) step(v)] = 1/2 for rho = 1 and 0 for rho = -1
         expected = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.5]])
         assert np.allclose(joint.numpy(), expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus"])  # the quadrature (Hermite series) activations
+def test_series_order_chosen_from_a_sample_keeps_every_pair_exact(rng, monkeypatch, name):
+    # 200 points: the series order is chosen for the correlations of a sample of pairs;
+    # near-duplicate and strongly correlated points lie beyond it and must stay exact.
+    from deq_kernel import functional
+
+    base = rng.normal(size=(170, 48))
+    x = np.vstack([base, base[:10] + 1e-3 * rng.normal(size=(10, 48)), 3.0 * base[10:20]])
+    kw = dict(activation=name, weight_variance=0.6, bias_variance=0.2)
+    chosen = []
+    sample = functional._sampled_coverage
+
+    def spy(*args, **kwargs):
+        chosen.append(sample(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(functional, "_sampled_coverage", spy)
+    narrowed = equilibrium_covariance(x, **kw)
+    cross = equilibrium_covariance(x, x[::-1].copy(), **kw)
+    assert chosen[0] is not None and chosen[0] < 0.9  # the narrower order was used
+    monkeypatch.setattr(functional, "_sampled_coverage", lambda *a, **k: None)
+    default = equilibrium_covariance(x, **kw)
+    scale = float(default.abs().max())
+    assert torch.allclose(narrowed, default, rtol=0, atol=1e-12 * scale)
+    assert torch.allclose(cross, default.flip(-1), rtol=0, atol=1e-12 * scale)
