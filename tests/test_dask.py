@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import sys
 import time
 
@@ -106,6 +108,40 @@ def test_distributed_prediction_equals_in_memory_prediction(client, data, regres
         np.testing.assert_array_equal(deq_dask.predict(clf, Xd).compute(), clf.predict(X_new))
 
 
+def _mapped_bytes_of_a_4_mib_temporary():
+    """Bytes glibc maps afresh (outside its heaps) to allocate one 4 MiB array, in the calling process."""
+    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in fields]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    before = mallinfo2().hblkhd
+    temporary = np.ones(1 << 19)
+    mapped = mallinfo2().hblkhd - before
+    del temporary
+    return mapped
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc's allocator"
+)
+def test_worker_block_temporaries_reuse_freed_memory(data, regressor):
+    """A nanny's worker maps every temporary of a megabyte or more, until a task of deq_kernel.dask runs."""
+    X, _ = data
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
+    with distributed.Client(cluster, set_as_default=False) as fresh:
+        probe = _mapped_bytes_of_a_4_mib_temporary
+        assert fresh.submit(probe, pure=False).result() >= 4 << 20  # MALLOC_TRIM_THRESHOLD_ pinned it
+        mean = fresh.compute(deq_dask.predict(regressor, da.from_array(X, chunks=(100, 5)))).result()
+        np.testing.assert_allclose(mean, regressor.predict(X), rtol=0, atol=1e-10)
+        assert fresh.submit(probe, pure=False).result() == 0
+    cluster.close()
+
+
 def test_prediction_over_a_dask_dataframe(client, data, regressor):
     dd = pytest.importorskip("dask.dataframe")
     pd = pytest.importorskip("pandas")
@@ -137,20 +173,69 @@ def test_prediction_bad_input(data):
         deq_dask.predict_proba(reg, da.from_array(X))
 
 
+def _clustered(r, n):
+    """A dense bulk and 40 small, far-off clusters: data that uniform landmarks cover badly."""
+    bulk = r.normal(scale=0.3, size=(n - 400, 4)) + np.array([2.0, 0.0, 0.0, 0.0])
+    small = np.repeat(3 * r.normal(size=(40, 4)), 10, axis=0) + 0.05 * r.normal(size=(400, 4))
+    return r.permutation(np.concatenate([bulk, small]))
+
+
 def test_conjugate_gradients_match_cholesky_at_n_5000(client):
     r = np.random.default_rng(3)
     n = 5000
-    X = r.normal(size=(n, 4))
+    X = _clustered(r, n)
     y = np.sin(2 * X[:, 0]) + X[:, 1] * X[:, 2] + 0.1 * r.normal(size=n)
     hypers = {"weight_variance": 1.2, "bias_variance": 0.1}
-    result = deq_dask.solve(
-        da.from_array(X, chunks=(1250, 4)), y, noise=0.05, tol=1e-10, preconditioner_rank=300, client=client, **hypers
-    )
     K = deq_kernel.equilibrium_covariance(X, **hypers).numpy()
-    K[np.diag_indices(n)] += 0.05
+    K[np.diag_indices(n)] += 0.01
     expected = np.linalg.solve(K, y)
-    assert result.converged and result.iterations < 100, (result.iterations, result.residual)
-    assert np.linalg.norm(result.solution - expected) <= 1e-6 * np.linalg.norm(expected)
+    Xd = da.from_array(X, chunks=(1250, 4))
+    results = {
+        name: deq_dask.solve(
+            Xd, y, noise=0.01, tol=1e-10, preconditioner_rank=300, preconditioner=name, client=client, **hypers
+        )
+        for name in deq_dask.PRECONDITIONERS
+    }
+    for name, result in results.items():
+        assert result.converged, (name, result.iterations, result.residual)
+        assert np.linalg.norm(result.solution - expected) <= 1e-6 * np.linalg.norm(expected), name
+    # Greedy landmarks reach the small clusters that uniform draws mostly miss.
+    pivoted, uniform = results["pivoted_cholesky"].iterations, results["uniform"].iterations
+    assert pivoted < uniform, (pivoted, uniform)
+
+
+def _pivoted_cholesky_in_memory(K, rank):
+    """Partial pivoted Cholesky of a matrix held whole (Harbrecht, Peters and Schneider, 2012)."""
+    residual = np.diag(K).copy()
+    factor, pivots = np.zeros((K.shape[0], rank)), []
+    for step in range(rank):
+        pivot = int(np.argmax(residual))
+        pivots.append(pivot)
+        factor[:, step] = (K[:, pivot] - factor[:, :step] @ factor[pivot, :step]) / np.sqrt(residual[pivot])
+        residual = np.diag(K) - np.sum(factor[:, : step + 1] ** 2, axis=1)
+    return factor, pivots
+
+
+def test_pivoted_cholesky_factor_equals_the_in_memory_factorisation(client, data):
+    X, _ = data
+    hypers = {"weight_variance": 1.2, "bias_variance": 0.1}
+    blocks = client.scatter([X[:150], X[150:300], X[300:]])
+    slices = [slice(0, 150), slice(150, 300), slice(300, 400)]
+    params = deq_dask._kernel_params("relu", 1.2, 1.0, 0.1, 1.0, "nngp", {}, 5)
+    factor = deq_dask._pivoted_cholesky(blocks, slices, params, 30, client, 0)
+    K = deq_kernel.equilibrium_covariance(X, **hypers).numpy()
+    expected, pivots = _pivoted_cholesky_in_memory(K, 30)
+    np.testing.assert_allclose(factor, expected, rtol=0, atol=1e-9)
+    # F F^T is the Nystrom approximation on the pivots.
+    nystrom = K[:, pivots] @ np.linalg.solve(K[np.ix_(pivots, pivots)], K[pivots])
+    np.testing.assert_allclose(factor @ factor.T, nystrom, rtol=0, atol=1e-8)
+
+    # Five distinct points repeated: rank five, and the factorisation stops there.
+    repeated = np.repeat(X[:5], 20, axis=0)
+    factor = deq_dask._pivoted_cholesky(client.scatter([repeated]), [slice(0, 100)], params, 30, client, 0)
+    assert factor.shape == (100, 5)
+    K = deq_kernel.equilibrium_covariance(repeated, **hypers).numpy()
+    np.testing.assert_allclose(factor @ factor.T, K, rtol=0, atol=1e-10 * np.abs(K).max())
 
 
 def test_solve_bad_input(data):
@@ -164,6 +249,8 @@ def test_solve_bad_input(data):
         deq_dask.solve(Xd, y.astype(str), noise=0.1)
     with pytest.raises(ValueError, match="preconditioner_rank must be an integer >= 0"):
         deq_dask.solve(Xd, y, noise=0.1, preconditioner_rank=-1)
+    with pytest.raises(ValueError, match="preconditioner must be one of 'pivoted_cholesky', 'uniform', got 'qr'"):
+        deq_dask.solve(Xd, y, noise=0.1, preconditioner="qr")
 
 
 def _wait_until_running(client, timeout=30.0):
