@@ -37,6 +37,7 @@ whose correlation variable keeps it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -195,40 +196,12 @@ class ArcsineFamily:
         )
 
 
-def arcsine_kernel(
-    lhs: Tensor,
-    rhs: Tensor,
-    w: Tensor,
-    r1: Tensor,
-    r2: Tensor,
-    *,
-    want: str,
-    matrix: bool,
-    two_sided: bool = False,
-    symmetric: bool = False,
-    scale: Tensor | None = None,
-    diagonal: Tensor | None = None,
-) -> Tensor:
+def arcsine_kernel(lhs: Tensor, rhs: Tensor, w: Tensor, r1: Tensor, r2: Tensor, **options: Any) -> Tensor:
     """Pairs of the erf activation, from operands whose product is ``beta = s12 / (r1 r2)``.
 
-    ``r_i = sqrt(q_i + 1/2)``; ``want`` is ``"cov"`` for ``K* = r1 r2 t`` or ``"value"`` for
-    ``E[erf(u) erf(v)] = (2/pi) arcsin t``. Shapes and the other arguments are those of
+    ``r_i = sqrt(q_i + 1/2)``; ``want="cov"`` gives ``K* = r1 r2 t``, ``want="value"`` gives
+    ``E[erf(u) erf(v)] = (2/pi) arcsin t``. The arguments are those of
     :func:`deq_kernel.product.product_kernel`.
     """
-    if want not in ("cov", "value"):
-        raise ValueError(f"want must be 'cov' or 'value', got {want!r}")
     dtype, device = lhs.dtype, lhs.device
-    return product_kernel(
-        lambda value: ArcsineFamily(value, dtype, device),
-        lhs,
-        rhs,
-        w,
-        r1,
-        r2,
-        value=want == "value",
-        matrix=matrix,
-        two_sided=two_sided,
-        symmetric=symmetric,
-        scale=scale,
-        diagonal=diagonal,
-    )
+    return product_kernel(lambda value: ArcsineFamily(value, dtype, device), lhs, rhs, w, r1, r2, **options)

@@ -217,41 +217,13 @@ def _backward_block(
 
 
 def homogeneous_kernel(
-    act: PiecewiseLinear,
-    lhs: Tensor,
-    rhs: Tensor,
-    w: Tensor,
-    r1: Tensor,
-    r2: Tensor,
-    *,
-    want: str,
-    matrix: bool,
-    two_sided: bool = False,
-    symmetric: bool = False,
-    scale: Tensor | None = None,
-    diagonal: Tensor | None = None,
+    act: PiecewiseLinear, lhs: Tensor, rhs: Tensor, w: Tensor, r1: Tensor, r2: Tensor, **options: Any
 ) -> Tensor:
     """Pairs of the relu family, from operands whose product is ``c_tilde = s12 / sqrt(q1 q2)``.
 
-    ``lhs @ rhs^T`` is ``c_tilde``; ``r1 r2 = sqrt(q1 q2)``; ``want`` is ``"cov"`` for
-    ``r1 r2 rho*`` (``K*``) or ``"value"`` for ``r1 r2 kappa(rho*)`` (``E[phi(u) phi(v)]``).
-    One table is built per distinct weight variance. Shapes and the other arguments are
-    those of :func:`deq_kernel.product.product_kernel`.
+    ``r1 r2 = sqrt(q1 q2)``; ``want="cov"`` gives ``r1 r2 rho*`` (``K*``), ``want="value"``
+    gives ``r1 r2 kappa(rho*)`` (``E[phi(u) phi(v)]``). One table is built per distinct weight
+    variance. The arguments are those of :func:`deq_kernel.product.product_kernel`.
     """
-    if want not in ("cov", "value"):
-        raise ValueError(f"want must be 'cov' or 'value', got {want!r}")
     dtype, device = lhs.dtype, lhs.device
-    return product_kernel(
-        lambda value: CorrelationTable(act, value, dtype, device),
-        lhs,
-        rhs,
-        w,
-        r1,
-        r2,
-        value=want == "value",
-        matrix=matrix,
-        two_sided=two_sided,
-        symmetric=symmetric,
-        scale=scale,
-        diagonal=diagonal,
-    )
+    return product_kernel(lambda value: CorrelationTable(act, value, dtype, device), lhs, rhs, w, r1, r2, **options)

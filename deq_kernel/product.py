@@ -301,7 +301,7 @@ def product_kernel(
     r1: Tensor,
     r2: Tensor,
     *,
-    value: bool,
+    want: str,
     matrix: bool,
     two_sided: bool = False,
     symmetric: bool = False,
@@ -309,6 +309,9 @@ def product_kernel(
     diagonal: Tensor | None = None,
 ) -> Tensor:
     """Broadcast the arguments to the batch shape and run the family ``make(w)`` blockwise.
+
+    ``want`` is ``"cov"`` (the pre-activation covariance ``K*``) or ``"value"``
+    (``E[phi(u) phi(v)]``); what the family computes for each is its own.
 
     ``lhs``, ``rhs``: ``(..., n, k)`` and ``(..., m, k)``, with ``c = lhs @ rhs^T``
     (``matrix``; symmetrised, ``(lhs rhs^T + rhs lhs^T) / 2``, with ``two_sided``) or elementwise
@@ -318,6 +321,8 @@ def product_kernel(
     result; ``symmetric`` declares the result square and symmetric. Returns the result with
     the full batch shape, differentiable in every tensor.
     """
+    if want not in ("cov", "value"):
+        raise ValueError(f"want must be 'cov' or 'value', got {want!r}")
     point_dims = 2 if matrix else 1
     one = torch.ones((1,) * point_dims, dtype=lhs.dtype, device=lhs.device)
     scale = one if scale is None else scale
@@ -343,5 +348,5 @@ def product_kernel(
         diagonal = diagonal.expand(*batch, n)
     parts: Sequence[Family] = family_parts(make, w, batch, point_dims)
     return _ProductKernel.apply(
-        list(parts), value, matrix, two_sided, symmetric and matrix, lhs, rhs, w, r1, r2, scale, diagonal
+        list(parts), want == "value", matrix, two_sided, symmetric and matrix, lhs, rhs, w, r1, r2, scale, diagonal
     )
