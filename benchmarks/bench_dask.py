@@ -110,7 +110,9 @@ def distributed_run(client, estimator, n: int, d: int, block: int) -> tuple[floa
     out = {"mean": np.empty(n), "std": np.empty(n)}
     parts, places = [], []
     for name, column in (("mean", mean), ("std", std)):
-        for i, part in enumerate(column.to_delayed()):
+        # optimize_graph=False keeps the prediction task shared by the mean and std of a block
+        # (optimised, each column would fuse its own copy of it and every block be predicted twice).
+        for i, part in enumerate(column.to_delayed(optimize_graph=False)):
             parts.append(part)
             places.append((name, slice(int(bounds[i]), int(bounds[i + 1]))))
     settings = client.run(start_memory_watch)

@@ -379,9 +379,13 @@ def predict(estimator: Any, X: Any, *, return_std: bool = False) -> Any:
 
     A worker keeps each finished block until the client fetches it, so computing all of a
     large ``n`` at once holds the whole result on the workers until the end. To keep a worker's
-    memory bounded by the block size, fetch blocks as they finish (``mean.to_delayed()``,
-    ``client.compute`` and :func:`distributed.as_completed`, as ``benchmarks/bench_dask.py``
-    does) or write them out with ``dask.array.to_zarr``.
+    memory bounded by the block size, fetch blocks as they finish (``to_delayed`` of each
+    output, ``client.compute`` and :func:`distributed.as_completed`, as
+    ``benchmarks/bench_dask.py`` does) or write them out with ``dask.array.to_zarr``. With
+    ``return_std=True`` the mean and the standard deviation of a block come from one task;
+    compute them together (``dask.compute(mean, std)``, or ``to_delayed(optimize_graph=False)``
+    on each), since separately optimised graphs each carry their own copy of it and every block
+    is predicted twice.
 
     Raises
     ------

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
@@ -127,6 +128,26 @@ def _mapped_bytes_of_a_4_mib_temporary():
 @pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc's allocator"
 )
+def test_mean_and_std_of_a_block_come_from_one_prediction(data, regressor, monkeypatch):
+    # Computed together (or as unoptimised delayed parts), every block is predicted once.
+    calls = []
+    predict_block = deq_dask._predict_block
+
+    def counted(x, estimator, kind):
+        calls.append(x.shape[0])
+        return predict_block(x, estimator, kind)
+
+    monkeypatch.setattr(deq_dask, "_predict_block", counted)
+    Xd = da.from_array(np.random.default_rng(2).normal(size=(300, 5)), chunks=(100, 5))
+    mean, std = deq_dask.predict(regressor, Xd, return_std=True)
+    dask.compute(mean, std, scheduler="synchronous")
+    assert calls == [100, 100, 100]
+    calls.clear()
+    parts = [p for column in (mean, std) for p in column.to_delayed(optimize_graph=False)]
+    dask.compute(*parts, scheduler="synchronous")
+    assert sorted(calls) == [100, 100, 100]
+
+
 def test_worker_block_temporaries_reuse_freed_memory(data, regressor):
     """A nanny's worker maps every temporary of a megabyte or more, until a task of deq_kernel.dask runs."""
     X, _ = data
