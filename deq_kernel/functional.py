@@ -258,7 +258,7 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
     if outer and p.symmetric:
         diagonal = ov.squeeze(-1) * p.d1 if nngp else p.q1
 
-    one_product = _ONE_PRODUCT.get(type(act))
+    one_product = next((tag for kind, tag in _ONE_PRODUCT.items() if isinstance(act, kind)), None)
     if one_product == "arcsine" and not arcsine_resolves(p.q1, p.q2):
         one_product = None  # variances too large for the arcsine variable: the general solver
     if one_product is not None:
