@@ -1017,11 +1017,10 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
             p = torch.special.ndtr(mean / torch.sqrt(1.0 + variance))
             return torch.stack([1.0 - p, p], dim=-1).cpu().numpy()
         draws = torch.as_tensor(self._draws, dtype=mean.dtype, device=mean.device).unsqueeze(-1)
-        blocks = []
+        proba = mean.new_empty(mean.shape[0], len(self.classes_))  # preallocated: see predict_latent
         for start in range(0, mean.shape[0], 1024):  # (draws, classes, rows) at a time
             m, s = mean[start : start + 1024].T, variance[start : start + 1024].sqrt().T
-            blocks.append(torch.softmax(m + s * draws, dim=-2).mean(0).T)
-        proba = torch.cat(blocks) if blocks else mean.new_zeros(0, len(self.classes_))
+            proba[start : start + 1024] = torch.softmax(m + s * draws, dim=-2).mean(0).T
         return proba.cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
