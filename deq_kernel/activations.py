@@ -132,6 +132,10 @@ class Activation(abc.ABC):
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(D(q), D'(q))`` with ``D(q) = E[phi(u)^2]``, ``u ~ N(0, q)``."""
 
+    def diag_value(self, q: Tensor) -> Tensor:
+        """``D(q)`` alone (no gradient needed); subclasses where ``D'`` costs extra override it."""
+        return self.diag_dual(q)[0]
+
     @abc.abstractmethod
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(V, V_c)`` at correlation ``rho`` for two broadcast point states.
@@ -173,6 +177,40 @@ class Activation(abc.ABC):
     def pair_start(self, state1: State, state2: State, c_tilde: Tensor, inv_root: Tensor, w: Tensor) -> Tensor:
         """A starting correlation for the pair equation ``rho = c_tilde + w V(rho) / sqrt(q1 q2)``."""
         return c_tilde
+
+    def hermite_expansion(self, q: Tensor, order: int) -> tuple[Tensor, Tensor] | None:
+        r"""``(a, D)``: Hermite coefficients of ``phi(sqrt(q) Z)`` and ``D(q)``, or ``None``.
+
+        ``a[k] = E[phi(sqrt(q) Z) He_k(Z)] / sqrt(k!)`` for ``k <= order``, shape
+        ``(order + 1, *q.shape)``, float64 and without gradient; then
+        :math:`V = \sum_k a_k(q_1) a_k(q_2) \rho^k` (Mehler's formula), and
+        ``D(q) - sum_{k <= K} a_k(q)^2`` bounds the tail. Activations with such a series
+        (smooth ones) return it; :mod:`deq_kernel.mehler` then solves their pairs in one fused
+        pass.
+        """
+        return None
+
+    def hermite_slopes(self, q: Tensor, order: int) -> Tensor:
+        r"""``d a_k / dq`` for ``k <= order`` (float64), for activations with :meth:`hermite_expansion`.
+
+        From :math:`d a_k/dq = E[\phi'(\sqrt q Z)\, Z h_k(Z)]/(2\sqrt q)` and
+        :math:`Z h_k = \sqrt{k+1}\,h_{k+1} + \sqrt k\,h_{k-1}` (``h_k`` the orthonormal Hermite
+        polynomials): the coefficients ``b`` of ``phi'`` to order ``order + 1`` give
+        ``(sqrt(k+1) b[k+1] + sqrt(k) b[k-1]) / (2 sqrt(q))``. ``q`` must be positive.
+        """
+        q64 = q.detach().to(torch.float64)
+        b, _ = _hermite_expansion(self.derivative, q64, order + 1, self._series_spacing())
+        k = torch.arange(order + 1, dtype=torch.float64, device=q.device).reshape(-1, *([1] * q.dim()))
+        up = torch.sqrt(k + 1.0) * b[1:]
+        down = torch.sqrt(k[1:]) * b[:order]
+        slopes = up.clone()
+        slopes[1:] += down
+        return slopes / (2.0 * torch.sqrt(q64))
+
+    def _series_spacing(self) -> float:
+        # Resolves Hermite polynomials to order 65 and an integrand analytic in |Im z| < pi/2
+        # to rounding (the order-256 coefficients of QuadratureActivation.prepare use 0.04).
+        return 0.1
 
     def check_weight_variance(self, weight_variance: Tensor) -> None:
         """Raise ``ValueError`` if any weight variance is outside the well-posed range."""
@@ -616,6 +654,10 @@ class Gelu(Activation):
     def derivative_activation(self) -> Activation:
         return _GeluDerivative()
 
+    def hermite_expansion(self, q: Tensor, order: int) -> tuple[Tensor, Tensor]:
+        # GELU is entire: the default spacing resolves it as finely as tanh.
+        return _hermite_expansion(self, q.detach().to(torch.float64), order, self._series_spacing())
+
     def bulk_pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         """Value and slope in one pass of elementwise code (float64; float32 as :meth:`pair_dual`)."""
         if rho.dtype != torch.float64:
@@ -723,13 +765,29 @@ def _mapped_nodes(q_max: float, spacing: float, half_width: float) -> tuple[Tens
 
 def _hermite_table(z: Tensor, order: int) -> Tensor:
     """Orthonormal probabilists' Hermite polynomials ``He_k(z)/sqrt(k!)``, ``k = 0..order``."""
-    out = torch.empty(order + 1, z.numel(), dtype=z.dtype)
+    out = torch.empty(order + 1, z.numel(), dtype=z.dtype, device=z.device)
     out[0] = 1.0
     if order >= 1:
         out[1] = z
     for k in range(1, order):
         out[k + 1] = (z * out[k] - math.sqrt(k) * out[k - 1]) / math.sqrt(k + 1)
     return out
+
+
+def _hermite_expansion(fn: Callable[[Tensor], Tensor], q: Tensor, order: int, spacing: float) -> tuple[Tensor, Tensor]:
+    """``(a, D)`` of :meth:`Activation.hermite_expansion` for ``fn`` (``q`` float64, no gradient).
+
+    The trapezoid rule on the mapped nodes of :func:`_mapped_nodes` with a window of 14
+    (Hermite products grow like ``exp(z^2 / 4)``).
+    """
+    with torch.no_grad():
+        z, weights = _mapped_nodes(_max_or_zero(q), spacing, 14.0)
+        z, weights = z.to(q.device), weights.to(q.device)
+        weighted = (_hermite_table(z, order) * weights).T  # (nodes, order + 1)
+        phi = fn(safe_sqrt(q).unsqueeze(-1) * z)
+        coef = torch.movedim(phi @ weighted, -1, 0)
+        total = (phi * phi * weights).sum(-1)
+    return coef, total
 
 
 class _HermiteSeries(torch.autograd.Function):
@@ -883,6 +941,12 @@ class QuadratureActivation(Activation):
         return d1.detach(), (None if d2 is None else d2.detach())
 
     # -- quadrature ------------------------------------------------------------------------
+    def hermite_expansion(self, q: Tensor, order: int) -> tuple[Tensor, Tensor]:
+        return _hermite_expansion(self.fn, q.detach().to(torch.float64), order, self._series_spacing())
+
+    def _series_spacing(self) -> float:
+        return min(0.1, self.analytic_strip / 6.0)
+
     def _nodes(self, q_max: float, hermite: bool) -> tuple[Tensor, Tensor]:
         # Hermite products grow like e^{z^2/4}, so the coefficient integrals need a wider
         # window than the plain Gaussian tail.
@@ -899,6 +963,12 @@ class QuadratureActivation(Activation):
         ud = u.detach()
         slope = ((self.derivative(ud) ** 2 + phi.detach() * self.second_derivative(ud)) * weights).sum(-1)
         return value.to(q.dtype), slope.to(q.dtype)
+
+    def diag_value(self, q: Tensor) -> Tensor:
+        q64 = q.detach().to(torch.float64)
+        z, weights = self._nodes(_max_or_zero(q64), hermite=False)
+        phi = self.fn(safe_sqrt(q64).unsqueeze(-1) * z.to(q.device))
+        return (phi * phi * weights.to(q.device)).sum(-1).to(q.dtype)
 
     def prepare(
         self, q1: Tensor, q2: Tensor | None = None, *, coverage: float | None = None

@@ -15,6 +15,7 @@ with :math:`(u, v)` centred Gaussian with covariance
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from .activations import Activation, Erf, PiecewiseLinear, QuadratureActivation,
 from .arcsine import arcsine_kernel, arcsine_resolves
 from .backend import check_output_fits
 from .homogeneous import homogeneous_kernel
+from .mehler import series_kernel, series_plan
 from .ntk import tangent_kernel
 from .solver import snap_correlation, solve_diagonal, solve_pairs
 
@@ -289,6 +291,10 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
             diagonal=diagonal,
         )
 
+    if outer:
+        fast = _series_output(act, p, w, ov, nngp, diagonal)
+        if fast is not None:
+            return fast
     s12 = _inner(p, outer=outer)
     state1, state2 = act.prepare(p.q1, None if p.symmetric else p.q2)
     if isinstance(act, QuadratureActivation) and s12.dtype == torch.float64:
@@ -316,6 +322,85 @@ def _pair_output(act: Activation, p: _Pairs, w: Tensor, ov: Tensor, output: str,
         full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
         out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
     return out
+
+
+def _series_output(
+    act: Activation, p: _Pairs, w: Tensor, ov: Tensor, nngp: bool, diagonal: Tensor | None
+) -> Tensor | None:
+    """The matrix by :mod:`deq_kernel.mehler` (one product, one fused pass), or ``None`` where it does not apply.
+
+    It applies to activations with a Hermite expansion, for one unbatched matrix with scalar
+    hyperparameters and positive variances (a zero input without bias is left to the
+    general solver).
+    """
+    if type(act).hermite_expansion is Activation.hermite_expansion or w.numel() != 1 or ov.numel() != 1:
+        return None
+    p = _unbatched(p)
+    if p is None:
+        return None
+    if diagonal is not None:
+        diagonal = diagonal.reshape(-1)
+    if not (bool((p.q1 > 0).all()) and bool((p.q2 > 0).all())):
+        return None
+    inv1, inv2 = torch.rsqrt(p.q1), torch.rsqrt(p.q2)
+    lhs, rhs, two_sided = _operands(p, inv1, inv2)
+    w0 = w.reshape(())
+
+    def exact(i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: Tensor, wv: Tensor, value: bool) -> Tensor:
+        # The general solver on the pairs (i, j): s12 exactly (its identical-point test needs
+        # it), with the gradient of c sqrt(q1 q2).
+        root = torch.sqrt(q1 * q2)
+        s12 = ((p.x1s[i] * p.x2[j]).sum(-1) + p.bias).detach()
+        s12 = s12 + (c * root - (c * root).detach())
+        st1, st2 = act.prepare(q1, q2)
+        rho, v = solve_pairs(
+            act,
+            st1,
+            st2,
+            s12,
+            p.s11.detach()[i],
+            p.s22.detach()[j],
+            wv,
+            act.diag_dual(q1)[0],
+            act.diag_dual(q2)[0],
+            matrix=False,
+        )
+        return v if value else root * rho
+
+    plan = series_plan(act, p.q1, p.q2, lhs, rhs, float(w0.detach()), two_sided, p.symmetric, exact)
+    if plan is None:
+        return None
+    return series_kernel(
+        plan,
+        lhs,
+        rhs,
+        w0,
+        p.q1,
+        p.q2,
+        want="value" if nngp else "cov",
+        two_sided=two_sided,
+        symmetric=p.symmetric,
+        scale=ov.reshape(()) if nngp else None,
+        diagonal=diagonal,
+    )
+
+
+def _unbatched(p: _Pairs) -> _Pairs | None:
+    """``p`` without its batch dimensions if they are all of size 1, else ``None``."""
+
+    def trailing(t: Tensor, dims: int) -> Tensor | None:
+        keep = t.shape[max(t.dim() - dims, 0) :]
+        return t.reshape(keep) if t.numel() == math.prod(keep) else None
+
+    matrices = [trailing(t, 2) for t in (p.x1, p.x1s, p.x2)]
+    vectors = [trailing(t, 1) for t in (p.q1, p.q2, p.d1, p.d2, p.s11, p.s22)]
+    scale = trailing(p.scale, 1)
+    bias = trailing(p.bias, 0)
+    if any(t is None for t in (*matrices, *vectors, scale, bias)) or p.x1.dim() < 2:
+        return None
+    x1, x1s, x2 = matrices
+    q1, q2, d1, d2, s11, s22 = vectors
+    return _Pairs(x1, x1s, x2, scale, bias, q1, q2, d1, d2, s11, s22, p.symmetric)
 
 
 #: Pairs sampled to choose the series order of a quadrature activation.

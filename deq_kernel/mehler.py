@@ -1,0 +1,633 @@
+r"""Smooth activations: the pair equation as a power series, solved in one fused pass.
+
+For an activation with a Hermite expansion (tanh, sigmoid, softplus, silu, gelu, smooth
+callables: :meth:`~deq_kernel.activations.Activation.hermite_expansion`), Mehler's formula
+writes the dual of a pair as a power series in the correlation,
+
+.. math:: V = h(\rho) = \sum_{k \in E} P_k \rho^k,\qquad P_k = a_k(q_1)\,a_k(q_2),
+
+with per-point coefficients :math:`a_k(q)`; the exponents :math:`E \subseteq \{0..K\}` are those
+whose coefficients are not zero for every point (odd activations, and ``x/2`` plus an even
+function such as softplus, gelu and silu, have half of them zero). The pair equation is
+then :math:`\rho - \alpha h(\rho) = \tilde c` with :math:`\alpha = w/\sqrt{q_1 q_2}` and
+:math:`\tilde c = s_{12}/\sqrt{q_1 q_2}`, which one matrix product gives with :math:`1/\sqrt q`
+folded into its operands. Its left side is increasing on ``[-1, 1]`` (the equilibrium map is
+a contraction).
+
+Each block of pairs takes :data:`NEWTON_STEPS` Newton steps from the root of the linearised
+equation, then one more evaluation gives the Newton correction :math:`\delta` and its bound
+:math:`|\alpha h''|\,\delta^2 / (2 r')`, :math:`r' = 1 - \alpha h'`. A pair is handed to the general
+solver of :mod:`deq_kernel.solver` (exact dual, bracketed Newton) when that bound exceeds
+eight machine epsilons or when the series' truncation bound
+:math:`|\rho|^{K+1}\sqrt{T(q_1)T(q_2)} \le \epsilon\sqrt{D(q_1)D(q_2)}` fails
+(:math:`T = D - \sum_{k \in E} a_k^2`): strongly correlated pairs beyond the order chosen for
+the bulk, and identical points. The order ``K`` is the smallest that covers the correlations
+of a fixed sample of pairs (99.9% quantile plus 0.05), as for the general solver.
+
+The backward pass recomputes each block and applies the implicit function theorem:
+with :math:`\lambda = (\bar\rho + \bar V h')/r'` and :math:`\mu = \bar V + \lambda\alpha`,
+:math:`d\tilde c` gets :math:`\lambda`, :math:`d\alpha` gets :math:`\lambda h`, and the coefficients
+:math:`\mu\rho^k`, which reach the variances through
+:math:`\sum_k \rho^k\, a_k'(q_1) a_k(q_2)`: two more series per pair, with the coefficients'
+derivatives in ``q`` (:meth:`~deq_kernel.activations.Activation.hermite_slopes`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import backend
+from .activations import Activation
+from .product import _accumulate_product_grads, _c_block, _folded_square, _pieces, _row_blocks, _symmetrise_square
+
+__all__ = ["NEWTON_STEPS", "SeriesPlan", "series_kernel", "series_plan"]
+
+#: Most Newton steps per block before the final, checked correction (fewer where a sample
+#: of the pairs shows them enough).
+NEWTON_STEPS = 3
+#: A pair is accepted when its Newton error bound is at most this many machine epsilons.
+_BOUND_EPS = 8.0
+#: Main orders tried, as in :class:`~deq_kernel.activations.QuadratureActivation`.
+ORDERS = (8, 16, 24, 32, 48, 64)
+#: Pairs sampled to choose the order.
+SAMPLE = 2048
+#: A coefficient is dropped when it is this small, relative to ``sqrt(D)``, at every point.
+_ZERO = 1e-15
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # As QuadratureActivation's series: below the accuracy promised, and below float32 rounding.
+    return 1e-12 if dtype == torch.float64 else 1e-8
+
+
+# --------------------------------------------------------------------------- block code
+
+
+def _power(rho: Tensor, rho2: Tensor, g: int) -> Tensor | None:
+    """``rho ** g`` for a small non-negative integer ``g`` (``None`` for 1, i.e. g = 0)."""
+    if g == 0:
+        return None
+    out = rho if g % 2 else None
+    for _ in range(g // 2):
+        out = rho2 if out is None else out * rho2
+    return out
+
+
+def _int_power(r: Tensor, e: int) -> Tensor:
+    """``r ** e`` for a positive integer ``e``, by repeated squaring."""
+    out = None
+    base = r
+    while True:
+        if e & 1:
+            out = base if out is None else out * base
+        e >>= 1
+        if not e:
+            return out
+        base = base * base
+
+
+def _mul(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a * b
+
+
+def _series(
+    rho: Tensor, a1: Tensor, a2: Tensor, exps: tuple[int, ...], derivatives: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``h``, ``h'`` and (with ``derivatives=2``) ``h''`` of ``sum_i a1[:, i] a2[i] rho^exps[i]``.
+
+    Horner's rule over the exponents kept, stepping by their gaps (powers of ``rho**2``).
+    ``a1`` is ``(rows, terms)``, ``a2`` is ``(terms, cols)``.
+    """
+    rho2 = rho * rho
+    last = len(exps) - 1
+    v = a1[:, last : last + 1] * a2[last : last + 1, :]
+    d: Tensor | None = None
+    dd: Tensor | None = None
+
+    def step(v: Tensor, d: Tensor | None, dd: Tensor | None, g: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        pg = _power(rho, rho2, g)
+        pg1 = _power(rho, rho2, g - 1)
+        if derivatives >= 2:
+            terms = [_mul(dd, pg)] if dd is not None else []
+            if d is not None:
+                terms.append(_mul(d, pg1) * (2.0 * g))
+            if g >= 2:
+                terms.append(_mul(v, _power(rho, rho2, g - 2)) * float(g * (g - 1)))
+            dd = functools.reduce(torch.add, terms) if terms else None
+        if derivatives >= 1:
+            slope = _mul(v, pg1) * float(g)
+            d = slope if d is None else _mul(d, pg) + slope
+        return _mul(v, pg), d, dd
+
+    for i in range(last - 1, -1, -1):
+        v, d, dd = step(v, d, dd, exps[i + 1] - exps[i])
+        v = v + a1[:, i : i + 1] * a2[i : i + 1, :]
+    if exps[0] > 0:
+        v, d, dd = step(v, d, dd, exps[0])
+    zero = torch.zeros_like(v) if (d is None or dd is None) and derivatives else None
+    return v, (d if d is not None or not derivatives else zero), (dd if dd is not None or derivatives < 2 else zero)
+
+
+def _solve(
+    c: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    a1: Tensor,
+    a2: Tensor,
+    tau1: Tensor,
+    tau2: Tensor,
+    params: Tensor,
+    exps: tuple[int, ...],
+    one: int | None,
+    order: int,
+    steps: int,
+    eps: float,
+) -> tuple[Tensor, ...]:
+    """``(rho, h, h', alpha, flag)`` at the root: ``flag`` marks pairs left to the general solver.
+
+    ``one`` is the position of the exponent 1 in ``exps`` (or ``None``), found by the caller:
+    under ``torch.compile``, ``1 in exps`` on a closure's tuple evaluated to False.
+    """
+    alpha = params[0] / torch.sqrt(q1 * q2)
+    p0 = a1[:, 0:1] * a2[0:1, :] if exps[0] == 0 else None
+    rho = c if p0 is None else c + alpha * p0
+    if one is not None:
+        lin = 1.0 - alpha * (a1[:, one : one + 1] * a2[one : one + 1, :])
+        rho = torch.where(lin > 0, rho / lin, rho)
+    rho = rho.clamp(-1.0, 1.0)
+    for _ in range(steps):
+        h, dh, _ = _series(rho, a1, a2, exps, 1)
+        rho = (rho - (rho - alpha * h - c) / (1.0 - alpha * dh)).clamp(-1.0, 1.0)
+    h, dh, d2h = _series(rho, a1, a2, exps, 2)
+    slope = 1.0 - alpha * dh
+    delta = (rho - alpha * h - c) / slope
+    miss = (alpha * d2h).abs() * delta * delta / (2.0 * slope)
+    rho_new = rho - delta
+    # |rho|^(K+1) sqrt(T1 T2) <= tol sqrt(D1 D2), with tau = sqrt(T / (tol D)).
+    r = rho_new.abs()
+    power = _int_power(r, order + 1)
+    flag = ~((slope > 0) & (miss <= _BOUND_EPS * eps) & (power * (tau1 * tau2) <= 1.0) & (r <= 1.0))
+    return rho_new, h - dh * delta, dh, alpha, flag
+
+
+def _position_of_one(exps: tuple[int, ...]) -> int | None:
+    return exps.index(1) if 1 in exps else None
+
+
+@functools.cache
+def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., None]:
+    one = _position_of_one(exps)
+
+    def forward_block(
+        out: Tensor,
+        flag: Tensor,
+        c: Tensor,
+        q1: Tensor,
+        q2: Tensor,
+        a1: Tensor,
+        a2: Tensor,
+        tau1: Tensor,
+        tau2: Tensor,
+        scale: Tensor,
+        params: Tensor,
+    ) -> None:
+        rho, v, _, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, one, order, steps, eps)
+        out.copy_((v if value else torch.sqrt(q1) * torch.sqrt(q2) * rho) * scale)
+        flag.copy_(miss)
+
+    return forward_block
+
+
+@functools.cache
+def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., Any]:
+    one = _position_of_one(exps)
+
+    def backward_block(
+        c: Tensor,
+        grad: Tensor,
+        q1: Tensor,
+        q2: Tensor,
+        a1: Tensor,
+        a2: Tensor,
+        da1: Tensor,
+        da2: Tensor,
+        tau1: Tensor,
+        tau2: Tensor,
+        scale: Tensor,
+        params: Tensor,
+    ) -> tuple[Tensor, ...]:
+        rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, one, order, steps, eps)
+        g = torch.where(flag, 0.0, grad * scale)
+        root = torch.sqrt(q1) * torch.sqrt(q2)
+        # lambda = (g_rho + g_V h') / r';  mu = g_V + lambda alpha.
+        if value:
+            lam = g * dh / (1.0 - alpha * dh)
+            mu = g + lam * alpha
+            direct1 = direct2 = None
+            g_scale = torch.where(flag, 0.0, grad * h)
+        else:
+            lam = g * root / (1.0 - alpha * dh)
+            mu = lam * alpha
+            out = root * rho
+            direct1, direct2 = g * out / (2.0 * q1), g * out / (2.0 * q2)
+            g_scale = torch.where(flag, 0.0, grad * out)
+        lam = torch.where(flag, 0.0, lam)
+        lam_h = lam * h
+        h1, _, _ = _series(rho, da1, a2, exps, 0)
+        h2, _, _ = _series(rho, a1, da2, exps, 0)
+        shared = lam_h * alpha * 0.5
+        e1 = mu * h1 - shared / q1
+        e2 = mu * h2 - shared / q2
+        if direct1 is not None:
+            e1, e2 = e1 + direct1, e2 + direct2
+        e1 = torch.where(flag, 0.0, e1)
+        e2 = torch.where(flag, 0.0, e2)
+        # Elementwise outputs only: with reductions inside, the compiled kernel stored ten
+        # intermediates per pair for a second loop; the sums are taken outside.
+        return lam, e1, e2, flag, lam_h / root, g_scale
+
+    return backward_block
+
+
+# --------------------------------------------------------------------------- per-call plan
+
+
+class SeriesPlan:
+    """The series of one call: kept exponents, order, and per-point coefficient stacks.
+
+    ``rows`` and ``cols`` are ``(a, tau)`` with ``a`` of shape ``(n, terms)`` (rows) or
+    ``(terms, m)`` (columns) in the working dtype and ``tau = sqrt(T / (tol D))``.
+    """
+
+    def __init__(
+        self,
+        act: Activation,
+        exps: tuple[int, ...],
+        order: int,
+        steps: int,
+        rows: tuple[Tensor, Tensor],
+        cols: tuple[Tensor, Tensor],
+        exact: Callable[..., Tensor],
+    ) -> None:
+        self.act = act
+        self.exps = exps
+        self.order = order
+        self.steps = steps
+        self.rows = rows
+        self.cols = cols
+        self.exact = exact
+
+    def slopes(self, q: Tensor, dtype: torch.dtype) -> Tensor:
+        """``d a_k / dq`` of the kept exponents, ``(terms, n)``."""
+        full = self.act.hermite_slopes(q, self.order)
+        return full[list(self.exps)].to(dtype)
+
+
+def _main_order(coefs: list[Tensor], totals: list[Tensor], cover: float, tol: float) -> int:
+    for candidate in ORDERS:
+        ok = True
+        for coef, total in zip(coefs, totals, strict=True):
+            tail = (total - (coef[: candidate + 1] ** 2).sum(0)).clamp_min(0.0)
+            ratio = float((tail / total.clamp_min(1e-300)).max()) if total.numel() else 0.0
+            if ratio * cover ** (candidate + 1) > tol:
+                ok = False
+                break
+        if ok:
+            return candidate
+    return ORDERS[-1]
+
+
+def series_plan(
+    act: Activation,
+    q1: Tensor,
+    q2: Tensor,
+    lhs: Tensor,
+    rhs: Tensor,
+    w: float,
+    two_sided: bool,
+    symmetric: bool,
+    exact: Callable[..., Tensor],
+) -> SeriesPlan | None:
+    """Coefficients, order and Newton steps for :func:`series_kernel`; ``None`` without a series.
+
+    ``q1``, ``q2``: the points' variances ``(n,)`` and ``(m,)``, all positive; ``lhs @ rhs^T``
+    is the normalised covariance. ``exact(i, j, c, q1, q2, w, value)`` returns the output of
+    the pairs ``(i, j)`` by the general solver, differentiably in ``c``, ``q1``, ``q2``, ``w``.
+
+    A fixed sample of pairs, solved with the series at the top order, sets the order (its
+    correlations' 99.9% quantile plus 0.05, at most 0.9) and then the Newton steps: the
+    fewest, up to :data:`NEWTON_STEPS`, after which no sampled pair misses the error bound.
+    """
+    top = ORDERS[-1]
+    first = act.hermite_expansion(q1, top)
+    if first is None:
+        return None
+    second = first if symmetric else act.hermite_expansion(q2, top)
+    dtype = q1.dtype
+    tol = _tolerance(dtype)
+    (coef1, total1), (coef2, total2) = first, second
+    sample = _sample(coef1, coef2, q1, q2, lhs, rhs, w, two_sided, symmetric)
+    cover, steps = 0.9, NEWTON_STEPS
+    if sample is not None:
+        rho, flag = _solve_sample(sample, tuple(range(top + 1)), NEWTON_STEPS + 2)
+        r = torch.where(flag, 1.0, rho.abs()).flatten()
+        cover = min(float(torch.quantile(r, 0.999)) + 0.05, 0.9)
+    order = _main_order([coef1, coef2], [total1, total2], cover, tol)
+    exps = _kept([coef1[: order + 1], coef2[: order + 1]], [total1, total2], order)
+    if sample is not None:
+        for steps in range(1, NEWTON_STEPS + 1):
+            if not bool(_solve_sample(sample, exps, steps)[1].any()):
+                break
+
+    def stack(coef: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+        kept = coef[list(exps)]
+        tail = (total - (kept * kept).sum(0)).clamp_min(0.0)
+        return kept.to(dtype), torch.sqrt(tail / (tol * total)).to(dtype)
+
+    a1, tau1 = stack(coef1, total1)
+    a2, tau2 = (a1, tau1) if symmetric else stack(coef2, total2)
+    return SeriesPlan(act, exps, order, steps, (a1.T.contiguous(), tau1), (a2.contiguous(), tau2), exact)
+
+
+def _sample(
+    coef1: Tensor,
+    coef2: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    lhs: Tensor,
+    rhs: Tensor,
+    w: float,
+    two_sided: bool,
+    symmetric: bool,
+) -> tuple[Tensor, ...] | None:
+    """A fixed sample of the pairs, as the arguments of :func:`_solve` (``None`` for small problems).
+
+    Each sampled pair is one row, with its coefficient products as the row's coefficients.
+    """
+    n, m = lhs.shape[-2], rhs.shape[-2]
+    if n * m < 16 * SAMPLE:
+        return None
+    # A fixed generator: the same pairs (and so the same result) on every call.
+    flat = torch.randint(0, n * m, (SAMPLE,), generator=torch.Generator().manual_seed(0))
+    i, j = (flat // m).to(lhs.device), (flat % m).to(lhs.device)
+    if symmetric:
+        i, j = i[i != j], j[i != j]
+    if not i.numel():
+        return None
+    f64 = torch.float64
+    with torch.no_grad():
+        c = (lhs[i] * rhs[j]).sum(-1)
+        if two_sided:
+            c = 0.5 * (c + (rhs[i] * lhs[j]).sum(-1))
+        products = (coef1[:, i] * coef2[:, j]).T.contiguous()
+    qi, qj = q1.detach().to(f64)[i].unsqueeze(-1), q2.detach().to(f64)[j].unsqueeze(-1)
+    params = torch.tensor([w], dtype=f64, device=lhs.device)
+    return c.detach().to(f64).unsqueeze(-1), qi, qj, products, params
+
+
+def _solve_sample(sample: tuple[Tensor, ...], exps: tuple[int, ...], steps: int) -> tuple[Tensor, Tensor]:
+    """``(rho, flag)`` of the sampled pairs with the series of exponents ``exps`` (no truncation test)."""
+    c, qi, qj, products, params = sample
+    f64 = torch.float64
+    ones = torch.ones(len(exps), 1, dtype=f64, device=c.device)
+    tau = torch.zeros(1, 1, dtype=f64, device=c.device)
+    with torch.no_grad():
+        rho, _, _, _, flag = _solve(
+            c,
+            qi,
+            qj,
+            products[:, list(exps)],
+            ones,
+            tau,
+            tau,
+            params,
+            exps,
+            _position_of_one(exps),
+            exps[-1],
+            steps,
+            torch.finfo(f64).eps,
+        )
+    return rho, flag
+
+
+def _kept(coefs: list[Tensor], totals: list[Tensor], order: int) -> tuple[int, ...]:
+    """Exponents up to ``order`` whose coefficient is not zero (to rounding) at every point."""
+    kept = []
+    for k in range(order + 1):
+        for coef, total in zip(coefs, totals, strict=True):
+            if coef.numel() and bool((coef[k].abs() > _ZERO * torch.sqrt(total)).any()):
+                kept.append(k)
+                break
+    return tuple(kept) or (0,)
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+class _SeriesKernel(torch.autograd.Function):
+    """``(lhs, rhs, w, q1, q2, scale[, diagonal]) -> scale * V`` (or ``K*``) for a series plan."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        plan: SeriesPlan,
+        value: bool,
+        two_sided: bool,
+        symmetric: bool,
+        lhs: Tensor,
+        rhs: Tensor,
+        w: Tensor,
+        q1: Tensor,
+        q2: Tensor,
+        scale: Tensor,
+        diagonal: Tensor | None,
+    ) -> Tensor:
+        n, m = lhs.shape[-2], rhs.shape[-2]
+        dtype, device = lhs.dtype, lhs.device
+        eps = torch.finfo(dtype).eps
+        result = lhs.new_empty(n, m)
+        params = w.detach().reshape(1).to(dtype)
+        kernel = backend.fused(_forward_function(plan.exps, plan.order, plan.steps, value, eps), n * m, device)
+        q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
+        (a1, tau1), (a2, tau2) = plan.rows, plan.cols
+        tau1, tau2 = tau1.reshape(n, 1), tau2.reshape(1, m)
+        scale_d = scale.detach().reshape(1, 1)
+        for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
+            for cols, mirrored in _pieces(rows, n, symmetric):
+                dest = result[rows, cols]
+                c = _c_block(lhs, rhs, rows, cols, True, two_sided)
+                flag = torch.empty(c.shape, dtype=torch.bool, device=device)
+                kernel(
+                    dest,
+                    flag,
+                    c,
+                    q1c[rows],
+                    q2r[:, cols],
+                    a1[rows],
+                    a2[:, cols],
+                    tau1[rows],
+                    tau2[:, cols],
+                    scale_d,
+                    params,
+                )
+                if symmetric and not mirrored:
+                    flag = _upper(flag, diagonal is not None)
+                if bool(flag.any()):
+                    i, j = flag.nonzero(as_tuple=True)
+                    gi, gj = i + rows.start, j + (cols.start or 0)
+                    exact = plan.exact(gi, gj, c[i, j], q1.detach()[gi], q2.detach()[gj], w.detach(), value)
+                    dest[i, j] = exact * scale_d.reshape(())
+                if mirrored:
+                    # A transposed store inside the fused loop is several times slower.
+                    result[cols, rows] = dest.mT
+            if symmetric:
+                _symmetrise_square(result, rows)
+        if diagonal is not None:
+            result.diagonal().copy_(diagonal)
+        ctx.plan, ctx.flags = plan, (value, two_sided, symmetric, diagonal is not None)
+        ctx.save_for_backward(lhs, rhs, w, q1, q2, scale)
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        lhs, rhs, w, q1, q2, scale = ctx.saved_tensors
+        plan = ctx.plan
+        value, two_sided, symmetric, has_diagonal = ctx.flags
+        n, m = lhs.shape[-2], rhs.shape[-2]
+        dtype, device = lhs.dtype, lhs.device
+        eps = torch.finfo(dtype).eps
+        need_diag = ctx.needs_input_grad[10]
+        grad_diag = grad.diagonal().clone() if has_diagonal and need_diag else None
+        if has_diagonal and not symmetric:
+            grad = grad.clone()
+            grad.diagonal().zero_()  # the overridden entries do not depend on the rest
+        params = w.detach().reshape(1).to(dtype)
+        kernel = backend.fused(_backward_function(plan.exps, plan.order, plan.steps + 1, value, eps), n * m, device)
+        q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
+        (a1, tau1), (a2, tau2) = plan.rows, plan.cols
+        tau1, tau2 = tau1.reshape(n, 1), tau2.reshape(1, m)
+        da1 = plan.slopes(q1, dtype).T.contiguous()
+        da2 = da1.T.contiguous() if symmetric else plan.slopes(q2, dtype).contiguous()
+        scale_d = scale.detach().reshape(1, 1)
+        g_lhs, g_rhs = torch.zeros_like(lhs), torch.zeros_like(rhs)
+        g_q1, g_q2 = torch.zeros(n, 1, dtype=dtype, device=device), torch.zeros(1, m, dtype=dtype, device=device)
+        g_w = torch.zeros((), dtype=dtype, device=device)
+        g_scale = torch.zeros((), dtype=dtype, device=device)
+        for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
+            for cols, mirrored in _pieces(rows, n, symmetric):
+                if symmetric and not mirrored:
+                    g = _folded_square(grad, rows, has_diagonal)
+                else:
+                    g = grad[rows, cols]
+                    if mirrored:
+                        g = g + grad[cols, rows].mT
+                c = _c_block(lhs, rhs, rows, cols, True, two_sided)
+                lam, e1, e2, flag, gw_b, gs_b = kernel(
+                    c,
+                    g,
+                    q1c[rows],
+                    q2r[:, cols],
+                    a1[rows],
+                    a2[:, cols],
+                    da1[rows],
+                    da2[:, cols],
+                    tau1[rows],
+                    tau2[:, cols],
+                    scale_d,
+                    params,
+                )
+                g_w += gw_b.sum()
+                g_scale += gs_b.sum()
+                g_q1[rows] += e1.sum(1, keepdim=True)
+                g_q2[:, cols] += e2.sum(0, keepdim=True)
+                flag = flag & (g != 0)
+                if bool(flag.any()):
+                    lam = lam.clone()
+                    i, j = flag.nonzero(as_tuple=True)
+                    gi, gj = i + rows.start, j + (cols.start or 0)
+                    parts = _exact_gradient(plan, gi, gj, c[i, j], q1, q2, w, g[i, j], scale_d.reshape(()), value)
+                    lam[i, j] = parts[0]
+                    g_q1.index_add_(0, gi, parts[1].unsqueeze(-1))
+                    g_q2.index_add_(1, gj, parts[2].unsqueeze(0))
+                    g_w += parts[3]
+                    g_scale += parts[4]
+                _accumulate_product_grads(lam, lhs, rhs, g_lhs, g_rhs, rows, cols, two_sided)
+        needs = ctx.needs_input_grad
+        return (
+            None,
+            None,
+            None,
+            None,
+            g_lhs if needs[4] else None,
+            g_rhs if needs[5] else None,
+            g_w.reshape(w.shape) if needs[6] else None,
+            g_q1.reshape(q1.shape) if needs[7] else None,
+            g_q2.reshape(q2.shape) if needs[8] else None,
+            g_scale.reshape(scale.shape) if needs[9] else None,
+            grad_diag,
+        )
+
+
+def _upper(flag: Tensor, skip_diagonal: bool) -> Tensor:
+    """A square block's flags on and above (or only above) its diagonal: the rest is mirrored."""
+    return flag.triu(1 if skip_diagonal else 0)
+
+
+def _exact_gradient(
+    plan: SeriesPlan,
+    i: Tensor,
+    j: Tensor,
+    c: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    w: Tensor,
+    g: Tensor,
+    scale: Tensor,
+    value: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by the general solver."""
+    with torch.enable_grad():
+        c_ = c.detach().requires_grad_(True)
+        q1_ = q1.detach()[i].requires_grad_(True)
+        q2_ = q2.detach()[j].requires_grad_(True)
+        w_ = w.detach().requires_grad_(True)
+        out = plan.exact(i, j, c_, q1_, q2_, w_, value)
+        leaves = (c_, q1_, q2_, w_)
+        grads = torch.autograd.grad(out, leaves, grad_outputs=g * scale, allow_unused=True)
+    grads = tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
+    return grads[0], grads[1], grads[2], grads[3].reshape(()), (g * out.detach()).sum()
+
+
+def series_kernel(
+    plan: SeriesPlan,
+    lhs: Tensor,
+    rhs: Tensor,
+    w: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    *,
+    want: str,
+    two_sided: bool = False,
+    symmetric: bool = False,
+    scale: Tensor | None = None,
+    diagonal: Tensor | None = None,
+) -> Tensor:
+    """The ``(n, m)`` matrix of pairs for a :class:`SeriesPlan`: ``scale * V`` (``want="value"``) or ``K*``.
+
+    ``lhs @ rhs^T`` (symmetrised with ``two_sided``) is ``s12 / sqrt(q1 q2)``; ``w`` is a scalar
+    tensor, ``q1``, ``q2`` the variances ``(n,)``, ``(m,)``; ``diagonal`` replaces the diagonal
+    of a symmetric result. Differentiable in every tensor.
+    """
+    if want not in ("cov", "value"):
+        raise ValueError(f"want must be 'cov' or 'value', got {want!r}")
+    scale = torch.ones((), dtype=lhs.dtype, device=lhs.device) if scale is None else scale
+    return _SeriesKernel.apply(plan, want == "value", two_sided, symmetric, lhs, rhs, w, q1, q2, scale, diagonal)

@@ -1,0 +1,187 @@
+"""Smooth activations through Mehler's series in one fused pass (deq_kernel.mehler), against the general solver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import picard_kernel
+
+from deq_kernel import equilibrium_covariance, functional, get_activation, mehler, settings, solver
+
+SMOOTH = ["tanh", "sigmoid", "softplus", "silu", "gelu"]
+
+
+def _general(monkeypatch, *args, **kwargs):
+    """The same call through the general safeguarded Newton solver instead of deq_kernel.mehler."""
+    with monkeypatch.context() as m:
+        m.setattr(functional, "_series_output", lambda *a, **k: None)
+        return equilibrium_covariance(*args, **kwargs)
+
+
+def _spy_plans(monkeypatch):
+    """Record the plans made and the pairs each hands to the general solver."""
+    plans = []
+    make = functional.series_plan
+
+    def spy(*args, **kwargs):
+        plan = make(*args, **kwargs)
+        exact = plan.exact
+        plan.handed = 0
+
+        def counted(i, *rest):
+            plan.handed += i.numel()
+            return exact(i, *rest)
+
+        plan.exact = counted
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(functional, "series_plan", spy)
+    return plans
+
+
+def _tol(name: str) -> float:
+    # The two paths integrate the Hermite coefficients on different grids (softplus's differ
+    # by about 2e-12 of the largest entry); gelu is compared with its closed form.
+    return 1e-10 if name == "gelu" else 1e-11
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("output", ["nngp", "preactivation", "ntk"])
+def test_series_path_matches_the_general_solver(rng, monkeypatch, name, output):
+    x = torch.as_tensor(rng.normal(size=(60, 4)) * rng.uniform(0.2, 3.0, size=(60, 1)))
+    z = torch.as_tensor(rng.normal(size=(25, 4)))
+    w = get_activation(name).weight_variance_bound * 0.7
+    plans = _spy_plans(monkeypatch)
+    for second in (None, z):
+        kw = dict(activation=name, weight_variance=w, bias_variance=0.2, output=output)
+        ours = equilibrium_covariance(x, second, **kw)
+        general = _general(monkeypatch, x, second, **kw)
+        scale = float(general.abs().max())
+        assert torch.allclose(ours, general, rtol=0, atol=_tol(name) * scale)
+        if second is None:
+            assert torch.equal(ours, ours.mT)
+    assert plans, "the series path was not taken"
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "gelu"])
+def test_series_path_matches_picard_iteration(rng, name):
+    # An independent computation: the whole matrix by plain Picard iteration to 1e-14.
+    x = rng.normal(size=(12, 3))
+    w = get_activation(name).weight_variance_bound * 0.5
+    ours = equilibrium_covariance(torch.as_tensor(x), activation=name, weight_variance=w, bias_variance=0.1)
+    ref = picard_kernel(x, activation=name, weight_variance=w, bias_variance=0.1)
+    assert np.allclose(ours.numpy(), ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "gelu"])
+@pytest.mark.parametrize("output", ["nngp", "preactivation"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gradients_match_the_general_solver(rng, monkeypatch, name, output, symmetric):
+    x0 = torch.as_tensor(rng.normal(size=(40, 3)))
+    x0[7] = x0[3]  # identical points: handed to the general solver, value and gradient
+    z0 = torch.as_tensor(rng.normal(size=(15, 3))) * 1.2
+    w0 = get_activation(name).weight_variance_bound * 0.6
+    weights = torch.as_tensor(rng.normal(size=(40, 40 if symmetric else 15)))
+    plans = _spy_plans(monkeypatch)
+    grads = []
+    for run in (equilibrium_covariance, lambda *a, **k: _general(monkeypatch, *a, **k)):
+        x = x0.clone().requires_grad_(True)
+        z = z0.clone().requires_grad_(True)
+        hyper = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (w0, 1.3, 0.2, 0.7)]
+        k = run(
+            x,
+            None if symmetric else z,
+            activation=name,
+            weight_variance=hyper[0],
+            input_variance=hyper[1],
+            bias_variance=hyper[2],
+            output_variance=hyper[3],
+            output=output,
+        )
+        leaves = [x, *hyper[:3]] + ([hyper[3]] if output == "nngp" else []) + ([] if symmetric else [z])
+        grads.append(torch.autograd.grad((k * weights).sum(), leaves))
+    assert plans and (not symmetric or plans[0].handed > 0)
+    for ours, general in zip(*grads, strict=True):
+        assert torch.allclose(ours, general, rtol=0, atol=10 * _tol(name) * float(general.abs().max()))
+
+
+def test_compiled_blocks_agree_with_eager(rng, monkeypatch):
+    x = torch.as_tensor(rng.normal(size=(70, 5)))
+    h = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for mode in (False, True):
+        with settings.compile(mode), settings.max_block_size(1000):
+            k = equilibrium_covariance(x, activation="tanh", weight_variance=h, bias_variance=0.1)
+            (g,) = torch.autograd.grad(k.sum(), h)
+        results.append((k.detach(), g))
+    (k0, g0), (k1, g1) = results
+    assert torch.allclose(k0, k1, rtol=0, atol=1e-12) and torch.allclose(g0, g1, rtol=1e-12)
+
+
+def test_small_blocks_give_the_same_matrix(rng):
+    x = torch.as_tensor(rng.normal(size=(50, 3)))
+    z = torch.as_tensor(rng.normal(size=(30, 3)))
+    kw = dict(activation="softplus", weight_variance=1.0, bias_variance=0.1)
+    for second in (None, z):
+        whole = equilibrium_covariance(x, second, **kw)
+        with settings.max_block_size(64):
+            blocked = equilibrium_covariance(x, second, **kw)
+        assert torch.allclose(whole, blocked, rtol=0, atol=1e-14)
+
+
+def test_large_call_samples_order_and_steps(rng, monkeypatch):
+    # n * m >= 16 * SAMPLE: the order and the Newton steps come from the sample of pairs.
+    x = torch.as_tensor(rng.normal(size=(200, 16)))
+    plans = _spy_plans(monkeypatch)
+    ours = equilibrium_covariance(x, activation="tanh", weight_variance=0.5, bias_variance=0.1)
+    (plan,) = plans
+    assert plan.order < mehler.ORDERS[-1] and 1 <= plan.steps <= mehler.NEWTON_STEPS
+    assert all(k % 2 == 1 for k in plan.exps)  # tanh is odd: the even coefficients are dropped
+    general = _general(monkeypatch, x, activation="tanh", weight_variance=0.5, bias_variance=0.1)
+    assert torch.allclose(ours, general, rtol=0, atol=1e-12)
+
+
+def test_pairs_missing_the_newton_bound_go_to_the_general_solver(rng, monkeypatch):
+    x = torch.as_tensor(rng.normal(size=(30, 3)) * 2.0)
+    kw = dict(activation="sigmoid", weight_variance=12.0, bias_variance=0.1)
+    expected = _general(monkeypatch, x, **kw)
+    plans = _spy_plans(monkeypatch)
+    monkeypatch.setattr(mehler, "NEWTON_STEPS", 0)  # the final correction alone: the bound fails
+    got = equilibrium_covariance(x, **kw)
+    assert plans[0].handed > 0
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+
+
+def test_zero_variance_points_use_the_general_solver(rng, monkeypatch):
+    x = torch.as_tensor(rng.normal(size=(10, 3)))
+    x[2] = 0.0
+    plans = _spy_plans(monkeypatch)
+    k = equilibrium_covariance(x, activation="tanh", weight_variance=0.5)  # no bias: q = 0 at x[2]
+    assert not plans
+    assert torch.isfinite(k).all()
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+def test_hermite_slopes_are_derivatives_of_the_coefficients(name):
+    act = get_activation(name)
+    q = torch.tensor([0.05, 0.7, 3.0, 40.0], dtype=torch.float64)
+    slopes = act.hermite_slopes(q, 20)
+    h = 1e-5 * q
+    up, _ = act.hermite_expansion(q + h, 20)
+    down, _ = act.hermite_expansion(q - h, 20)
+    numeric = (up - down) / (2 * h)
+    assert torch.allclose(slopes, numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "gelu", "erf"])
+def test_interpolated_diagonal_matches_the_bracketed_solve(rng, name):
+    act = get_activation(name)
+    s = torch.as_tensor(rng.uniform(0.01, 50.0, size=500))
+    w = torch.tensor(act.weight_variance_bound * 0.8, dtype=torch.float64)
+    q, d, dd = solver._interpolated_diagonal(act, s, w)
+    exact = solver._bracketed_diagonal(act, s, w)
+    assert torch.allclose(q, exact, rtol=1e-14, atol=0)
+    assert torch.allclose(q, w * d + s, rtol=1e-14, atol=0)  # the fixed point itself
+    assert torch.allclose(dd, act.diag_dual(q)[1], rtol=1e-12, atol=1e-15)
