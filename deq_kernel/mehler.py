@@ -14,8 +14,8 @@ then :math:`\rho - \alpha h(\rho) = \tilde c` with :math:`\alpha = w/\sqrt{q_1 q
 folded into its operands. Its left side is increasing on ``[-1, 1]`` (the equilibrium map is
 a contraction).
 
-Each block of pairs takes :data:`NEWTON_STEPS` Newton steps from the root of the linearised
-equation, then one more evaluation gives the Newton correction :math:`\delta` and its bound
+Each block of pairs takes up to :data:`NEWTON_STEPS` Newton steps from the root of the series cut
+after its quadratic term, then one more evaluation gives the Newton correction :math:`\delta` and its bound
 :math:`|\alpha h''|\,\delta^2 / (2 r')`, :math:`r' = 1 - \alpha h'`. A pair is handed to the general
 solver of :mod:`deq_kernel.solver` (exact dual, bracketed Newton) when that bound exceeds
 eight machine epsilons or when the series' truncation bound
@@ -53,8 +53,8 @@ __all__ = ["NEWTON_STEPS", "SeriesPlan", "series_kernel", "series_plan"]
 NEWTON_STEPS = 3
 #: A pair is accepted when its Newton error bound is at most this many machine epsilons.
 _BOUND_EPS = 8.0
-#: Main orders tried, as in :class:`~deq_kernel.activations.QuadratureActivation`.
-ORDERS = (8, 16, 24, 32, 48, 64)
+#: Orders tried (each is one compiled kernel per pattern of exponents).
+ORDERS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 #: Pairs sampled to choose the order.
 SAMPLE = 2048
 #: A coefficient is dropped when it is this small, relative to ``sqrt(D)``, at every point.
@@ -146,22 +146,31 @@ def _solve(
     tau2: Tensor,
     params: Tensor,
     exps: tuple[int, ...],
-    one: int | None,
+    low: tuple[int | None, int | None],
     order: int,
     steps: int,
     eps: float,
 ) -> tuple[Tensor, ...]:
     """``(rho, h, h', alpha, flag)`` at the root: ``flag`` marks pairs left to the general solver.
 
-    ``one`` is the position of the exponent 1 in ``exps`` (or ``None``), found by the caller:
-    under ``torch.compile``, ``1 in exps`` on a closure's tuple evaluated to False.
+    ``low`` holds the positions of the exponents 1 and 2 in ``exps`` (or ``None``), found by the
+    caller: under ``torch.compile``, ``1 in exps`` on a closure's tuple evaluated to False.
     """
     alpha = params[0] / torch.sqrt(q1 * q2)
-    p0 = a1[:, 0:1] * a2[0:1, :] if exps[0] == 0 else None
-    rho = c if p0 is None else c + alpha * p0
-    if one is not None:
-        lin = 1.0 - alpha * (a1[:, one : one + 1] * a2[one : one + 1, :])
-        rho = torch.where(lin > 0, rho / lin, rho)
+    # Start from the root of the series cut after its quadratic term (exact for small rho):
+    # alpha P2 rho^2 - (1 - alpha P1) rho + (c + alpha P0) = 0, in its cancellation-free form.
+    one, two = low
+    const = c + alpha * (a1[:, 0:1] * a2[0:1, :]) if exps[0] == 0 else c
+    lin = 1.0 - alpha * (a1[:, one : one + 1] * a2[one : one + 1, :]) if one is not None else None
+    if two is not None:
+        quad = alpha * (a1[:, two : two + 1] * a2[two : two + 1, :])
+        b = lin if lin is not None else torch.ones_like(quad)
+        root = torch.sqrt((b * b - 4.0 * quad * const).clamp_min(0.0))
+        rho = torch.where(b > 0, 2.0 * const / (b + root), const)
+    elif lin is not None:
+        rho = torch.where(lin > 0, const / lin, const)
+    else:
+        rho = const
     rho = rho.clamp(-1.0, 1.0)
     for _ in range(steps):
         h, dh, _ = _series(rho, a1, a2, exps, 1)
@@ -178,13 +187,14 @@ def _solve(
     return rho_new, h - dh * delta, dh, alpha, flag
 
 
-def _position_of_one(exps: tuple[int, ...]) -> int | None:
-    return exps.index(1) if 1 in exps else None
+def _low_positions(exps: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """Positions of the exponents 1 and 2 in ``exps`` (``None`` where absent)."""
+    return tuple(exps.index(k) if k in exps else None for k in (1, 2))  # type: ignore[return-value]
 
 
 @functools.cache
 def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., None]:
-    one = _position_of_one(exps)
+    low = _low_positions(exps)
 
     def forward_block(
         out: Tensor,
@@ -199,7 +209,7 @@ def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool
         scale: Tensor,
         params: Tensor,
     ) -> None:
-        rho, v, _, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, one, order, steps, eps)
+        rho, v, _, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
         out.copy_((v if value else torch.sqrt(q1) * torch.sqrt(q2) * rho) * scale)
         flag.copy_(miss)
 
@@ -208,7 +218,7 @@ def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool
 
 @functools.cache
 def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., Any]:
-    one = _position_of_one(exps)
+    low = _low_positions(exps)
 
     def backward_block(
         c: Tensor,
@@ -224,7 +234,7 @@ def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: boo
         scale: Tensor,
         params: Tensor,
     ) -> tuple[Tensor, ...]:
-        rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, one, order, steps, eps)
+        rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
         g = torch.where(flag, 0.0, grad * scale)
         root = torch.sqrt(q1) * torch.sqrt(q2)
         # lambda = (g_rho + g_V h') / r';  mu = g_V + lambda alpha.
@@ -410,7 +420,7 @@ def _solve_sample(sample: tuple[Tensor, ...], exps: tuple[int, ...], steps: int)
             tau,
             params,
             exps,
-            _position_of_one(exps),
+            _low_positions(exps),
             exps[-1],
             steps,
             torch.finfo(f64).eps,
@@ -460,6 +470,7 @@ class _SeriesKernel(torch.autograd.Function):
         (a1, tau1), (a2, tau2) = plan.rows, plan.cols
         tau1, tau2 = tau1.reshape(n, 1), tau2.reshape(1, m)
         scale_d = scale.detach().reshape(1, 1)
+        handed = []
         for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
             for cols, mirrored in _pieces(rows, n, symmetric):
                 dest = result[rows, cols]
@@ -482,14 +493,19 @@ class _SeriesKernel(torch.autograd.Function):
                     flag = _upper(flag, diagonal is not None)
                 if bool(flag.any()):
                     i, j = flag.nonzero(as_tuple=True)
-                    gi, gj = i + rows.start, j + (cols.start or 0)
-                    exact = plan.exact(gi, gj, c[i, j], q1.detach()[gi], q2.detach()[gj], w.detach(), value)
-                    dest[i, j] = exact * scale_d.reshape(())
+                    handed.append((i + rows.start, j + (cols.start or 0), c[i, j]))
                 if mirrored:
                     # A transposed store inside the fused loop is several times slower.
                     result[cols, rows] = dest.mT
             if symmetric:
                 _symmetrise_square(result, rows)
+        if handed:
+            # All pairs for the general solver at once: it prepares its states per call.
+            gi, gj, c_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
+            exact = plan.exact(gi, gj, c_vals, q1.detach()[gi], q2.detach()[gj], w.detach(), value)
+            result[gi, gj] = exact * scale_d.reshape(())
+            if symmetric:
+                result[gj, gi] = result[gi, gj]
         if diagonal is not None:
             result.diagonal().copy_(diagonal)
         ctx.plan, ctx.flags = plan, (value, two_sided, symmetric, diagonal is not None)
@@ -522,6 +538,7 @@ class _SeriesKernel(torch.autograd.Function):
         g_q1, g_q2 = torch.zeros(n, 1, dtype=dtype, device=device), torch.zeros(1, m, dtype=dtype, device=device)
         g_w = torch.zeros((), dtype=dtype, device=device)
         g_scale = torch.zeros((), dtype=dtype, device=device)
+        handed = []
         for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
             for cols, mirrored in _pieces(rows, n, symmetric):
                 if symmetric and not mirrored:
@@ -551,16 +568,23 @@ class _SeriesKernel(torch.autograd.Function):
                 g_q2[:, cols] += e2.sum(0, keepdim=True)
                 flag = flag & (g != 0)
                 if bool(flag.any()):
-                    lam = lam.clone()
                     i, j = flag.nonzero(as_tuple=True)
-                    gi, gj = i + rows.start, j + (cols.start or 0)
-                    parts = _exact_gradient(plan, gi, gj, c[i, j], q1, q2, w, g[i, j], scale_d.reshape(()), value)
-                    lam[i, j] = parts[0]
-                    g_q1.index_add_(0, gi, parts[1].unsqueeze(-1))
-                    g_q2.index_add_(1, gj, parts[2].unsqueeze(0))
-                    g_w += parts[3]
-                    g_scale += parts[4]
+                    handed.append((i + rows.start, j + (cols.start or 0), c[i, j], g[i, j]))
                 _accumulate_product_grads(lam, lhs, rhs, g_lhs, g_rhs, rows, cols, two_sided)
+        if handed:
+            gi, gj, c_vals, g_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
+            g_c, g1, g2, gw, gs = _exact_gradient(plan, gi, gj, c_vals, q1, q2, w, g_vals, scale_d.reshape(()), value)
+            g_q1.index_add_(0, gi, g1.unsqueeze(-1))
+            g_q2.index_add_(1, gj, g2.unsqueeze(0))
+            g_w += gw
+            g_scale += gs
+            # c_ij = lhs_i . rhs_j (symmetrised with two_sided), entry by entry.
+            half = 0.5 if two_sided else 1.0
+            g_lhs.index_add_(0, gi, half * g_c.unsqueeze(-1) * rhs[gj])
+            g_rhs.index_add_(0, gj, half * g_c.unsqueeze(-1) * lhs[gi])
+            if two_sided:
+                g_rhs.index_add_(0, gi, half * g_c.unsqueeze(-1) * lhs[gj])
+                g_lhs.index_add_(0, gj, half * g_c.unsqueeze(-1) * rhs[gi])
         needs = ctx.needs_input_grad
         return (
             None,
