@@ -196,19 +196,8 @@ def _low_positions(exps: tuple[int, ...]) -> tuple[int | None, int | None]:
 def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., None]:
     low = _low_positions(exps)
 
-    def forward_block(
-        out: Tensor,
-        flag: Tensor,
-        c: Tensor,
-        q1: Tensor,
-        q2: Tensor,
-        a1: Tensor,
-        a2: Tensor,
-        tau1: Tensor,
-        tau2: Tensor,
-        scale: Tensor,
-        params: Tensor,
-    ) -> None:
+    def forward_block(out: Tensor, flag: Tensor, scale: Tensor, params: Tensor, *block: Tensor) -> None:
+        c, q1, q2, a1, a2, tau1, tau2 = block
         rho, v, _, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
         out.copy_((v if value else torch.sqrt(q1) * torch.sqrt(q2) * rho) * scale)
         flag.copy_(miss)
@@ -221,19 +210,9 @@ def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: boo
     low = _low_positions(exps)
 
     def backward_block(
-        c: Tensor,
-        grad: Tensor,
-        q1: Tensor,
-        q2: Tensor,
-        a1: Tensor,
-        a2: Tensor,
-        da1: Tensor,
-        da2: Tensor,
-        tau1: Tensor,
-        tau2: Tensor,
-        scale: Tensor,
-        params: Tensor,
+        grad: Tensor, scale: Tensor, params: Tensor, da1: Tensor, da2: Tensor, *block: Tensor
     ) -> tuple[Tensor, ...]:
+        c, q1, q2, a1, a2, tau1, tau2 = block
         rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
         g = torch.where(flag, 0.0, grad * scale)
         root = torch.sqrt(q1) * torch.sqrt(q2)
@@ -273,8 +252,9 @@ def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: boo
 class SeriesPlan:
     """The series of one call: kept exponents, order, and per-point coefficient stacks.
 
-    ``rows`` and ``cols`` are ``(a, tau)`` with ``a`` of shape ``(n, terms)`` (rows) or
-    ``(terms, m)`` (columns) in the working dtype and ``tau = sqrt(T / (tol D))``.
+    ``rows`` is ``(a, tau)`` with ``a`` of shape ``(n, terms)`` and ``tau`` of shape ``(n, 1)``,
+    ``cols`` the same transposed, ``(terms, m)`` and ``(1, m)``, in the working dtype;
+    ``tau = sqrt(T / (tol D))`` turns the truncation bound into ``|rho|^(K+1) tau1 tau2 <= 1``.
     """
 
     def __init__(
@@ -364,7 +344,8 @@ def series_plan(
 
     a1, tau1 = stack(coef1, total1)
     a2, tau2 = (a1, tau1) if symmetric else stack(coef2, total2)
-    return SeriesPlan(act, exps, order, steps, (a1.T.contiguous(), tau1), (a2.contiguous(), tau2), exact)
+    rows = (a1.T.contiguous(), tau1.reshape(-1, 1))
+    return SeriesPlan(act, exps, order, steps, rows, (a2.contiguous(), tau2.reshape(1, -1)), exact)
 
 
 def _sample(
@@ -467,8 +448,6 @@ class _SeriesKernel(torch.autograd.Function):
         params = w.detach().reshape(1).to(dtype)
         kernel = backend.fused(_forward_function(plan.exps, plan.order, plan.steps, value, eps), n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
-        (a1, tau1), (a2, tau2) = plan.rows, plan.cols
-        tau1, tau2 = tau1.reshape(n, 1), tau2.reshape(1, m)
         scale_d = scale.detach().reshape(1, 1)
         handed = []
         for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
@@ -476,19 +455,7 @@ class _SeriesKernel(torch.autograd.Function):
                 dest = result[rows, cols]
                 c = _c_block(lhs, rhs, rows, cols, True, two_sided)
                 flag = torch.empty(c.shape, dtype=torch.bool, device=device)
-                kernel(
-                    dest,
-                    flag,
-                    c,
-                    q1c[rows],
-                    q2r[:, cols],
-                    a1[rows],
-                    a2[:, cols],
-                    tau1[rows],
-                    tau2[:, cols],
-                    scale_d,
-                    params,
-                )
+                kernel(dest, flag, scale_d, params, c, *_point_blocks(plan, q1c, q2r, rows, cols))
                 if symmetric and not mirrored:
                     flag = _upper(flag, diagonal is not None)
                 if bool(flag.any()):
@@ -529,8 +496,6 @@ class _SeriesKernel(torch.autograd.Function):
         params = w.detach().reshape(1).to(dtype)
         kernel = backend.fused(_backward_function(plan.exps, plan.order, plan.steps + 1, value, eps), n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
-        (a1, tau1), (a2, tau2) = plan.rows, plan.cols
-        tau1, tau2 = tau1.reshape(n, 1), tau2.reshape(1, m)
         da1 = plan.slopes(q1, dtype).T.contiguous()
         da2 = da1.T.contiguous() if symmetric else plan.slopes(q2, dtype).contiguous()
         scale_d = scale.detach().reshape(1, 1)
@@ -548,20 +513,8 @@ class _SeriesKernel(torch.autograd.Function):
                     if mirrored:
                         g = g + grad[cols, rows].mT
                 c = _c_block(lhs, rhs, rows, cols, True, two_sided)
-                lam, e1, e2, flag, gw_b, gs_b = kernel(
-                    c,
-                    g,
-                    q1c[rows],
-                    q2r[:, cols],
-                    a1[rows],
-                    a2[:, cols],
-                    da1[rows],
-                    da2[:, cols],
-                    tau1[rows],
-                    tau2[:, cols],
-                    scale_d,
-                    params,
-                )
+                point = _point_blocks(plan, q1c, q2r, rows, cols)
+                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, da1[rows], da2[:, cols], c, *point)
                 g_w += gw_b.sum()
                 g_scale += gs_b.sum()
                 g_q1[rows] += e1.sum(1, keepdim=True)
@@ -599,6 +552,12 @@ class _SeriesKernel(torch.autograd.Function):
             g_scale.reshape(scale.shape) if needs[9] else None,
             grad_diag,
         )
+
+
+def _point_blocks(plan: SeriesPlan, q1: Tensor, q2: Tensor, rows: slice, cols: slice) -> tuple[Tensor, ...]:
+    """``(q1, q2, a1, a2, tau1, tau2)`` of a block: the rows' and the columns' per-point data."""
+    (a1, tau1), (a2, tau2) = plan.rows, plan.cols
+    return q1[rows], q2[:, cols], a1[rows], a2[:, cols], tau1[rows], tau2[:, cols]
 
 
 def _upper(flag: Tensor, skip_diagonal: bool) -> Tensor:
