@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backend
-from .activations import Activation
+from .activations import Activation, _series_tolerance, _tail_ratio
 from .product import _accumulate_product_grads, _c_block, _folded_square, _pieces, _row_blocks, _symmetrise_square
 
 __all__ = ["NEWTON_STEPS", "SeriesPlan", "series_kernel", "series_plan"]
@@ -59,11 +59,6 @@ ORDERS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 SAMPLE = 2048
 #: A coefficient is dropped when it is this small, relative to ``sqrt(D)``, at every point.
 _ZERO = 1e-15
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    # As QuadratureActivation's series: below the accuracy promised, and below float32 rounding.
-    return 1e-12 if dtype == torch.float64 else 1e-8
 
 
 # --------------------------------------------------------------------------- block code
@@ -283,14 +278,8 @@ class SeriesPlan:
 
 def _main_order(coefs: list[Tensor], totals: list[Tensor], cover: float, tol: float) -> int:
     for candidate in ORDERS:
-        ok = True
-        for coef, total in zip(coefs, totals, strict=True):
-            tail = (total - (coef[: candidate + 1] ** 2).sum(0)).clamp_min(0.0)
-            ratio = float((tail / total.clamp_min(1e-300)).max()) if total.numel() else 0.0
-            if ratio * cover ** (candidate + 1) > tol:
-                ok = False
-                break
-        if ok:
+        pairs = zip(coefs, totals, strict=True)
+        if all(_tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for coef, total in pairs):
             return candidate
     return ORDERS[-1]
 
@@ -322,7 +311,7 @@ def series_plan(
         return None
     second = first if symmetric else act.hermite_expansion(q2, top)
     dtype = q1.dtype
-    tol = _tolerance(dtype)
+    tol = _series_tolerance(dtype)
     (coef1, total1), (coef2, total2) = first, second
     sample = _sample(coef1, coef2, q1, q2, lhs, rhs, w, two_sided, symmetric)
     cover, steps = 0.9, NEWTON_STEPS
