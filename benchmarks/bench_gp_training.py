@@ -12,7 +12,7 @@ noise), one after the other in the same run. ``base`` is ``DEQKernel("relu")`` o
   factorisation, closed-form gradient), the objective ``fit_exact_gp`` uses.
 
 Each time is the best of ``--repeats`` runs; the ratio is DEQ over RBF. A warm-up run first
-(``torch.compile``, where :mod:`deq_kernel.backend` uses it, compiles on first use).
+(``torch.compile``, where :mod:`deq_kernel.equilibrium.backend` uses it, compiles on first use).
 
 Usage::
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from . import activations, settings
 from .activations import ACTIVATIONS, Activation, get_activation
-from .backend import OutputTooLargeError
+from .equilibrium.backend import OutputTooLargeError
+from .equilibrium.newton import ConvergenceError
 from .functional import equilibrium_covariance
 from .gpytorch import DEQKernel
-from .solver import ConvergenceError
 
 __version__ = "0.1.0"
 

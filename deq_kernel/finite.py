@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import Activation, get_activation
-from .solver import ConvergenceError
+from .equilibrium.newton import ConvergenceError
 
 __all__ = [
     "ESTIMATORS",

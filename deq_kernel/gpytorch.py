@@ -32,8 +32,8 @@ from linear_operator.utils.errors import NotPSDError
 from torch import Tensor
 
 from .activations import Activation, get_activation
+from .equilibrium.newton import ConvergenceError
 from .functional import equilibrium_covariance
-from .solver import ConvergenceError
 
 __all__ = [
     "KERNELS",
@@ -83,7 +83,7 @@ class DEQKernel(Kernel):
 
     With ``kernel="ntk"`` the covariance is instead the neural tangent kernel of the same
     network with all of :math:`U, W, b, v` trained (Feng and Kolter, arXiv:2310.14062; derived in
-    :mod:`deq_kernel.ntk`),
+    :mod:`deq_kernel.equilibrium.ntk`),
 
     .. math::
         \Theta(\mathbf{x}, \mathbf{x'}) = k_\text{DEQ}(\mathbf{x}, \mathbf{x'})

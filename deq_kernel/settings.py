@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
-__all__ = ["compile", "max_block_size", "max_iterations", "tolerance_factor"]
+__all__ = ["compile", "max_block_size", "max_iterations", "pair_solver", "tolerance_factor"]
 
 
 class _Setting:
@@ -115,3 +115,23 @@ class max_block_size(_Setting):
     @classmethod
     def _validate(cls, value: Any) -> int | None:
         return None if value is None else _positive_int("max_block_size", value)
+
+
+class pair_solver(_Setting):
+    """Force the pair solver by name (default ``"auto"``: the engine's plan chooses).
+
+    The names are those of :data:`deq_kernel.equilibrium.plan.SOLVERS`. Every solver returns
+    the same numbers to rounding; forcing one is for verification and benchmarking. Forcing a
+    solver that cannot serve a call raises ``ValueError`` saying why.
+    """
+
+    _default = "auto"
+
+    @classmethod
+    def _validate(cls, value: Any) -> str:
+        from .equilibrium.plan import SOLVERS  # the names live with the solvers
+
+        names = ("auto", *(s.name for s in SOLVERS))
+        if value not in names:
+            raise ValueError(f"pair_solver must be one of {', '.join(map(repr, names))}, got {value!r}")
+        return value

@@ -38,6 +38,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
+from . import settings
 from .activations import Activation, get_activation
 from .functional import equilibrium_covariance
 from .gpytorch import KERNELS, WEIGHT_VARIANCE_MARGIN, DEQKernel, ExactGPModel, FitResult, fit_exact_gp
@@ -71,7 +72,7 @@ class DEQ(Kernel):
     :class:`~sklearn.gaussian_process.kernels.ConstantKernel` for an output variance.
 
     With ``kernel="ntk"`` it is instead the neural tangent kernel of the same network with all
-    of :math:`U, W, b, v` trained (Feng and Kolter, arXiv:2310.14062; see :mod:`deq_kernel.ntk`),
+    of :math:`U, W, b, v` trained (Feng and Kolter, arXiv:2310.14062; see :mod:`deq_kernel.equilibrium.ntk`),
     :math:`\Theta = k + \dot E\, K^* / (1 - \sigma_w^2 \dot E)` with
     :math:`\dot E = E[\phi'(u)\phi'(v)]`: the kernel of gradient-descent training. It too is
     proportional to the output variance, which the ``ConstantKernel`` then holds.
@@ -281,10 +282,9 @@ class DEQ(Kernel):
         a copy, so one backward pass of their sum gives every entry's gradient.
         """
         act, output = self._activation(), self._output()
-        if act.homogeneous:
-            # The relu family's tabulated solver builds one table per batch entry whose weight
-            # variance it reads; the general solver handles a weight variance per pair at once.
-            act = _SolvedPairwise(act)
+        # The relu family's table solver builds one table per batch entry whose weight
+        # variance it reads; the general solver handles a weight variance per pair at once.
+        solver = "general" if act.offers.pair_equation == "correlation_table" else "auto"
         n = x.shape[0]
         rows, cols = torch.triu_indices(n, n)
         width = sum(hypers[name].numel() for name in free)
@@ -297,9 +297,10 @@ class DEQ(Kernel):
             for name, t in hypers.items():
                 shape = (count, t.numel()) if name == "input_variance" else (count,)
                 leaves[name] = t.reshape(-1).expand(shape).clone().requires_grad_(name in free)
-            values = equilibrium_covariance(
-                x[i].unsqueeze(-2), x[j].unsqueeze(-2), activation=act, diag=True, output=output, **leaves
-            ).squeeze(-1)
+            with settings.pair_solver(solver):
+                values = equilibrium_covariance(
+                    x[i].unsqueeze(-2), x[j].unsqueeze(-2), activation=act, diag=True, output=output, **leaves
+                ).squeeze(-1)
             K[i, j] = K[j, i] = values.detach()
             if free:
                 grads = torch.autograd.grad(values.sum(), [leaves[name] for name in free])
@@ -307,37 +308,6 @@ class DEQ(Kernel):
                 jacobian[i, j] = block
                 jacobian[j, i] = block
         return K, jacobian
-
-
-class _SolvedPairwise(Activation):
-    """An activation and its dual, unchanged, marked for the core's general (per-pair Newton) solver."""
-
-    homogeneous = False
-
-    def __init__(self, activation: Activation) -> None:
-        self.activation = activation
-        self.name = activation.name
-        self.weight_variance_bound = activation.weight_variance_bound
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.activation(x)
-
-    def derivative(self, x: Tensor) -> Tensor:
-        return self.activation.derivative(x)
-
-    def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        return self.activation.diag_dual(q)
-
-    def pair_dual(self, state1: tuple, state2: tuple, rho: Tensor) -> tuple[Tensor, Tensor]:
-        return self.activation.pair_dual(state1, state2, rho)
-
-    def prepare(
-        self, q1: Tensor, q2: Tensor | None = None, *, coverage: float | None = None
-    ) -> tuple[tuple, tuple | None]:
-        return self.activation.prepare(q1, q2, coverage=coverage)
-
-    def derivative_activation(self) -> Activation:
-        return self.activation.derivative_activation()
 
 
 # --------------------------------------------------------------------------- estimators

@@ -11,7 +11,7 @@ Gaussian :math:`q(u) = N(\mu, S)` over the function values at ``Z``
 
 Each step evaluates the kernel on ``K(Z, Z)`` (symmetric, ``m x m``), ``K(Z, X_batch)``
 (rectangular) and the diagonal ``k(x, x)`` of the batch: the first two take the relu family's
-tabulated path of :mod:`deq_kernel.homogeneous`, the last the O(n) diagonal path. Their shapes
+correlation-table path of :mod:`deq_kernel.equilibrium.table`, the last the O(n) diagonal path. Their shapes
 repeat from step to step, so :func:`fit_svgp` compiles the kernel's elementwise passes
 (``settings.compile(True)``) unless the user has chosen otherwise: compilation, a few seconds
 once, is repaid within the first epoch.

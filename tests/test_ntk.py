@@ -166,7 +166,7 @@ def _empirical_ntk(x: torch.Tensor, width: int, seed: int, kw: dict) -> torch.Te
     :class:`~deq_kernel.finite.DEQNetwork` stores the scaled weights (``W`` with variance
     ``weight_variance / width``, ...), the standard parameterisation, whereas the kernel is
     derived in the NTK parameterisation, ``W = sigma_w W~ / sqrt(width)`` with ``W~`` trained
-    (see :mod:`deq_kernel.ntk`). The chain rule gives ``df/dW~ = (sigma_w / sqrt(width)) df/dW``,
+    (see :mod:`deq_kernel.equilibrium.ntk`). The chain rule gives ``df/dW~ = (sigma_w / sqrt(width)) df/dW``,
     so each parameter's Jacobian product is weighted by its initial variance.
     """
     d = x.shape[-1]

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from deq_kernel import OutputTooLargeError, backend, equilibrium_covariance, settings
+from deq_kernel import OutputTooLargeError, equilibrium_covariance, settings
+from deq_kernel.equilibrium import backend
 
 
 def test_an_output_that_cannot_fit_raises_before_allocating():

@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import deq_kernel
-import deq_kernel.functional
+import deq_kernel.equilibrium.pairs
 from deq_kernel import settings
 from deq_kernel.sklearn import DEQGPClassifier, DEQGPRegressor
 from deq_kernel.variational import SVGPModel, fit_svgp, predict_latent
@@ -123,13 +123,13 @@ def _toy(n=600, seed=0):
 def test_rectangular_blocks_take_the_table_path_compiled(monkeypatch):
     """Each step's K(Z, X_batch) goes to the relu table kernel, unsymmetrised, with compilation on."""
     calls = []
-    original = deq_kernel.functional.homogeneous_kernel
+    original = deq_kernel.equilibrium.pairs.homogeneous_kernel
 
     def spy(act, lhs, rhs, *args, **kwargs):
         calls.append((lhs.shape[-2], rhs.shape[-2], kwargs["symmetric"], settings.compile.value()))
         return original(act, lhs, rhs, *args, **kwargs)
 
-    monkeypatch.setattr(deq_kernel.functional, "homogeneous_kernel", spy)
+    monkeypatch.setattr(deq_kernel.equilibrium.pairs, "homogeneous_kernel", spy)
     X, y = _toy(300)
     x, t = torch.as_tensor(X), torch.as_tensor(y)
     model = SVGPModel(x[:32].clone(), gpytorch.likelihoods.GaussianLikelihood()).double()

@@ -1,4 +1,4 @@
-"""erf's pair equation in the arcsine variable (deq_kernel.arcsine) against the general solver."""
+"""erf's pair equation in the arcsine variable (deq_kernel.equilibrium.arcsine) against the general solver."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from deq_kernel import ConvergenceError, arcsine, equilibrium_covariance, functional, settings
-from deq_kernel.activations import Erf
+from deq_kernel import ConvergenceError, equilibrium_covariance, settings
+from deq_kernel.equilibrium import arcsine, pairs
 
 
 def _general(monkeypatch, *args, **kwargs):
-    """The same call through the general safeguarded Newton solver instead of deq_kernel.arcsine."""
-    with monkeypatch.context() as m:
-        m.delitem(functional._ONE_PRODUCT, Erf)
+    """The same call through the general safeguarded Newton solver instead of the arcsine solver."""
+    with settings.pair_solver("general"):
         return equilibrium_covariance(*args, **kwargs)
 
 
@@ -46,14 +45,14 @@ def test_blocks_whose_bound_fails_are_iterated_further(rng, monkeypatch):
     kw = dict(activation="erf", weight_variance=0.78, bias_variance=0.1)
     expected = equilibrium_covariance(x, **kw)
     steps = []
-    solve = arcsine._solve
+    solve = arcsine.solve_block
 
     def spy(*args):
         steps.append(args[-1])
         return solve(*args)
 
     monkeypatch.setattr(arcsine, "NEWTON_STEPS", 0)  # the final correction alone: the bound fails
-    monkeypatch.setattr(arcsine, "_solve", spy)
+    monkeypatch.setattr(arcsine, "solve_block", spy)
     got = equilibrium_covariance(x, **kw)
     assert steps[0] == 0 and max(steps) > 0  # the eager refinement ran
     assert torch.allclose(got, expected, rtol=1e-14, atol=1e-16)
@@ -67,13 +66,13 @@ def test_unconverged_erf_pairs_raise(rng, monkeypatch):
     cov = equilibrium_covariance(x, x.clone(), output="preactivation", **kw)
     s12 = (x @ x.T) / 3 + 0.1
     assert torch.allclose(cov, 0.78 * value + s12, rtol=1e-14, atol=1e-14)
-    kernel = functional.arcsine_kernel
+    kernel = pairs.arcsine_kernel
 
     def capped(*args, **kwargs):  # the diagonal converges as usual; the pair solve gets one step
         with settings.max_iterations(1):
             return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(functional, "arcsine_kernel", capped)
+    monkeypatch.setattr(pairs, "arcsine_kernel", capped)
     monkeypatch.setattr(arcsine, "NEWTON_STEPS", 0)
     with pytest.raises(ConvergenceError, match="erf pair fixed point did not converge in 1 iterations") as info:
         equilibrium_covariance(x, **kw)

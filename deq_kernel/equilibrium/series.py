@@ -17,7 +17,7 @@ a contraction).
 Each block of pairs takes up to :data:`NEWTON_STEPS` Newton steps from the root of the series cut
 after its quadratic term, then one more evaluation gives the Newton correction :math:`\delta` and its bound
 :math:`|\alpha h''|\,\delta^2 / (2 r')`, :math:`r' = 1 - \alpha h'`. A pair is handed to the general
-solver of :mod:`deq_kernel.solver` (exact dual, bracketed Newton) when that bound exceeds
+solver of :mod:`.general` (exact dual, bracketed Newton) when that bound exceeds
 eight machine epsilons or when the series' truncation bound
 :math:`|\rho|^{K+1}\sqrt{T(q_1)T(q_2)} \le \epsilon\sqrt{D(q_1)D(q_2)}` fails
 (:math:`T = D - \sum_{k \in E} a_k^2`): strongly correlated pairs beyond the order chosen for
@@ -42,9 +42,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..activations import Activation
+from ..activations.hermite import horner, series_tolerance, tail_ratio
 from . import backend
-from .activations import Activation, _series_tolerance, _tail_ratio
-from .product import _accumulate_product_grads, _c_block, _folded_square, _pieces, _row_blocks, _symmetrise_square
+from .blocks import _accumulate_product_grads, _c_block, _folded_square, _pieces, _row_blocks, _symmetrise_square
 
 __all__ = ["NEWTON_STEPS", "SeriesPlan", "series_kernel", "series_plan"]
 
@@ -64,16 +65,6 @@ _ZERO = 1e-15
 # --------------------------------------------------------------------------- block code
 
 
-def _power(rho: Tensor, rho2: Tensor, g: int) -> Tensor | None:
-    """``rho ** g`` for a small non-negative integer ``g`` (``None`` for 1, i.e. g = 0)."""
-    if g == 0:
-        return None
-    out = rho if g % 2 else None
-    for _ in range(g // 2):
-        out = rho2 if out is None else out * rho2
-    return out
-
-
 def _int_power(r: Tensor, e: int) -> Tensor:
     """``r ** e`` for a positive integer ``e``, by repeated squaring."""
     out = None
@@ -87,48 +78,11 @@ def _int_power(r: Tensor, e: int) -> Tensor:
         base = base * base
 
 
-def _mul(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a * b
-
-
 def _series(
     rho: Tensor, a1: Tensor, a2: Tensor, exps: tuple[int, ...], derivatives: int
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``h``, ``h'`` and (with ``derivatives=2``) ``h''`` of ``sum_i a1[:, i] a2[i] rho^exps[i]``.
-
-    Horner's rule over the exponents kept, stepping by their gaps (powers of ``rho**2``).
-    ``a1`` is ``(rows, terms)``, ``a2`` is ``(terms, cols)``.
-    """
-    rho2 = rho * rho
-    last = len(exps) - 1
-    v = a1[:, last : last + 1] * a2[last : last + 1, :]
-    d: Tensor | None = None
-    dd: Tensor | None = None
-
-    def step(v: Tensor, d: Tensor | None, dd: Tensor | None, g: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        pg = _power(rho, rho2, g)
-        pg1 = _power(rho, rho2, g - 1)
-        if derivatives >= 2:
-            terms = [_mul(dd, pg)] if dd is not None else []
-            if d is not None:
-                terms.append(_mul(d, pg1) * (2.0 * g))
-            if g >= 2:
-                terms.append(_mul(v, _power(rho, rho2, g - 2)) * float(g * (g - 1)))
-            dd = functools.reduce(torch.add, terms) if terms else None
-        if derivatives >= 1:
-            slope = _mul(v, pg1) * float(g)
-            d = slope if d is None else _mul(d, pg) + slope
-        return _mul(v, pg), d, dd
-
-    for i in range(last - 1, -1, -1):
-        v, d, dd = step(v, d, dd, exps[i + 1] - exps[i])
-        v = v + a1[:, i : i + 1] * a2[i : i + 1, :]
-    if exps[0] > 0:
-        v, d, dd = step(v, d, dd, exps[0])
-    zero = torch.zeros_like(v) if (d is None or dd is None) and derivatives else None
-    return v, (d if d is not None or not derivatives else zero), (dd if dd is not None or derivatives < 2 else zero)
+    """Mehler's series of a block and its derivatives: ``a1`` is ``(rows, terms)``, ``a2`` is ``(terms, cols)``."""
+    return horner(rho, lambda i: a1[:, i : i + 1] * a2[i : i + 1, :], exps, derivatives)
 
 
 def _solve(
@@ -279,7 +233,7 @@ class SeriesPlan:
 def _main_order(coefs: list[Tensor], totals: list[Tensor], cover: float, tol: float) -> int:
     for candidate in ORDERS:
         pairs = zip(coefs, totals, strict=True)
-        if all(_tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for coef, total in pairs):
+        if all(tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for coef, total in pairs):
             return candidate
     return ORDERS[-1]
 
@@ -311,7 +265,7 @@ def series_plan(
         return None
     second = first if symmetric else act.hermite_expansion(q2, top)
     dtype = q1.dtype
-    tol = _series_tolerance(dtype)
+    tol = series_tolerance(dtype)
     (coef1, total1), (coef2, total2) = first, second
     sample = _sample(coef1, coef2, q1, q2, lhs, rhs, w, two_sided, symmetric)
     cover, steps = 0.9, NEWTON_STEPS

@@ -23,7 +23,7 @@ correction :math:`\delta`, which is applied (to :math:`t` and, linearly, to
 :math:`\theta = \arcsin t`) and bounds what is left: after it the relative error of
 :math:`\theta` is at most about :math:`\delta^2 / (2 s^2 (s - \alpha))`, :math:`s = \sqrt{1 - t^2}`.
 A block whose bound exceeds eight machine epsilons is iterated further, eagerly, until it
-holds (or :class:`~deq_kernel.solver.ConvergenceError` is raised). The backward pass
+holds (or :class:`~deq_kernel.ConvergenceError` is raised). The backward pass
 recomputes the block and applies the implicit function theorem,
 :math:`dt = (d\beta + \theta\,d\alpha) / (1 - \alpha/s)`.
 
@@ -42,11 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import settings
-from .product import product_kernel
-from .solver import ConvergenceError
+from .. import settings
+from .blocks import product_kernel
+from .newton import unconverged
 
-__all__ = ["NEWTON_STEPS", "arcsine_kernel", "arcsine_resolves"]
+__all__ = ["NEWTON_STEPS", "arcsine_kernel", "arcsine_resolves", "solve_block"]
 
 #: Newton steps per block before the final, checked correction. Three quarters of the
 #: pairs of a broad random sample of variances, correlations and weight variances are at
@@ -82,7 +82,7 @@ def _newton_step(t: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor
     return (t - alpha * theta - beta) * s / (s - alpha), s, theta
 
 
-def _solve(c: Tensor, r1: Tensor, r2: Tensor, params: Tensor, steps: int) -> tuple[Tensor, ...]:
+def solve_block(c: Tensor, r1: Tensor, r2: Tensor, params: Tensor, steps: int) -> tuple[Tensor, ...]:
     """``(t, theta, s, alpha, miss)`` at the root for ``beta = c``, ``miss`` the error bound.
 
     ``params = (w, t_max)``: ``|t|`` is kept below ``t_max = 1 - eps``. A root beyond it is
@@ -117,7 +117,7 @@ def _forward_block(
     value: bool,
 ) -> Tensor:
     """Write the block's result into ``out``; return its largest error bound."""
-    t, theta, _, _, miss = _solve(c, r1, r2, params, NEWTON_STEPS)
+    t, theta, _, _, miss = solve_block(c, r1, r2, params, NEWTON_STEPS)
     out.copy_(_output(t, theta, r1, r2, scale, value))
     return miss.amax()
 
@@ -134,7 +134,7 @@ def _backward_block(
     matrix: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dL/dc, dL/dw, dL/dr1, dL/dr2, dL/dscale)``, reduced over the block where shared."""
-    t, theta, s, alpha, _ = _solve(c, r1, r2, params, NEWTON_STEPS)
+    t, theta, s, alpha, _ = solve_block(c, r1, r2, params, NEWTON_STEPS)
     if grad_t is not None:
         grad = grad + grad_t
     root = r1 * r2
@@ -156,7 +156,7 @@ def _backward_block(
 
 
 class ArcsineFamily:
-    """The erf pair family of :mod:`deq_kernel.product` for one weight variance."""
+    """The erf pair family of :mod:`.blocks` for one weight variance."""
 
     def __init__(self, w: float, dtype: torch.dtype, device: torch.device) -> None:
         self.w = w
@@ -183,17 +183,12 @@ class ArcsineFamily:
             return
         max_iter = settings.max_iterations.value()
         for steps in range(NEWTON_STEPS + 1, max_iter + 1):
-            t, theta, _, _, bound = _solve(c, r1, r2, self.params, steps)
+            t, theta, _, _, bound = solve_block(c, r1, r2, self.params, steps)
             worst = float(bound.amax())
             if worst <= tol:
                 out.copy_(_output(t, theta, r1, r2, scale, value))
                 return
-        raise ConvergenceError(
-            f"the erf pair fixed point did not converge in {max_iter} iterations (error bound {worst:.3g}, "
-            f"tolerance {tol:.3g}); raise deq_kernel.settings.max_iterations or check the hyperparameters",
-            residual=worst,
-            iterations=max_iter,
-        )
+        raise unconverged("erf pair", worst, tol, max_iter, measure="error bound")
 
 
 def arcsine_kernel(lhs: Tensor, rhs: Tensor, w: Tensor, r1: Tensor, r2: Tensor, **options: Any) -> Tensor:

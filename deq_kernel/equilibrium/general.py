@@ -1,32 +1,19 @@
-r"""The equilibrium fixed points and their implicit gradients.
+r"""The general pair solver: any activation, through its exact dual, by the checked Newton method.
 
-This module is the only place that knows how a fixed point is found. Two scalar
-equations make up the kernel (see DESIGN.md):
+The pair equation, one per pair given the two diagonals, in the correlation
+:math:`\rho = c/\sqrt{q_1 q_2}`:
 
-* the diagonal, one per point: :math:`q = w\,D(q) + s`, with :math:`D(q) = E[\phi(u)^2]`;
-* the pair, one per pair given the two diagonals, in the correlation
-  :math:`\rho = c/\sqrt{q_1 q_2}`:
-  :math:`r(\rho) = \rho - (w\,V(q_1, q_2, \rho) + s_{12})/\sqrt{q_1 q_2} = 0`.
+.. math:: r(\rho) = \rho - (w\,V(q_1, q_2, \rho) + s_{12})/\sqrt{q_1 q_2} = 0,
 
-Nothing couples different points or pairs, so every equation is solved elementwise
-and vectorised, by Newton's method safeguarded by bisection: a bracket with
-:math:`r \le 0` on one side and :math:`r \ge 0` on the other is kept (for the pair,
-Cauchy-Schwarz gives it as :math:`[-1, 1]`), and a step that leaves it is replaced by
-the bracket's midpoint. Iteration stops when the residual is at the rounding level of
-the working dtype (``settings.tolerance_factor`` machine epsilons), after which one
-more Newton step is taken; if that does not happen within ``settings.max_iterations``
-iterations, :class:`ConvergenceError` is raised. An unconverged matrix is never returned.
-
-For the positively homogeneous activations (relu, leaky_relu, abs, identity) the pair
-equation has a single input and :mod:`deq_kernel.homogeneous` tabulates its solution with
-the Newton method here.
+increasing on the bracket :math:`[-1, 1]` that Cauchy-Schwarz gives. Row blocks of the pair
+array are iterated with a (fusable) safeguarded Newton step on the activation's bulk dual,
+under the stopping rule of :mod:`.newton`; pairs at which the bulk dual is not exact are
+solved again with the exact dual, gathered. This path serves every activation, batch and
+broadcast pattern; the plan (:mod:`.plan`) prefers a faster one where one applies.
 
 Gradients come from the implicit function theorem, never from back-propagating
-through iterations (first derivatives only: the backward passes are marked
-``once_differentiable``, so asking for second derivatives raises instead of returning
-wrong ones): for :math:`r(\rho, \vartheta) = 0`,
-:math:`\partial\rho/\partial\vartheta = -(\partial r/\partial\vartheta)/(\partial r/\partial\rho)`,
-applied by custom ``torch.autograd.Function`` s.
+through iterations: for :math:`r(\rho, \vartheta) = 0`,
+:math:`\partial\rho/\partial\vartheta = -(\partial r/\partial\vartheta)/(\partial r/\partial\rho)`.
 """
 
 from __future__ import annotations
@@ -40,201 +27,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import backend, settings
-from .activations import Activation, PiecewiseLinear, State, safe_sqrt
+from .. import settings
+from ..activations import Activation, State, safe_sqrt
+from . import backend
+from .newton import newton, tolerance, unconverged
 
-__all__ = ["ConvergenceError", "solve_diagonal", "solve_pairs"]
-
-
-class ConvergenceError(RuntimeError):
-    """A fixed-point solve did not reach its tolerance within the iteration cap.
-
-    Attributes
-    ----------
-    residual : float
-        The largest residual left, in the units of the equation solved.
-    iterations : int
-        Iterations taken.
-    """
-
-    def __init__(self, message: str, *, residual: float, iterations: int) -> None:
-        super().__init__(message)
-        self.residual = residual
-        self.iterations = iterations
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return settings.tolerance_factor.value() * torch.finfo(dtype).eps
-
-
-def _newton(
-    residual: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
-    x: Tensor,
-    lo: Tensor,
-    hi: Tensor,
-    *,
-    what: str,
-    skip: Tensor | None = None,
-) -> Tensor:
-    """Solve the increasing equations ``r(x) = 0`` elementwise, with ``r(lo) <= 0 <= r(hi)``.
-
-    ``residual(x)`` returns ``(r, dr/dx, scale)``; an entry has converged when
-    ``|r| <= tol * scale`` or its bracket has shrunk to rounding size. Entries in
-    ``skip`` are left as they are.
-    """
-    tol = _tolerance(x.dtype)
-    max_iter = settings.max_iterations.value()
-    for iteration in range(max_iter + 1):
-        r, dr, scale = residual(x)
-        done = (r.abs() <= tol * scale) | (hi - lo <= tol * (1.0 + x.abs()))
-        if skip is not None:
-            done = done | skip
-        lo = torch.where(r < 0, x, lo)
-        hi = torch.where(r > 0, x, hi)
-        step = x - r / dr
-        inside = (dr > 0) & (step >= lo) & (step <= hi)  # False for NaN as well
-        newton_or_bisect = torch.where(inside, step, 0.5 * (lo + hi))
-        if bool(done.all()):
-            # One more Newton step from the converged point: the stopping test is met
-            # at the tolerance, the step takes the root to rounding level.
-            return torch.where(inside & ~(skip if skip is not None else torch.zeros_like(done)), step, x)
-        if iteration == max_iter:
-            open_r = torch.where(done, torch.zeros_like(r), r.abs() / scale)
-            worst = float(open_r.max())
-            raise ConvergenceError(
-                f"the {what} fixed point did not converge in {max_iter} iterations "
-                f"(largest relative residual {worst:.3g}, tolerance {tol:.3g}); raise "
-                "deq_kernel.settings.max_iterations or check the hyperparameters",
-                residual=worst,
-                iterations=max_iter,
-            )
-        x = torch.where(done, x, newton_or_bisect)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-# --------------------------------------------------------------------------- diagonal
-
-
-#: Chebyshev nodes of the interpolated start of the diagonal (see :func:`_interpolated_diagonal`).
-DIAGONAL_NODES = 33
-
-
-def _diagonal_forward(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(q, D(q), D'(q))`` at the diagonal fixed point."""
-    if isinstance(act, PiecewiseLinear):
-        q = s / (1.0 - w * act.variance_gain)
-        return (q, *act.diag_dual(q))
-    if w.numel() == 1 and s.numel() > 2 * DIAGONAL_NODES:
-        done = _interpolated_diagonal(act, s, w)
-        if done is not None:
-            return done
-    q = _bracketed_diagonal(act, s, w)
-    return (q, *act.diag_dual(q))
-
-
-#: Newton steps from the interpolated start before the bracketed method takes over.
-DIAGONAL_POLISH = 4
-
-
-def _interpolated_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The diagonal of many points from one scalar function: ``q*(s)`` for the given ``w``.
-
-    ``q*`` is solved on :data:`DIAGONAL_NODES` Chebyshev nodes spanning the values of ``s`` (in
-    ``log(s + delta)`` when they span more than a decade), interpolated to every point
-    (barycentric formula), and polished by Newton's method with the exact dual until the
-    solver's residual test holds, one evaluation per step: usually one, instead of about
-    eight from a bracket. ``None`` (the bracketed method is used) if that takes more than
-    :data:`DIAGONAL_POLISH` steps.
-    """
-    s64 = s.detach().to(torch.float64).reshape(-1)
-    lo, hi = float(s64.min()), float(s64.max())
-    delta = max(1e-3 * hi, 1e-300)
-    logarithmic = lo >= 0.0 and hi > 10.0 * (lo + delta)
-    u = torch.log(s64 + delta) if logarithmic else s64
-    u_lo, u_hi = float(u.min()), float(u.max())
-    k = torch.arange(DIAGONAL_NODES, dtype=torch.float64, device=s.device)
-    u_nodes = 0.5 * (u_lo + u_hi) + 0.5 * (u_hi - u_lo) * torch.cos(math.pi * k / (DIAGONAL_NODES - 1))
-    nodes = (torch.exp(u_nodes) - delta).clamp_min(0.0) if logarithmic else u_nodes
-    w64 = w.detach().to(torch.float64).reshape(())
-    q_nodes = _bracketed_diagonal(act, nodes, w64)
-    if u_hi > u_lo:
-        weights = torch.where(k % 2 == 0, 1.0, -1.0)
-        weights[0] *= 0.5
-        weights[-1] *= 0.5
-        diff = u.unsqueeze(-1) - u_nodes
-        hit = diff == 0
-        ratio = weights / torch.where(hit, 1.0, diff)
-        ratio = torch.where(hit.any(-1, keepdim=True), hit.to(torch.float64), ratio)
-        q = (ratio * q_nodes).sum(-1) / ratio.sum(-1)
-    else:
-        q = q_nodes[0].expand_as(s64)
-    wd, sd = w.detach(), s.detach()
-    q = torch.maximum(q.reshape(s.shape).to(s.dtype), sd)
-    tol = _tolerance(s.dtype)
-    for _ in range(DIAGONAL_POLISH):
-        d, dd = act.diag_dual(q)
-        r = q - wd * d - sd
-        step = r / (1.0 - wd * dd)
-        if bool((r.abs() <= tol * (q.abs() + (wd * d).abs() + sd)).all()):
-            # One more Newton step, as the bracketed method takes, with D updated linearly.
-            return q - step, d - dd * step, dd
-        q = torch.maximum(q - step, sd)
-    return None
-
-
-def _bracketed_diagonal(act: Activation, s: Tensor, w: Tensor) -> Tensor:
-    def residual(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        d, dd = act.diag_dual(q)
-        return q - w * d - s, 1.0 - w * dd, q.abs() + (w * d).abs() + s
-
-    lo = s.clone()
-    hi = s + w * act.diag_dual(s)[0]
-    # Expand the upper end until the residual is non-negative; under the activation's
-    # bound the map is a contraction in sqrt(q), so a root exists and this terminates.
-    for _ in range(200):
-        r_hi = residual(hi)[0]
-        if bool((r_hi >= 0).all()):
-            break
-        hi = torch.where(r_hi >= 0, hi, 2.0 * hi + 1.0)
-    else:  # pragma: no cover - only for activations outside their bound
-        raise ConvergenceError("no bracket found for the diagonal fixed point", residual=math.inf, iterations=200)
-    x0 = 0.5 * (lo + hi)
-    return _newton(residual, x0, lo, hi, what="diagonal")
-
-
-class _DiagonalFixedPoint(torch.autograd.Function):
-    """``(s, w) -> (q, D(q))`` with ``q = w D(q) + s``; implicit backward."""
-
-    @staticmethod
-    def forward(ctx: Any, act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        q, d, dd = _diagonal_forward(act, s, w)
-        ctx.act = act
-        ctx.save_for_backward(w, d, dd)
-        ctx.shapes = (s.shape, w.shape)
-        return q, d
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_q: Tensor, grad_d: Tensor) -> tuple[Tensor | None, ...]:
-        w, d, dd = ctx.saved_tensors
-        s_shape, w_shape = ctx.shapes
-        # q = w D(q) + s  =>  dq = (D dw + ds) / (1 - w D'),  dD = D' dq.
-        lam = (grad_q + grad_d * dd) / (1.0 - w * dd)
-        grad_s = lam.sum_to_size(s_shape) if ctx.needs_input_grad[1] else None
-        grad_w = (lam * d).sum_to_size(w_shape) if ctx.needs_input_grad[2] else None
-        return None, grad_s, grad_w
-
-
-def solve_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Return ``(q, D(q))``: the diagonal fixed point ``q = w D(q) + s`` and its dual.
-
-    ``s`` has the points in its last dimension; ``w`` broadcasts against it.
-    Differentiable in ``s`` and ``w`` by the implicit function theorem.
-    """
-    return _DiagonalFixedPoint.apply(act, s, w)
-
-
-# --------------------------------------------------------------------------- pairs
+__all__ = ["snap_correlation", "solve_pairs"]
 
 
 def _root(state1: State, state2: State) -> Tensor:
@@ -370,7 +168,7 @@ def _pairs_forward(
     step = backend.fused(_step_function(act), total, device)
     finish = backend.fused(_finish_function(act), total, device)
     eps = torch.finfo(s12.dtype).eps
-    tol = _tolerance(s12.dtype)
+    tol = tolerance(s12.dtype)
     max_iter = settings.max_iterations.value()
     rows_total = shape[-2] if matrix else 1
     # A dozen block-sized temporaries live during the iteration: keep blocks modest.
@@ -396,13 +194,7 @@ def _pairs_forward(
                 x = polished
                 break
             if iteration == max_iter:
-                raise ConvergenceError(
-                    f"the pair fixed point did not converge in {max_iter} iterations "
-                    f"(largest relative residual {worst:.3g}, tolerance {tol:.3g}); raise "
-                    "deq_kernel.settings.max_iterations or check the hyperparameters",
-                    residual=worst,
-                    iterations=max_iter,
-                )
+                raise unconverged("pair", worst, tol, max_iter)
             x = moved
         free[sel] = free_b.expand(free[sel].shape)
         identical[sel] = ident_b.expand(identical[sel].shape)
@@ -509,7 +301,7 @@ def _resolve_exactly(
         return x - mapped, 1.0 - w_m * vc, 1.0 + mapped.abs()
 
     x0 = rho[index]
-    x = _newton(residual, x0, -torch.ones_like(x0), torch.ones_like(x0), what="pair").clamp(-1.0, 1.0)
+    x = newton(residual, x0, -torch.ones_like(x0), torch.ones_like(x0), what="pair").clamp(-1.0, 1.0)
     rho[index] = x
     value[index] = act.pair_dual(st1, st2, x)[0]
     return index

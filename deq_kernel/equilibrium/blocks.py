@@ -1,6 +1,6 @@
 r"""Pair kernels whose equation is read off one matrix product.
 
-For the relu family (:mod:`deq_kernel.homogeneous`) and for erf (:mod:`deq_kernel.arcsine`)
+For the relu family (:mod:`.table`) and for erf (:mod:`.arcsine`)
 the pair fixed point depends on the two points only through one number per pair that a
 matrix product delivers, ``c = lhs @ rhs^T`` (the per-point normalisations are folded into
 the operands), and through per-point factors ``r1``, ``r2``. A *family* supplies two pure
@@ -14,7 +14,7 @@ elementwise block functions:
   that of the mirrored block, unless ``None``), reduced over the block where shared.
 
 This module runs them in row blocks (fused by ``torch.compile`` where
-:mod:`deq_kernel.backend` allows): no array of the size of the result other than the result
+:mod:`.backend` allows): no array of the size of the result other than the result
 exists, in either direction. A symmetric result is computed on and above the diagonal and
 mirrored, which halves the work and makes it bitwise symmetric. The
 backward pass recomputes each block from the operands of the product.

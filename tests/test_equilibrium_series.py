@@ -1,4 +1,7 @@
-"""Smooth activations through Mehler's series in one fused pass (deq_kernel.mehler), against the general solver."""
+"""Smooth activations through Mehler's series in one fused pass (deq_kernel.equilibrium.series).
+
+Checked against the general solver (the same call with ``settings.pair_solver("general")``).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +10,23 @@ import pytest
 import torch
 from reference import picard_kernel
 
-from deq_kernel import equilibrium_covariance, functional, get_activation, mehler, settings, solver
+from deq_kernel import equilibrium_covariance, get_activation, settings
+from deq_kernel.equilibrium import diagonal, pairs
+from deq_kernel.equilibrium import series as mehler
 
 SMOOTH = ["tanh", "sigmoid", "softplus", "silu", "gelu"]
 
 
 def _general(monkeypatch, *args, **kwargs):
-    """The same call through the general safeguarded Newton solver instead of deq_kernel.mehler."""
-    with monkeypatch.context() as m:
-        m.setattr(functional, "_series_output", lambda *a, **k: None)
+    """The same call through the general safeguarded Newton solver instead of the series solver."""
+    with settings.pair_solver("general"):
         return equilibrium_covariance(*args, **kwargs)
 
 
 def _spy_plans(monkeypatch):
     """Record the plans made and the pairs each hands to the general solver."""
     plans = []
-    make = functional.series_plan
+    make = pairs.series_plan
 
     def spy(*args, **kwargs):
         plan = make(*args, **kwargs)
@@ -37,7 +41,7 @@ def _spy_plans(monkeypatch):
         plans.append(plan)
         return plan
 
-    monkeypatch.setattr(functional, "series_plan", spy)
+    monkeypatch.setattr(pairs, "series_plan", spy)
     return plans
 
 
@@ -180,8 +184,8 @@ def test_interpolated_diagonal_matches_the_bracketed_solve(rng, name):
     act = get_activation(name)
     s = torch.as_tensor(rng.uniform(0.01, 50.0, size=500))
     w = torch.tensor(act.weight_variance_bound * 0.8, dtype=torch.float64)
-    q, d, dd = solver._interpolated_diagonal(act, s, w)
-    exact = solver._bracketed_diagonal(act, s, w)
+    q, d, dd = diagonal.interpolated_diagonal(act, s, w)
+    exact = diagonal.bracketed_diagonal(act, s, w)
     assert torch.allclose(q, exact, rtol=1e-14, atol=0)
     assert torch.allclose(q, w * d + s, rtol=1e-14, atol=0)  # the fixed point itself
     assert torch.allclose(dd, act.diag_dual(q)[1], rtol=1e-12, atol=1e-15)

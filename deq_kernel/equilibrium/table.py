@@ -13,7 +13,7 @@ change of variables makes analytic, so the interpolation error is uniformly
 
 :math:`\tilde c` itself comes out of one matrix product, with :math:`1/\sqrt{q}` folded into
 the operands. Everything after the product is one elementwise pass, run in row blocks by
-:mod:`deq_kernel.product`. The backward pass recomputes each block and applies the
+:mod:`.blocks`. The backward pass recomputes each block and applies the
 implicit function theorem, :math:`d\rho = (d\tilde c + \kappa\,dw)/(1 - w\kappa'(\rho))`.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .activations import PiecewiseLinear
-from .product import product_kernel
-from .solver import ConvergenceError, _newton
+from ..activations import PiecewiseLinear, kappa_from_angle
+from .blocks import product_kernel
+from .newton import ConvergenceError, newton
 
 __all__ = ["TABLE_SIZE", "CorrelationTable", "homogeneous_kernel"]
 
@@ -60,12 +60,12 @@ class CorrelationTable:
 
     @staticmethod
     def forward_block(*args: Any) -> None:
-        """The block function of :mod:`deq_kernel.product`."""
+        """The block function of :mod:`.blocks`."""
         _forward_block(*args)
 
     @staticmethod
     def backward_block(*args: Any) -> tuple[Tensor, ...]:
-        """The block function of :mod:`deq_kernel.product`."""
+        """The block function of :mod:`.blocks`."""
         return _backward_block(*args)
 
 
@@ -100,7 +100,7 @@ def _tabulate(
     ends[0] = ends[-1] = True
     end_values = torch.sign(phi - 1.0)  # rho = -1 at phi = 0, rho = 1 at phi = pi
     x0 = torch.where(ends, end_values, (-1.0 + 2.0 * (target - g_minus) / g_range).clamp(-1.0, 1.0))
-    rho = _newton(residual, x0, -torch.ones_like(target), torch.ones_like(target), what="correlation table", skip=ends)
+    rho = newton(residual, x0, -torch.ones_like(target), torch.ones_like(target), what="correlation table", skip=ends)
     rho = torch.where(ends, end_values, rho).clamp(-1.0, 1.0)
     theta = torch.arccos(rho)
     _, kappa_prime = act.kappa(rho)
@@ -148,10 +148,7 @@ def _solve(
     u = pos - idx
     theta = c0[idx] + u * (c1[idx] + u * (c2[idx] + u * c3[idx]))
     cos_t, sin_t = torch.cos(theta), torch.sin(theta)
-    k1 = (1.0 - a) ** 2 / (2.0 * math.pi)
-    pi_minus = math.pi - theta
-    kappa = k1 * (sin_t + pi_minus * cos_t) + a * cos_t
-    kappa_prime = k1 * pi_minus + a
+    kappa, kappa_prime = kappa_from_angle(a, cos_t, sin_t, theta)
     r = cos_t - w * kappa - c_tilde
     delta = r / (w * kappa_prime - 1.0)
     return (cos_t + delta).clamp(-1.0, 1.0), kappa + kappa_prime * delta, kappa_prime, r

@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from deq_kernel import backend, equilibrium_covariance, settings
+from deq_kernel import equilibrium_covariance, settings
+from deq_kernel.equilibrium import backend
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import settings
+from .. import settings
 
 __all__ = [
     "COMPILE_MIN_ELEMENTS",

@@ -12,8 +12,10 @@ import torch
 import deq_kernel
 from deq_kernel import ConvergenceError, equilibrium_covariance, settings
 from deq_kernel.activations import get_activation
-from deq_kernel.homogeneous import TABLE_SIZE, CorrelationTable
-from deq_kernel.solver import solve_diagonal, solve_pairs
+from deq_kernel.equilibrium import pairs
+from deq_kernel.equilibrium.diagonal import solve_diagonal
+from deq_kernel.equilibrium.general import solve_pairs
+from deq_kernel.equilibrium.table import TABLE_SIZE, CorrelationTable
 
 
 def _generic_relu_pairs(c_tilde: torch.Tensor, w: float) -> torch.Tensor:
@@ -188,26 +190,25 @@ def test_collinear_points_have_correlation_exactly_one(output):
 def test_series_order_chosen_from_a_sample_keeps_every_pair_exact(rng, monkeypatch, name):
     # 200 points: the series order is chosen for the correlations of a sample of pairs;
     # near-duplicate and strongly correlated points lie beyond it and must stay exact.
-    from deq_kernel import functional
-
     base = rng.normal(size=(170, 48))
     x = np.vstack([base, base[:10] + 1e-3 * rng.normal(size=(10, 48)), 3.0 * base[10:20]])
     kw = dict(activation=name, weight_variance=0.6, bias_variance=0.2)
     chosen = []
-    sample = functional._sampled_coverage
+    sample = pairs.sampled_coverage
 
     def spy(*args, **kwargs):
         chosen.append(sample(*args, **kwargs))
         return chosen[-1]
 
-    monkeypatch.setattr(functional, "_sampled_coverage", spy)
-    # The general solver's own choice (matrices take deq_kernel.mehler's path, tested there).
-    monkeypatch.setattr(functional, "_series_output", lambda *a, **k: None)
-    narrowed = equilibrium_covariance(x, **kw)
-    cross = equilibrium_covariance(x, x[::-1].copy(), **kw)
+    monkeypatch.setattr(pairs, "sampled_coverage", spy)
+    # The general solver's own choice (matrices take the series solver, tested there).
+    with settings.pair_solver("general"):
+        narrowed = equilibrium_covariance(x, **kw)
+        cross = equilibrium_covariance(x, x[::-1].copy(), **kw)
     assert chosen[0] is not None and chosen[0] < 0.9  # the narrower order was used
-    monkeypatch.setattr(functional, "_sampled_coverage", lambda *a, **k: None)
-    default = equilibrium_covariance(x, **kw)
+    monkeypatch.setattr(pairs, "sampled_coverage", lambda *a, **k: None)
+    with settings.pair_solver("general"):
+        default = equilibrium_covariance(x, **kw)
     scale = float(default.abs().max())
     assert torch.allclose(narrowed, default, rtol=0, atol=1e-12 * scale)
     assert torch.allclose(cross, default.flip(-1), rtol=0, atol=1e-12 * scale)

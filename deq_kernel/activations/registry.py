@@ -1,0 +1,155 @@
+"""Named activations and :func:`get_activation`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import _PI, Activation
+from .erf import Erf
+from .gelu import Gelu
+from .quadrature import QuadratureActivation
+from .relu import PiecewiseLinear, Step
+from .trig import Cos, Sin
+
+# --------------------------------------------------------------------------- registry
+
+
+# Derivatives of the named quadrature activations, at module level so that they pickle.
+
+
+def _tanh_d1(x: Tensor) -> Tensor:
+    return 1 - torch.tanh(x) ** 2
+
+
+def _tanh_d2(x: Tensor) -> Tensor:
+    t = torch.tanh(x)
+    return -2 * t * (1 - t * t)
+
+
+def _sigmoid_d1(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def _sigmoid_d2(x: Tensor) -> Tensor:
+    return _sigmoid_d1(x) * (1 - 2 * torch.sigmoid(x))
+
+
+def _silu_d1(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _silu_d2(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+def _make_named() -> dict[str, Callable[..., Activation]]:
+    def tanh() -> Activation:
+        # tanh' = 1 - tanh^2 peaks at 0 with value 1: both suprema are 1, so w < 1, sharp.
+        return QuadratureActivation(
+            torch.tanh,
+            name="tanh",
+            derivative=_tanh_d1,
+            second_derivative=_tanh_d2,
+            weight_variance_bound=1.0,
+            analytic_strip=_PI / 2,
+        )
+
+    def sigmoid() -> Activation:
+        # sigmoid' <= 1/4, reached at 0: both suprema are 1/16, so w < 16.
+        return QuadratureActivation(
+            torch.sigmoid,
+            name="sigmoid",
+            derivative=_sigmoid_d1,
+            second_derivative=_sigmoid_d2,
+            weight_variance_bound=16.0,
+            analytic_strip=_PI,
+        )
+
+    def softplus() -> Activation:
+        # softplus' = sigmoid < 1 tends to the step as t grows: both suprema are 1/2
+        # (approached, not reached), so w < 2, as for relu.
+        return QuadratureActivation(
+            torch.nn.functional.softplus,
+            name="softplus",
+            derivative=torch.sigmoid,
+            second_derivative=_sigmoid_d1,
+            weight_variance_bound=2.0,
+            analytic_strip=_PI,
+        )
+
+    def silu() -> Activation:
+        # sup_t E[silu'(tZ)^2 Z^2] = 0.563343 at t = 1.759 dominates
+        # (sup_t E[silu'(tZ)^2] = 0.508392): w < 1.775 (rounded down).
+        return QuadratureActivation(
+            torch.nn.functional.silu,
+            name="silu",
+            derivative=_silu_d1,
+            second_derivative=_silu_d2,
+            weight_variance_bound=1.775,
+            analytic_strip=_PI,
+        )
+
+    def leaky_relu(negative_slope: float = 0.01) -> Activation:
+        return PiecewiseLinear(negative_slope, name="leaky_relu")
+
+    return {
+        "relu": lambda: PiecewiseLinear(0.0, name="relu"),
+        "leaky_relu": leaky_relu,
+        "abs": lambda: PiecewiseLinear(-1.0, name="abs"),
+        "identity": lambda: PiecewiseLinear(1.0, name="identity"),
+        "step": Step,
+        "erf": Erf,
+        "gelu": Gelu,
+        "sin": Sin,
+        "cos": Cos,
+        "tanh": tanh,
+        "sigmoid": sigmoid,
+        "softplus": softplus,
+        "silu": silu,
+    }
+
+
+_FACTORIES = _make_named()
+#: Names accepted for ``activation``.
+ACTIVATIONS: tuple[str, ...] = tuple(_FACTORIES)
+_CACHE: dict[tuple[str, tuple[tuple[str, Any], ...]], Activation] = {}
+
+
+def get_activation(activation: str | Activation | Callable[[Tensor], Tensor] = "relu", **kwargs: Any) -> Activation:
+    """Resolve ``activation`` (a name, an :class:`Activation`, or a callable) to an Activation.
+
+    Keyword arguments are the activation's options (``negative_slope`` for
+    ``leaky_relu``; those of :class:`QuadratureActivation` for a callable).
+    """
+    if isinstance(activation, Activation):
+        if kwargs:
+            raise TypeError(f"activation options {sorted(kwargs)} cannot be applied to an Activation instance")
+        return activation
+    if isinstance(activation, str):
+        key = activation.lower()
+        if key not in _FACTORIES:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} or a callable, got {activation!r}")
+        cache_key = (key, tuple(sorted(kwargs.items())))
+        try:
+            return _CACHE[cache_key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable option value: build without caching
+            cache_key = None  # type: ignore[assignment]
+        try:
+            act = _FACTORIES[key](**kwargs)
+        except TypeError as exc:
+            raise TypeError(f"invalid options for activation {key!r}: {exc}") from None
+        if cache_key is not None:
+            _CACHE[cache_key] = act
+        return act
+    if callable(activation):
+        return QuadratureActivation(activation, **kwargs)
+    raise TypeError(f"activation must be one of {', '.join(ACTIVATIONS)} or a callable, got {activation!r}")

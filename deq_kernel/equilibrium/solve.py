@@ -1,0 +1,110 @@
+r"""From validated tensors to the kernel: the diagonal, the pairs, and the output the caller asked for.
+
+:func:`solve` is the engine's one entry point. It forms :math:`s(x, x')`, solves the diagonal
+fixed points (:mod:`.diagonal`), hands the pairs to the solver the plan chooses
+(:mod:`.plan`), and assembles the NNGP kernel, the equilibrium covariance or the neural
+tangent kernel (:mod:`.ntk`) from what the solvers return.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..activations import Activation, safe_sqrt
+from . import plan
+from .diagonal import solve_diagonal
+from .general import snap_correlation
+from .ntk import tangent_kernel
+from .pairs import Pairs, inner
+
+__all__ = ["solve"]
+
+
+def solve(
+    act: Activation,
+    x1: Tensor,
+    x2: Tensor,
+    symmetric: bool,
+    w: Tensor,
+    iv: Tensor,
+    b: Tensor,
+    ov: Tensor,
+    *,
+    diag: bool,
+    output: str,
+    batch: torch.Size,
+) -> Tensor:
+    """The kernel of validated inputs ``(..., n, d)``, ``(..., m, d)`` and hyperparameter tensors."""
+    d = x1.shape[-1]
+    # s(x, x') = <x * input_variance / d, x'> + bias_variance
+    scale = (iv / d).unsqueeze(-2) if iv.dim() >= 2 else iv / d
+    x1s = x1 * scale
+    s11 = (x1s * x1).sum(-1) + b.unsqueeze(-1)
+    w_point, ov_point = w.unsqueeze(-1), ov.unsqueeze(-1)
+    q1, d1 = solve_diagonal(act, s11, w_point)
+
+    if output == "ntk":
+        derivative = act.derivative_activation()  # raises for the step activation
+    if diag and symmetric:
+        if output == "ntk":
+            out = tangent_kernel(d1, q1, derivative.diag_dual(q1)[0], w_point, ov_point)
+        else:
+            out = ov_point * d1 if output == "nngp" else q1
+        return out.expand(*batch, x1.shape[-2])
+
+    if symmetric:
+        s22, q2, d2 = s11, q1, d1
+    else:
+        s22 = (x2 * scale * x2).sum(-1) + b.unsqueeze(-1)
+        q2, d2 = solve_diagonal(act, s22, w_point)
+    outer = not diag
+    pairs = Pairs(x1, x1s, x2, scale, b, q1, q2, d1, d2, s11, s22, symmetric, outer)
+    w_b, ov_b = (w_point.unsqueeze(-1), ov_point.unsqueeze(-1)) if outer else (w_point, ov_point)
+    if output == "ntk":
+        out = _ntk(act, derivative, pairs, w_b, ov_b)
+    else:
+        out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
+    return out.expand(*batch, x1.shape[-2], *((x2.shape[-2],) if outer else ()))
+
+
+def _pair_output(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
+    """``ov * E[phi(u) phi(v)]`` (``nngp``) or ``K*`` of the pairs, by the solver the plan chooses."""
+    return plan.choose(act, p, w, ov).run(act, p, w, ov, nngp)
+
+
+def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tensor) -> Tensor:
+    """The neural tangent kernel (see :mod:`.ntk`) from the equilibrium quantities."""
+    one = torch.ones_like(ov)
+    value = _pair_output(act, p, w, one, True)
+    cov = _pair_output(act, p, w, one, False)
+    r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
+    inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
+    inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
+    rho = snap_correlation(cov * (p.rows(inv1) * p.cols(inv2)), torch.finfo(cov.dtype).eps)
+    # Identical points (correlation 1, where some derivative duals have infinite slope)
+    # and zero-variance points take the diagonal's value; the others the pair dual.
+    s12 = inner(p)
+    s11r, s22c = p.rows(p.s11), p.cols(p.s22)
+    eps = torch.finfo(s12.dtype).eps
+    identical = (s11r + s22c - 2.0 * s12).detach() <= 8.0 * eps * (s11r + s22c).detach()
+    square = p.outer and p.symmetric
+    if square:
+        identical = identical | identical.mT  # the product s12 need not be bitwise symmetric
+    special = identical | ((p.rows(p.q1) * p.cols(p.q2)).detach() == 0)
+    state1, state2 = derivative.prepare(p.q1, None if p.symmetric else p.q2)
+    state2 = state1 if state2 is None else state2
+    slope = derivative.pair_dual(
+        tuple(p.rows(t) for t in state1), tuple(p.cols(t) for t in state2), torch.where(special, 0.0, rho)
+    )[0]
+    e1 = derivative.diag_dual(p.q1)[0]
+    e2 = e1 if p.q2 is p.q1 else derivative.diag_dual(p.q2)[0]
+    slope = torch.where(identical, 0.5 * (p.rows(e1) + p.cols(e2)), slope)  # symmetric in the two points
+    if square:
+        slope = 0.5 * (slope + slope.mT)  # a quadrature fallback may integrate in one order of the pair
+    out = tangent_kernel(value, cov, slope, w, ov)
+    if square:
+        diagonal = tangent_kernel(p.d1, p.q1, derivative.diag_dual(p.q1)[0], w.squeeze(-1), ov.squeeze(-1))
+        full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
+        out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
+    return out
