@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .activations import Activation, get_activation
 from .equilibrium.backend import check_output_fits
-from .equilibrium.plan import OUTPUTS, as_hyper, as_input, batch_shape
+from .equilibrium.plan import OUTPUTS, as_hyper, as_input, batch_shape, check_hypers
 from .equilibrium.solve import solve
 
 __all__ = ["OUTPUTS", "equilibrium_covariance"]
@@ -116,10 +116,11 @@ def equilibrium_covariance(
     if diag and not symmetric and x2.shape[-2] != x1.shape[-2]:
         raise ValueError(f"with diag=True, x2 must have as many points as x1 ({x1.shape[-2]}), got {x2.shape[-2]}")
 
-    w = as_hyper(weight_variance, "weight_variance", x1)
-    iv = as_hyper(input_variance, "input_variance", x1)
-    b = as_hyper(bias_variance, "bias_variance", x1)
-    ov = as_hyper(output_variance, "output_variance", x1)
+    w = as_hyper(weight_variance, "weight_variance", x1, check=False)
+    iv = as_hyper(input_variance, "input_variance", x1, check=False)
+    b = as_hyper(bias_variance, "bias_variance", x1, check=False)
+    ov = as_hyper(output_variance, "output_variance", x1, check=False)
+    check_hypers(weight_variance=w, input_variance=iv, bias_variance=b, output_variance=ov)
     if iv.dim() >= 1 and iv.shape[-1] not in (1, d):
         raise ValueError(
             f"input_variance must be a scalar or have last dimension 1 or d={d} "

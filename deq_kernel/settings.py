@@ -9,6 +9,7 @@ can use different settings without seeing each other's::
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, ClassVar
 
@@ -88,9 +89,16 @@ class tolerance_factor(_Setting):
 class compile(_Setting):
     """Fuse the pair kernels with ``torch.compile``: ``"auto"`` (default), ``True`` or ``False``.
 
-    ``"auto"`` compiles for pair arrays of at least 4M entries (where compilation, a few
-    seconds on first use, pays for itself); ``True`` compiles whenever possible; ``False``
-    never does. Without a working compiler the eager kernels are used in every case.
+    ``"auto"`` compiles, in a background thread at low priority, the kernels that serve pair
+    arrays of at least 4M entries (``n`` about 2048 and up), and runs the eager kernels until
+    the compiled ones are ready: no call waits for the compiler, which takes from seconds to
+    minutes the first time on a machine (its results are cached on disk for later processes).
+    ``True`` compiles whatever it serves, at once (the first call of each kernel waits);
+    ``False`` never compiles. Without a working compiler the eager kernels are used in every
+    case; results agree to rounding either way.
+
+    The default can be set for a whole process without code, by the environment variable
+    ``DEQ_KERNEL_COMPILE`` (``auto``, ``1``/``true`` or ``0``/``false``), read at import.
     """
 
     _default = "auto"
@@ -100,6 +108,19 @@ class compile(_Setting):
         if value not in ("auto", True, False):
             raise ValueError(f"compile must be 'auto', True or False, got {value!r}")
         return value
+
+
+def _compile_from_environment() -> Any:
+    raw = os.environ.get("DEQ_KERNEL_COMPILE")
+    if raw is None:
+        return "auto"
+    value = {"auto": "auto", "1": True, "true": True, "0": False, "false": False}.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"DEQ_KERNEL_COMPILE must be auto, 1, true, 0 or false, got {raw!r}")
+    return value
+
+
+compile._default = _compile_from_environment()
 
 
 class max_block_size(_Setting):

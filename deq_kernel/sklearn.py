@@ -23,6 +23,7 @@ from typing import Any
 import gpytorch
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwd_ad
 from gpytorch.kernels import ScaleKernel
 from gpytorch.likelihoods import (
     BernoulliLikelihood,
@@ -212,7 +213,8 @@ class DEQ(Kernel):
                 return self._covariance(x, y, **hypers).numpy()
         # theta's order is that of self.hyperparameters (alphabetical): bias, input, weight.
         free = [h.name for h in self.hyperparameters if not h.fixed]
-        K, jacobian = self._jacobian_by_pairs(x, hypers, free)
+        forward = self._jacobian_forward(x, hypers, free) if self._activation().offers.pair_equation else None
+        K, jacobian = forward if forward is not None else self._jacobian_by_pairs(x, hypers, free)
         # d K / d log(theta) = theta * d K / d theta
         scale = torch.cat([hypers[name].detach().reshape(-1) for name in free]) if free else torch.zeros(0)
         return K.numpy(), (jacobian * scale).numpy()
@@ -272,6 +274,35 @@ class DEQ(Kernel):
 
     def _covariance(self, x: Tensor, y: Tensor | None, diag: bool = False, **hypers: Tensor) -> Tensor:
         return equilibrium_covariance(x, y, activation=self._activation(), diag=diag, output=self._output(), **hypers)
+
+    def _jacobian_forward(self, x: Tensor, hypers: dict[str, Tensor], free: list[str]) -> tuple[Tensor, Tensor] | None:
+        """Entries and their gradients by forward-mode differentiation: one pass per free hyperparameter entry.
+
+        Each pass carries the tangent of one hyperparameter through the whole matrix, by the
+        engine's dense solver, whose derivatives are the implicit function theorem's and are
+        built from plain torch operations. ``None`` where that solver cannot serve the call
+        (an activation without a one-product pair equation, or erf at variances too large
+        for its arcsine variable): the caller then takes the pairwise path.
+        """
+        columns = []
+        try:
+            with settings.pair_solver("dense"), fwd_ad.dual_level():
+                for name in free:
+                    base = hypers[name]
+                    for k in range(base.numel()):
+                        tangent = torch.zeros_like(base)
+                        tangent.view(-1)[k] = 1.0
+                        duals = {**hypers, name: fwd_ad.make_dual(base, tangent)}
+                        K, column = fwd_ad.unpack_dual(self._covariance(x, None, **duals))
+                        columns.append(column)
+                if not columns:
+                    K = self._covariance(x, None, **hypers)
+        except ValueError as exc:
+            if "pair_solver('dense') cannot serve" in str(exc):
+                return None
+            raise
+        jacobian = torch.stack(columns, -1) if columns else K.new_zeros(*K.shape, 0)
+        return K.detach(), jacobian
 
     def _jacobian_by_pairs(self, x: Tensor, hypers: dict[str, Tensor], free: list[str]) -> tuple[Tensor, Tensor]:
         """Entries and their gradients, pair by pair: each pair gets its own copy of the hyperparameters.

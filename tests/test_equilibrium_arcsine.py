@@ -53,7 +53,8 @@ def test_blocks_whose_bound_fails_are_iterated_further(rng, monkeypatch):
 
     monkeypatch.setattr(arcsine, "NEWTON_STEPS", 0)  # the final correction alone: the bound fails
     monkeypatch.setattr(arcsine, "solve_block", spy)
-    got = equilibrium_covariance(x, **kw)
+    with settings.pair_solver("arcsine"):  # the fused solver (small matrices take the dense one)
+        got = equilibrium_covariance(x, **kw)
     assert steps[0] == 0 and max(steps) > 0  # the eager refinement ran
     assert torch.allclose(got, expected, rtol=1e-14, atol=1e-16)
 
@@ -74,7 +75,10 @@ def test_unconverged_erf_pairs_raise(rng, monkeypatch):
 
     monkeypatch.setattr(pairs, "arcsine_kernel", capped)
     monkeypatch.setattr(arcsine, "NEWTON_STEPS", 0)
-    with pytest.raises(ConvergenceError, match="erf pair fixed point did not converge in 1 iterations") as info:
+    with (
+        settings.pair_solver("arcsine"),
+        pytest.raises(ConvergenceError, match="erf pair fixed point did not converge in 1 iterations") as info,
+    ):
         equilibrium_covariance(x, **kw)
     assert info.value.residual > 8 * torch.finfo(torch.float64).eps and info.value.iterations == 1
 

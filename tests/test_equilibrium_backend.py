@@ -17,8 +17,15 @@ from deq_kernel.equilibrium import backend
 
 @pytest.fixture
 def fresh_backend(monkeypatch):
-    """Forget earlier compile failures, and restore them afterwards."""
-    monkeypatch.setattr(backend, "_broken", set())
+    """Forget earlier compilations and failures, and restore them afterwards."""
+    backend.wait_compiled(600)
+    for name, empty in (
+        ("_variants", backend.OrderedDict()),
+        ("_failures", {}),
+        ("_succeeded", set()),
+        ("_warned", set()),
+    ):
+        monkeypatch.setattr(backend, name, empty)
     return backend
 
 
@@ -65,24 +72,51 @@ def test_compiled_gradients_agree_with_eager(rng, fresh_backend, name, symmetric
 
 
 def test_failed_compilation_falls_back_to_eager(rng, fresh_backend, monkeypatch):
-    def broken(fn):
-        def run(*args):
-            raise RuntimeError("no C++ compiler")
+    class Broken(backend._Variant):
+        def __init__(self, fn):
+            super().__init__(fn)
 
-        return run
+            def compiled(*args):
+                raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(backend, "_compiled", broken)
+            self.compiled = compiled
+
+    monkeypatch.setattr(backend, "_Variant", Broken)
     x = torch.as_tensor(rng.normal(size=(40, 3)))
     with settings.compile(False):
         expected = [equilibrium_covariance(x, activation=a, weight_variance=0.5) for a in ("relu", "tanh")]
-    with settings.compile(True), pytest.warns(RuntimeWarning, match="torch.compile is unavailable on cpu"):
-        got = [equilibrium_covariance(x, activation=a, weight_variance=0.5) for a in ("relu", "tanh")]
-    assert backend.compile_failed("cpu")
+    with (
+        settings.compile(True),
+        settings.pair_solver("table"),
+        pytest.warns(RuntimeWarning, match="torch.compile is unavailable on cpu"),
+    ):
+        got = [equilibrium_covariance(x, activation="relu", weight_variance=0.5)]
+    with settings.compile(True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per device, not per call
+        got.append(equilibrium_covariance(x, activation="tanh", weight_variance=0.5))
+        equilibrium_covariance(x, activation="erf", weight_variance=0.5)
+    assert backend.compile_failed("cpu")  # given up after repeated failures
     for a, b in zip(expected, got, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
-    with settings.compile(True), warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once per process, not per call
-        equilibrium_covariance(x, weight_variance=0.5)
+
+
+def test_background_compilation_serves_eagerly_until_ready(rng, fresh_backend, monkeypatch):
+    monkeypatch.setattr(backend, "COMPILE_MIN_ELEMENTS", 1)  # compile even these small arrays,
+    monkeypatch.setattr(backend, "COMPILE_AFTER_SECONDS", 0.0)  # from the first call
+    x = torch.as_tensor(rng.normal(size=(90, 5)))
+    kw = dict(activation="relu", weight_variance=1.3, bias_variance=0.1)
+    limits = {name: getattr(torch._dynamo.config, name, None) for name in ("recompile_limit", "cache_size_limit")}
+    with settings.compile(False), settings.pair_solver("table"):
+        eager = equilibrium_covariance(x, **kw)
+    with settings.compile("auto"), settings.pair_solver("table"):
+        first = equilibrium_covariance(x, **kw)  # served eagerly while the worker compiles
+        assert backend.wait_compiled(600)
+        assert any(v.state == "ready" for v in backend._variants.values())
+        compiled = equilibrium_covariance(x, **kw)
+    assert torch.equal(first, eager)
+    assert torch.allclose(compiled, eager, rtol=1e-12, atol=1e-14)
+    # The library's own compiled functions leave dynamo's process-wide settings alone.
+    assert {name: getattr(torch._dynamo.config, name, None) for name in limits} == limits
 
 
 def test_auto_compiles_only_large_arrays(fresh_backend):
@@ -158,3 +192,13 @@ def test_peak_extra_memory_is_at_most_twice_the_output(mode):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=900)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["extra"] <= 2 * figures["output"], figures
+
+
+def test_auto_compiles_nothing_for_short_jobs(rng, fresh_backend, monkeypatch):
+    monkeypatch.setattr(backend, "COMPILE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(backend, "_eager_seconds", 0.0)
+    x = torch.as_tensor(rng.normal(size=(60, 4)))
+    with settings.compile("auto"), settings.pair_solver("table"):
+        equilibrium_covariance(x, activation="relu", weight_variance=1.0)
+    assert backend._variants and all(v.state == "new" for v in backend._variants.values())
+    assert 0.0 < backend._eager_seconds < backend.COMPILE_AFTER_SECONDS

@@ -7,9 +7,9 @@ gradient of ``<W, K>`` with respect to every hyperparameter and both inputs, as 
 the release the file was written with. The test recomputes each case and compares.
 
 Regenerate (only after a change that is meant to alter results, with the reason in the
-commit message)::
+commit message), all cases or those of one activation::
 
-    python tests/test_golden.py --write
+    python tests/test_golden.py --write [ACTIVATION]
 """
 
 from __future__ import annotations
@@ -139,17 +139,19 @@ def test_every_case_is_saved():
     assert keys == {_key(c) for c in CASES}
 
 
-def _write() -> None:
+def _write(activation: str | None = None) -> None:
+    """Save every case, or only the cases of one activation (keeping the others as saved)."""
     GOLDEN.parent.mkdir(exist_ok=True)
-    arrays = {}
-    for case in CASES:
+    arrays = _load() if activation is not None else {}
+    cases = [c for c in CASES if activation is None or c["activation"] == activation]
+    for case in cases:
         for name, value in _compute(case).items():
             arrays[f"{_key(case)}::{name}"] = value
     np.savez_compressed(GOLDEN, **arrays)
-    print(f"wrote {len(CASES)} cases to {GOLDEN}")
+    print(f"wrote {len(cases)} cases to {GOLDEN}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/test_golden.py --write")
-    _write()
+    if sys.argv[1:2] != ["--write"] or len(sys.argv) > 3:
+        sys.exit("usage: python tests/test_golden.py --write [ACTIVATION]")
+    _write(sys.argv[2] if len(sys.argv) == 3 else None)

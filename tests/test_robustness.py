@@ -24,6 +24,7 @@ def test_an_output_that_cannot_fit_raises_before_allocating():
 
 def test_the_guard_compares_the_output_with_the_free_memory(monkeypatch):
     monkeypatch.setattr(backend, "available_memory", lambda device: 10 * 10 * 8)
+    monkeypatch.setattr(backend, "SMALL_OUTPUT_BYTES", 0)  # check these small outputs too
     x = torch.randn(10, 3, dtype=torch.float64)
     assert equilibrium_covariance(x).shape == (10, 10)  # exactly fits
     with pytest.raises(OutputTooLargeError, match="float32"):

@@ -15,6 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import deq_kernel
+import deq_kernel.equilibrium.dense
 import deq_kernel.equilibrium.pairs
 from deq_kernel import settings
 from deq_kernel.sklearn import DEQGPClassifier, DEQGPRegressor
@@ -130,6 +131,7 @@ def test_rectangular_blocks_take_the_table_path_compiled(monkeypatch):
         return original(act, lhs, rhs, *args, **kwargs)
 
     monkeypatch.setattr(deq_kernel.equilibrium.pairs, "homogeneous_kernel", spy)
+    monkeypatch.setattr(deq_kernel.equilibrium.dense, "DENSE_PAIRS", 0)  # these small blocks would take it
     X, y = _toy(300)
     x, t = torch.as_tensor(X), torch.as_tensor(y)
     model = SVGPModel(x[:32].clone(), gpytorch.likelihoods.GaussianLikelihood()).double()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,30 +17,17 @@ _TWO_PI = 2.0 * math.pi
 State = tuple[Tensor, ...]
 
 
-class _SafeSqrt(torch.autograd.Function):
-    """``sqrt`` whose derivative at 0 is 0 instead of inf.
+def safe_sqrt(x: Tensor) -> Tensor:
+    """Square root of a non-negative tensor whose derivative at 0 is 0 instead of inf.
 
     A zero variance arises only for a zero input without bias; the kernel is then
     identically 0 near that point in the directions the optimiser can move (variances
     stay >= 0), and a 0 derivative keeps ``inf * 0`` from turning into NaN downstream.
+    Written with ``where`` (not a custom autograd function), so that it is cheap and
+    differentiable any number of times.
     """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        y = torch.sqrt(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (y,) = ctx.saved_tensors
-        positive = y > 0
-        return torch.where(positive, grad / (2 * torch.where(positive, y, 1.0)), 0.0)
-
-
-def safe_sqrt(x: Tensor) -> Tensor:
-    """Square root of a non-negative tensor with a finite (zero) derivative at 0."""
-    return _SafeSqrt.apply(x.clamp_min(0.0))
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
 
 
 def _sin_from_cos(rho: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ NEWTON_STEPS = 2
 
 _TWO_OVER_PI = 2.0 / math.pi
 #: A block is accepted when its error bound is at most this many machine epsilons.
-_BOUND_EPS = 8.0
+BOUND_EPS = 8.0
 
 
 #: Accuracy the arcsine variable must keep, relative to ``V``, by dtype.
@@ -98,8 +98,11 @@ def solve_block(c: Tensor, r1: Tensor, r2: Tensor, params: Tensor, steps: int) -
         t = (t - _newton_step(t, alpha, c)[0]).clamp(-t_max, t_max)
     delta, s, theta = _newton_step(t, alpha, c)
     delta = torch.where((t.abs() >= t_max) & (delta * t <= 0.0), 0.0, delta)  # saturated
-    miss = delta * delta / (2.0 * s * s * (s - alpha))
-    return t - delta, theta - delta / s, s, alpha, miss
+    miss = (delta * delta / (2.0 * s * s * (s - alpha))).abs()
+    t = t - delta
+    # s at the corrected root, for the implicit derivatives (at t before the correction it is
+    # off by about delta t / s, which would cost gradients digits).
+    return t, theta - delta / s, torch.sqrt((1.0 - t) * (1.0 + t)), alpha, miss
 
 
 def _output(t: Tensor, theta: Tensor, r1: Tensor, r2: Tensor, scale: Tensor, value: bool) -> Tensor:
@@ -177,7 +180,7 @@ class ArcsineFamily:
         value: bool,
     ) -> None:
         """Iterate a block further (eagerly) if its error bound exceeds eight machine epsilons."""
-        tol = _BOUND_EPS * torch.finfo(c.dtype).eps
+        tol = BOUND_EPS * torch.finfo(c.dtype).eps
         worst = float(miss)
         if worst <= tol:
             return

@@ -2,19 +2,34 @@
 
 The pair computations are long chains of elementwise operations over ``n x m`` arrays.
 Eagerly, each operation is a pass over memory; compiled, the chain becomes one fused,
-vectorised loop. Compilation costs seconds on first use (inductor keeps its results on
-disk, so later processes reuse them), so ``settings.compile("auto")`` compiles only for
-arrays of at least :data:`COMPILE_MIN_ELEMENTS` entries. If compilation is unavailable
-(no C++ compiler, an unsupported platform) or fails, the eager function is used, with
-one warning, for the rest of the process; results agree to rounding either way.
+vectorised loop, two to three times faster. But compilation is expensive: tens of seconds
+per kernel the first time on a machine, and still several seconds in every new process
+(tracing and loading, even when inductor's disk cache holds the code). So
+``settings.compile("auto")`` never makes a call wait for it. The kernels of pair arrays of
+at least :data:`COMPILE_MIN_ELEMENTS` entries run eagerly; once a process has spent
+:data:`COMPILE_AFTER_SECONDS` in them (a long fit, a large prediction), the signatures it
+uses are compiled in the background, by one low-priority worker thread, and each is used
+from the call after it is ready. Short jobs therefore never pay for compilation, and long
+ones are compiled while they run. ``settings.compile(True)`` compiles at once (the call
+waits); ``False`` never compiles.
+
+Every distinct signature (the function, and its arguments' dtypes, dimensions, size-1
+dimensions and constants) is compiled as its own function, so that the library never needs
+more than dynamo's default number of recompilations of one function and never changes
+dynamo's settings, which belong to the process. A signature whose compilation fails is run
+eagerly from then on (one warning per device); results agree to rounding either way.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
+import queue
 import threading
+import time
+import types
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +44,7 @@ __all__ = [
     "block_elements",
     "check_output_fits",
     "fused",
+    "wait_compiled",
 ]
 
 #: Smallest pair array for which ``settings.compile("auto")`` compiles.
@@ -37,9 +53,10 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 #: temporaries are a dozen arrays of a block, compiled kernels have none. On a CPU a
 #: block should stay near the cache; on a GPU it should fill the device.
 BLOCK_ELEMENTS = {"cpu": (1 << 18, 1 << 22), "cuda": (1 << 24, 1 << 27)}
-
-_lock = threading.Lock()
-_broken: set[str] = set()
+#: Failed compilations on a device, without a success, after which it is no longer tried there.
+GIVE_UP_AFTER = 3
+#: Seconds of eager kernels (of large pair arrays) after which ``"auto"`` starts compiling.
+COMPILE_AFTER_SECONDS = 20.0
 
 
 def _wants_compile(elements: int, device: torch.device) -> bool:
@@ -48,7 +65,7 @@ def _wants_compile(elements: int, device: torch.device) -> bool:
         return False
     if mode == "auto" and elements < COMPILE_MIN_ELEMENTS:
         return False
-    return device.type not in _broken
+    return not compile_failed(device.type)
 
 
 def block_elements(total: int, device: torch.device) -> int:
@@ -60,52 +77,171 @@ def block_elements(total: int, device: torch.device) -> int:
     return compiled if _wants_compile(total, device) else eager
 
 
-#: Compiled variants kept per kernel (dtypes, activations and broadcast patterns each need
-#: one); past torch's default of 8 dynamo silently runs the function eagerly.
-RECOMPILE_LIMIT = 64
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a compiled function specialises on: tensors' dtype, device, dimensions and size-1 dimensions."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.device.type, a.dim(), tuple(size == 1 for size in a.shape), a.requires_grad))
+        elif isinstance(a, (bool, int, float, str, type(None))):
+            key.append((type(a), a))
+        else:
+            key.append(type(a))
+    return tuple(key)
 
 
-@functools.cache
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    config = getattr(torch, "_dynamo", None) and torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if config is not None and getattr(config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
-            setattr(config, name, RECOMPILE_LIMIT)
-    return torch.compile(fn, dynamic=True)
+def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own: dynamo counts recompilations per code object."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class _Variant:
+    """One signature of one function: its compiled form and whether it is ready."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.compiled = torch.compile(_own_copy(fn), dynamic=True)
+        self.state = "new"  # -> "queued" -> "ready" or "failed"
+        self.done = threading.Event()
+
+
+#: Signatures kept (the least recently added beyond it are forgotten; their code stays cached on disk).
+MAX_VARIANTS = 256
+
+_lock = threading.Lock()
+_variants: OrderedDict[tuple[Any, ...], _Variant] = OrderedDict()
+_failures: dict[str, int] = {}
+_succeeded: set[str] = set()
+_warned: set[str] = set()
+_jobs: queue.Queue = queue.Queue()
+_worker: threading.Thread | None = None
+_eager_seconds = 0.0
+
+
+def compile_failed(device_type: str) -> bool:
+    """True once compilation has failed :data:`GIVE_UP_AFTER` times on this device type without a success."""
+    return device_type not in _succeeded and _failures.get(device_type, 0) >= GIVE_UP_AFTER
+
+
+def _record(variant: _Variant, device_type: str, error: BaseException | None) -> None:
+    with _lock:
+        if error is None:
+            variant.state = "ready"
+            _succeeded.add(device_type)
+        else:
+            variant.state = "failed"
+            _failures[device_type] = _failures.get(device_type, 0) + 1
+            first = device_type not in _warned
+            _warned.add(device_type)
+    variant.done.set()
+    if error is not None and first:
+        warnings.warn(
+            f"torch.compile is unavailable on {device_type} ({type(error).__name__}: {error}); "
+            "deq_kernel continues with eager kernels",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _work() -> None:
+    """The background worker: compile queued signatures one at a time, at the lowest priority."""
+    with contextlib.suppress(AttributeError, OSError):  # Linux: a thread has a niceness of its own
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    while True:
+        variant, device_type, args = _jobs.get()
+        try:
+            variant.compiled(*args)
+        except Exception as exc:  # any failure means: run this signature eagerly
+            _record(variant, device_type, exc)
+        else:
+            _record(variant, device_type, None)
+        finally:
+            _jobs.task_done()
+
+
+def _enqueue(variant: _Variant, device_type: str, args: tuple[Any, ...]) -> None:
+    global _worker
+    # The worker runs the function once on copies (the block's own arrays are written to),
+    # with the same strides, so that the compiled function's guards hold for the real calls.
+    copies = tuple(_copy(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with _lock:
+        if variant.state != "new":
+            return
+        variant.state = "queued"
+        if _worker is None or not _worker.is_alive():
+            _worker = threading.Thread(target=_work, name="deq_kernel-compile", daemon=True)
+            _worker.start()
+    _jobs.put((variant, device_type, copies))
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t.detach())
+
+
+def wait_compiled(timeout: float | None = None) -> bool:
+    """Block until every queued background compilation has finished (or ``timeout`` seconds); True if none is left.
+
+    For benchmarks and tests that want the compiled kernels; a program never needs to call it.
+    """
+    with _lock:
+        pending = [v for v in _variants.values() if v.state == "queued"]
+    return all(v.done.wait(timeout) for v in pending)
 
 
 def fused(fn: Callable[..., Any], total: int, device: torch.device) -> Callable[..., Any]:
-    """``fn`` itself, or its compiled form when ``settings.compile`` asks for it and it works.
+    """``fn`` itself, or a callable that runs its compiled form when ``settings.compile`` asks for it and it is ready.
 
     ``total`` is the size of the whole pair array the call belongs to.
     """
     if not _wants_compile(total, device):
         return fn
-    compiled = _compiled(fn)
+    background = settings.compile.value() == "auto"
 
     def run(*args: Any) -> Any:
-        if device.type in _broken:
+        key = (fn, *_signature(args))
+        with _lock:
+            variant = _variants.get(key)
+            if variant is None:
+                variant = _variants[key] = _Variant(fn)
+                while len(_variants) > MAX_VARIANTS:
+                    _variants.popitem(last=False)
+        if variant.state == "ready":
+            try:
+                return variant.compiled(*args)
+            except Exception as exc:  # a recompilation for unforeseen arguments failed
+                _record(variant, device.type, exc)
+                return fn(*args)
+        if variant.state == "failed" or compile_failed(device.type):
             return fn(*args)
+        if background:
+            global _eager_seconds
+            if _eager_seconds >= COMPILE_AFTER_SECONDS:
+                _enqueue(variant, device.type, args)
+            start = time.perf_counter()
+            out = fn(*args)
+            _eager_seconds += time.perf_counter() - start  # a race here only shifts the threshold
+            return out
+        with _lock:  # compile here, now (settings.compile(True))
+            mine = variant.state == "new"
+            if mine:
+                variant.state = "queued"
+        if not mine:
+            variant.done.wait()
+            return variant.compiled(*args) if variant.state == "ready" else fn(*args)
         try:
-            return compiled(*args)
-        except Exception as exc:  # compiler missing or failing: fall back for good
-            with _lock:
-                if device.type not in _broken:
-                    _broken.add(device.type)
-                    warnings.warn(
-                        f"torch.compile is unavailable on {device.type} ({type(exc).__name__}: {exc}); "
-                        "deq_kernel continues with eager kernels",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+            out = variant.compiled(*args)
+        except Exception as exc:  # compiler missing or failing: this signature runs eagerly
+            _record(variant, device.type, exc)
             return fn(*args)
+        _record(variant, device.type, None)
+        return out
 
     return run
 
 
-def compile_failed(device_type: str) -> bool:
-    """True once compilation has failed on this device type in this process."""
-    return device_type in _broken
+#: Outputs up to this size are not checked against the free memory.
+SMALL_OUTPUT_BYTES = 1 << 26
 
 
 class OutputTooLargeError(ValueError, MemoryError):
@@ -178,6 +314,8 @@ def check_output_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     for size in shape:
         elements *= int(size)
     needed = elements * torch.empty((), dtype=dtype).element_size()
+    if needed <= SMALL_OUTPUT_BYTES:
+        return  # asking the system costs more than such a matrix
     free = available_memory(device)
     if free is None or needed <= free:
         return

@@ -27,10 +27,7 @@ DIAGONAL_NODES = 33
 
 
 def _diagonal_forward(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(q, D(q), D'(q))`` at the diagonal fixed point."""
-    if act.offers.linear_diagonal:
-        q = s / (1.0 - w * act.variance_gain)
-        return (q, *act.diag_dual(q))
+    """``(q, D(q), D'(q))`` at the diagonal fixed point (an activation without a closed form)."""
     if w.numel() == 1 and s.numel() > 2 * DIAGONAL_NODES:
         done = interpolated_diagonal(act, s, w)
         if done is not None:
@@ -110,15 +107,26 @@ def bracketed_diagonal(act: Activation, s: Tensor, w: Tensor) -> Tensor:
 
 
 class _DiagonalFixedPoint(torch.autograd.Function):
-    """``(s, w) -> (q, D(q))`` with ``q = w D(q) + s``; implicit backward."""
+    """``(s, w) -> (q, D(q))`` with ``q = w D(q) + s``; implicit derivatives, reverse and forward mode."""
 
     @staticmethod
     def forward(ctx: Any, act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         q, d, dd = _diagonal_forward(act, s, w)
         ctx.act = act
         ctx.save_for_backward(w, d, dd)
+        ctx.save_for_forward(w, d, dd)
         ctx.shapes = (s.shape, w.shape)
         return q, d
+
+    @staticmethod
+    def jvp(ctx: Any, _act: None, tangent_s: Tensor | None, tangent_w: Tensor | None) -> tuple[Tensor, Tensor]:
+        w, d, dd = ctx.saved_tensors
+        # dq = (D dw + ds) / (1 - w D'),  dD = D' dq.
+        change = torch.zeros_like(d) if tangent_s is None else tangent_s.expand_as(d)
+        if tangent_w is not None:
+            change = change + d * tangent_w
+        dq = change / (1.0 - w * dd)
+        return dq, dd * dq
 
     @staticmethod
     @once_differentiable
@@ -138,4 +146,8 @@ def solve_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tenso
     ``s`` has the points in its last dimension; ``w`` broadcasts against it.
     Differentiable in ``s`` and ``w`` by the implicit function theorem.
     """
+    if act.offers.linear_diagonal:
+        # D(q) = gain q: the closed form, differentiated by autograd (any order).
+        q = s / (1.0 - w * act.variance_gain)
+        return q, act.variance_gain * q
     return _DiagonalFixedPoint.apply(act, s, w)

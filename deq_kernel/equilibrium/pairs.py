@@ -22,7 +22,7 @@ from .general import solve_pairs
 from .series import series_kernel, series_plan
 from .table import homogeneous_kernel
 
-__all__ = ["COVERAGE_SAMPLE", "Pairs", "inner", "operands", "sampled_coverage", "unbatched"]
+__all__ = ["COVERAGE_SAMPLE", "Pairs", "broadcast_shapes", "inner", "operands", "sampled_coverage", "unbatched"]
 
 
 class Pairs(NamedTuple):
@@ -52,6 +52,21 @@ class Pairs(NamedTuple):
     def cols(self, t: Tensor) -> Tensor:
         """A per-point tensor of ``x2`` broadcast against the pair array."""
         return t.unsqueeze(-2) if self.outer else t
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
+    """``torch.broadcast_shapes`` of a few short shapes, without its per-call overhead (a hot path)."""
+    size = max(len(s) for s in shapes)
+    out = [1] * size
+    for shape in shapes:
+        offset = size - len(shape)
+        for i, n in enumerate(shape):
+            m = out[offset + i]
+            if m == 1:
+                out[offset + i] = n
+            elif n != 1 and n != m:
+                raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+    return torch.Size(out)
 
 
 def _cat_features(*parts: Tensor) -> Tensor:

@@ -26,9 +26,19 @@ from .. import settings
 from ..activations import Activation
 from . import pairs as _pairs
 from .arcsine import arcsine_resolves
-from .pairs import Pairs
+from .dense import dense, dense_refuses, dense_suits
+from .pairs import Pairs, broadcast_shapes
 
-__all__ = ["OUTPUTS", "SOLVERS", "PairSolver", "as_hyper", "as_input", "batch_shape", "choose"]
+__all__ = [
+    "OUTPUTS",
+    "SOLVERS",
+    "PairSolver",
+    "as_hyper",
+    "as_input",
+    "batch_shape",
+    "check_hypers",
+    "choose",
+]
 
 #: Values accepted for ``output``.
 OUTPUTS = ("nngp", "preactivation", "ntk")
@@ -38,15 +48,17 @@ OUTPUTS = ("nngp", "preactivation", "ntk")
 class PairSolver:
     """A pair solver: its name, when it serves a call, and the function that runs it.
 
-    ``refuses(act, pairs, w, ov)`` returns ``None`` where the solver serves the call, else a
-    sentence saying why not; ``run(act, pairs, w, ov, nngp)`` returns ``ov * E[phi(u) phi(v)]``
-    (``nngp``) or ``K*``, differentiable by the implicit function theorem.
+    ``refuses(act, pairs, w, ov)`` returns ``None`` where the solver can serve the call, else a
+    sentence saying why not; ``suits(act, pairs, w, ov)`` says whether it is the one to prefer
+    there (by default wherever it can serve); ``run(act, pairs, w, ov, nngp)`` returns
+    ``ov * E[phi(u) phi(v)]`` (``nngp``) or ``K*``, differentiable by the implicit function theorem.
     """
 
     name: str
     summary: str
     refuses: Callable[[Activation, Pairs, Tensor, Tensor], str | None]
     run: Callable[[Activation, Pairs, Tensor, Tensor, bool], Tensor]
+    suits: Callable[[Activation, Pairs, Tensor, Tensor], bool] = lambda act, p, w, ov: True
 
 
 def _table_refuses(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> str | None:
@@ -71,6 +83,13 @@ def _series_refuses(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> str | N
 
 #: The pair solvers, in order of preference.
 SOLVERS: tuple[PairSolver, ...] = (
+    PairSolver(
+        "dense",
+        "relu family and erf, small pair arrays: solved whole, eagerly, gradients through one Newton step",
+        dense_refuses,
+        dense,
+        dense_suits,
+    ),
     PairSolver(
         "table",
         "relu family: rho*(c~) tabulated once per weight variance, one fused pass after one product",
@@ -107,7 +126,7 @@ def choose(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> PairSolver:
         if reason is not None:
             raise ValueError(f"settings.pair_solver({forced!r}) cannot serve this call: {reason}")
         return solver
-    return next(s for s in SOLVERS if s.refuses(act, p, w, ov) is None)
+    return next(s for s in SOLVERS if s.refuses(act, p, w, ov) is None and s.suits(act, p, w, ov))
 
 
 # --------------------------------------------------------------------------- validation
@@ -146,8 +165,23 @@ def as_input(x: ArrayLike, name: str, like: Tensor | None = None) -> Tensor:
     return t
 
 
-def as_hyper(value: Any, name: str, like: Tensor) -> Tensor:
-    """A hyperparameter as a finite, non-negative tensor of ``like``'s dtype and device."""
+def check_hypers(**hypers: Tensor) -> None:
+    """Raise ``ValueError`` naming the first hyperparameter that is not finite and non-negative.
+
+    One synchronisation for all of them; the message is worked out only when one fails.
+    """
+    values = torch.cat([t.detach().reshape(-1) for t in hypers.values()])
+    if not bool((values >= 0).all()) or not bool(torch.isfinite(values).all()):
+        for name, t in hypers.items():
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise ValueError(f"{name} must be finite and non-negative, got {_describe(t)}")
+
+
+def as_hyper(value: Any, name: str, like: Tensor, *, check: bool = True) -> Tensor:
+    """A hyperparameter as a tensor of ``like``'s dtype and device, finite and non-negative.
+
+    ``check=False`` leaves the value check to :func:`check_hypers` (one synchronisation for all).
+    """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number or a tensor, got {value!r}")
     if isinstance(value, Tensor):
@@ -160,8 +194,8 @@ def as_hyper(value: Any, name: str, like: Tensor) -> Tensor:
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a number or a tensor, got {value!r}") from None
         t = torch.as_tensor(arr, dtype=like.dtype, device=like.device)
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"{name} must be finite and non-negative, got {_describe(t)}")
+    if check:
+        check_hypers(**{name: t})
     return t
 
 
@@ -174,7 +208,7 @@ def batch_shape(x1: Tensor, x2: Tensor, **hypers: Tensor) -> torch.Size:
     """The broadcast batch shape of the inputs and hyperparameters (keys ``w``, ``iv``, ``b``, ``ov``)."""
     names = {"w": "weight_variance", "iv": "input_variance", "b": "bias_variance", "ov": "output_variance"}
     try:
-        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+        batch = broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"the batch shapes of x1 {tuple(x1.shape[:-2])} and x2 {tuple(x2.shape[:-2])} do not broadcast"
@@ -182,7 +216,7 @@ def batch_shape(x1: Tensor, x2: Tensor, **hypers: Tensor) -> torch.Size:
     for key, t in hypers.items():
         shape = t.shape[:-1] if key == "iv" and t.dim() >= 1 else t.shape
         try:
-            batch = torch.broadcast_shapes(batch, shape)
+            batch = broadcast_shapes(batch, shape)
         except RuntimeError:
             raise ValueError(
                 f"{names[key]} of shape {tuple(t.shape)} does not broadcast against the batch shape {tuple(batch)}"

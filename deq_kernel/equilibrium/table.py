@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import settings
 from ..activations import PiecewiseLinear, kappa_from_angle
 from .blocks import product_kernel
-from .newton import ConvergenceError, newton
+from .newton import ConvergenceError, tolerance, unconverged
 
-__all__ = ["TABLE_SIZE", "CorrelationTable", "homogeneous_kernel"]
+__all__ = ["TABLE_SIZE", "CorrelationTable", "correlation_root", "homogeneous_kernel"]
 
 #: Intervals of the correlation table.
 TABLE_SIZE = 2048
@@ -92,16 +93,11 @@ def _tabulate(
     phi = torch.linspace(0.0, math.pi, TABLE_SIZE + 1, dtype=torch.float64, device=device)
     target = g_minus + g_range * (1.0 - torch.cos(phi)) / 2.0
 
-    def residual(rho: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        kappa, kappa_prime = act.kappa(rho)
-        return rho - w * kappa - target, 1.0 - w * kappa_prime, 1.0 + target.abs()
-
     ends = torch.zeros_like(target, dtype=torch.bool)
     ends[0] = ends[-1] = True
     end_values = torch.sign(phi - 1.0)  # rho = -1 at phi = 0, rho = 1 at phi = pi
-    x0 = torch.where(ends, end_values, (-1.0 + 2.0 * (target - g_minus) / g_range).clamp(-1.0, 1.0))
-    rho = newton(residual, x0, -torch.ones_like(target), torch.ones_like(target), what="correlation table", skip=ends)
-    rho = torch.where(ends, end_values, rho).clamp(-1.0, 1.0)
+    rho, _, _ = correlation_root(a, target, torch.tensor(w, dtype=torch.float64))
+    rho = torch.where(ends, end_values, rho)
     theta = torch.arccos(rho)
     _, kappa_prime = act.kappa(rho)
     sin_theta = torch.where(ends, 1.0, torch.sin(theta))
@@ -110,6 +106,55 @@ def _tabulate(
     slope[0] = -math.sqrt(g_range / (2.0 * (1.0 - w * a)))
     slope[-1] = -math.sqrt(g_range / (2.0 * (1.0 - w * m)))
     return theta, slope
+
+
+def correlation_root(a: float, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(rho, kappa(rho), kappa'(rho))`` at the root of ``G(rho) = rho - w kappa(rho) = c``, without a graph.
+
+    ``kappa`` is convex (:math:`\kappa'' = (1-a)^2/(2\pi\sin\theta) \ge 0`), so ``G`` is concave and
+    increasing, and every tangent line of ``G`` lies above it. Three starts are therefore left of
+    the root: the roots of the tangents at -1 and at 1, and the root of the quadratic truncation
+    of ``kappa`` at 0 (``kappa''`` is smallest at 0, so ``kappa`` lies above its quadratic Taylor
+    polynomial there). Newton's method on a concave increasing function started left of its
+    root increases monotonically to it; it starts from the best of the three and stops under
+    the rule of :mod:`.newton`. ``c`` past the ends of the range of ``G`` by rounding (identical
+    or collinear points) gives ``rho = +-1``.
+    """
+    k1 = (1.0 - a) ** 2
+    g = k1 / (2.0 * math.pi)
+    m = (1.0 + a * a) / 2.0
+    quad = w * (g / 2.0)
+    lin = 1.0 - w * (k1 / 4.0 + a)
+    const = c + w * g
+    disc = torch.sqrt((lin * lin - 4.0 * quad * const).clamp_min(0.0))
+    rho = 2.0 * const / (lin + disc)  # cancellation-free root of the quadratic
+    rho = torch.maximum(rho, 1.0 - (1.0 - w * m - c) / (1.0 - w * m))  # tangent at 1: slope 1 - w m
+    rho = torch.maximum(rho, -1.0 + (c + 1.0 - w * a) / (1.0 - w * a)).clamp_(-1.0, 1.0)  # tangent at -1
+    tol = tolerance(c.dtype)
+    max_iter = settings.max_iterations.value()
+    for iteration in range(max_iter + 1):
+        theta = torch.arccos(rho)
+        kappa_prime = torch.rsub(theta, math.pi).mul_(g)
+        if a:
+            kappa_prime.add_(a)
+        kappa = torch.sin(theta).mul_(g).addcmul_(rho, kappa_prime)  # kappa = rho kappa' + g sin(theta)
+        r = rho - c - w * kappa
+        worst = float(r.abs().amax()) if r.numel() else 0.0
+        if worst > tol:  # the exact rule, |r| <= tol (1 + |w kappa + c|), only where the quick one fails
+            worst = float((r.abs() / (1.0 + (rho - r).abs())).amax())
+        step = r.div_(1.0 - w * kappa_prime)
+        if worst <= tol:
+            # One more Newton step takes the root from the tolerance to rounding level; kappa and
+            # kappa' follow to first order (kappa'' = g / sin(theta)), which is exact to rounding.
+            sin = torch.sin(theta)
+            curvature = torch.where(sin > 0, g / torch.where(sin > 0, sin, 1.0), 0.0)
+            polished = (rho - step).clamp_(-1.0, 1.0)
+            delta = polished - rho
+            return polished, kappa.addcmul_(kappa_prime, delta), kappa_prime.addcmul_(curvature, delta)
+        if iteration == max_iter:
+            raise unconverged("pair", worst, tol, max_iter)
+        rho = rho.sub_(step).clamp_(-1.0, 1.0)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _verify(act: PiecewiseLinear, params: tuple, coefs: tuple[Tensor, ...], g_minus: float, g_range: float) -> None:

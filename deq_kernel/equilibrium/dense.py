@@ -1,0 +1,141 @@
+r"""Small pair arrays, solved whole: the relu family and erf, eagerly, with gradients by autograd.
+
+Most Gaussian-process and Bayesian-optimisation problems have a few dozen to a few hundred
+points, and their hyperparameters change at every optimiser step. There the fused solvers'
+per-call set-up (a correlation table per weight variance, row blocks, compiled kernels)
+costs more than the pairs themselves. This solver takes the whole pair array at once:
+
+1. the normalised covariance :math:`\tilde c` comes out of one matrix product, as for the
+   fused solvers (:func:`.pairs.operands`);
+2. the pair equation is solved without a graph, by Newton's method from a start on the
+   side of the root where the iteration is monotone (see below), under the stopping rule
+   of :mod:`.newton`;
+3. one more Newton step is taken *with* the graph, its slope held fixed:
+   :math:`\rho = \rho^* - r(\rho^*; \vartheta) / r'(\rho^*)`. Its value is the root (to
+   rounding, the residual being at the tolerance) and its first derivative in every
+   :math:`\vartheta` is the implicit function theorem's,
+   :math:`-(\partial r/\partial\vartheta)/(\partial r/\partial\rho)`; autograd carries it to
+   the inputs and hyperparameters through the product and the diagonal.
+
+The relu family solves :math:`G(\rho) = \rho - w\kappa(\rho) = \tilde c`. ``kappa`` is convex
+(:math:`\kappa'' = (1-a)^2/(2\pi\sin\theta) \ge 0`), so ``G`` is concave and increasing, and
+``kappa`` lies above its quadratic Taylor polynomial at 0 (``kappa''`` is smallest there):
+the root of the quadratic truncation lies left of the root, and Newton's method on a
+concave increasing function started left of its root increases monotonically to it.
+erf solves :math:`t - \alpha\arcsin t = \beta` in the arcsine variable by the monotone
+steps of :mod:`.arcsine`, with the same a-posteriori bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import settings
+from ..activations import Activation, safe_sqrt
+from .arcsine import BOUND_EPS, NEWTON_STEPS, arcsine_resolves, solve_block
+from .newton import unconverged
+from .pairs import Pairs, broadcast_shapes, diagonal_output, operands
+from .table import correlation_root
+
+__all__ = ["DENSE_PAIRS", "dense", "dense_refuses", "dense_suits"]
+
+#: Largest pair array (batch included) the dense solver takes: beyond it the fused
+#: solvers' set-up pays for itself and their row blocks bound the memory.
+DENSE_PAIRS = 1 << 14
+
+_TWO_OVER_PI = 2.0 / math.pi
+
+
+def dense_refuses(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> str | None:
+    """Why the dense solver cannot serve these pairs, or ``None`` if it can (at any size)."""
+    kind = act.offers.pair_equation
+    if kind is None:
+        return f"activation {act.name!r} has no one-product pair equation (relu family, erf)"
+    if kind == "arcsine" and not arcsine_resolves(p.q1, p.q2):
+        return "the variances are too large for the arcsine variable in this dtype"
+    return None
+
+
+def dense_suits(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> bool:
+    """Whether the pair array is small enough for the dense solver to be the fastest."""
+    return math.prod(broadcast_shapes(p.rows(p.q1).shape, p.cols(p.q2).shape, w.shape)) <= DENSE_PAIRS
+
+
+def _inverse(r: Tensor) -> Tensor:
+    return torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
+
+
+def _product(p: Pairs, left: Tensor, right: Tensor) -> Tensor:
+    """``left_i right_j s(x1_i, x2_j)`` for the pairs, differentiable."""
+    lhs, rhs, two_sided = operands(p, left, right)
+    if not p.outer:
+        return (lhs * rhs).sum(-1)
+    c = lhs @ rhs.mT
+    if two_sided:
+        return 0.5 * (c + c.mT)
+    if p.symmetric:
+        # A product with itself need not be bitwise symmetric (BLAS blocks it by position):
+        # mirror the upper triangle, so that every elementwise step after it stays symmetric.
+        return c.triu() + c.triu(1).mT
+    return c
+
+
+def dense(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
+    """``ov * E[phi(u) phi(v)]`` (``nngp``) or ``K*`` of the pairs; see the module docstring."""
+    if act.offers.pair_equation == "correlation_table":
+        r1 = safe_sqrt(p.q1)
+        r2 = r1 if p.q2 is p.q1 else safe_sqrt(p.q2)
+        rho, kappa = _relu_family(act.negative_slope, _product(p, _inverse(r1), _inverse(r2)), w)
+        # (r1 r2) first: for a symmetric matrix with r1 = r2 the product is bitwise symmetric.
+        out = (p.rows(r1) * p.cols(r2)) * (kappa if nngp else rho)
+    else:
+        # erf: r = sqrt(q + 1/2), so that the arcsine's argument is t = K* / (r1 r2).
+        r1 = torch.sqrt(p.q1 + 0.5)
+        r2 = r1 if p.q2 is p.q1 else torch.sqrt(p.q2 + 0.5)
+        r1, r2, (t, theta) = p.rows(r1), p.cols(r2), _erf(_product(p, 1.0 / r1, 1.0 / r2), p.rows(r1), p.cols(r2), w)
+        out = _TWO_OVER_PI * theta if nngp else (r1 * r2) * t
+    if nngp:
+        out = out * ov
+    diagonal = diagonal_output(p, ov, nngp)
+    if diagonal is not None:
+        full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
+        out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
+    return out
+
+
+def _relu_family(a: float, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``rho`` and ``kappa(rho)`` at the root of ``rho - w kappa(rho) = c``, differentiable."""
+    with torch.no_grad():
+        rho, kappa, kappa_prime = correlation_root(a, c.detach(), w.detach())
+    # One Newton step with the graph, its slope held fixed: the implicit function theorem.
+    step = rho - (rho - w * kappa - c) / (1.0 - w.detach() * kappa_prime)
+    return step, kappa + kappa_prime * (step - rho)
+
+
+def _erf(c: Tensor, r1: Tensor, r2: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``t`` and ``asin t`` at the root of ``t - alpha asin t = c``, ``alpha = 2 w / (pi r1 r2)``, differentiable."""
+    with torch.no_grad():
+        t, theta, s, alpha = _erf_root(c.detach(), r1.detach(), r2.detach(), w.detach())
+    # One Newton step with the graph, its slope (s - alpha) / s held fixed.
+    step = t - (t - (_TWO_OVER_PI * w) / (r1 * r2) * theta - c) * (s / (s - alpha))
+    return step, theta + (step - t) / s
+
+
+def _erf_root(c: Tensor, r1: Tensor, r2: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The arcsine solver's steps, continued until its error bound holds (without a graph)."""
+    eps = torch.finfo(c.dtype).eps
+    tol = BOUND_EPS * eps
+    # alpha = 2 w / (pi r1 r2) for any broadcast w, formed as (r1 r2) (1 / w) so that a symmetric
+    # matrix stays bitwise symmetric (w = 0: alpha = 0).
+    params = torch.tensor([1.0, 1.0 - eps], dtype=c.dtype, device=c.device)
+    root, inv_w = r1 * r2, 1.0 / w
+    max_iter = settings.max_iterations.value()
+    for steps in range(min(NEWTON_STEPS, max_iter), max_iter + 1):
+        t, theta, s, alpha, miss = solve_block(c, root, inv_w, params, steps)
+        worst = float(miss.abs().amax()) if c.numel() else 0.0
+        if worst <= tol:
+            return t, theta, s, alpha
+    raise unconverged("erf pair", worst, tol, max_iter, measure="error bound")
