@@ -166,9 +166,18 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float64,float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="n = 512, one repeat (CI)")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "true", "false"),
+        default=None,
+        help="deq_kernel.settings.compile for the DEQ timings (default true, the compiled steady state of a "
+        "long-running process, and with --quick auto; 'auto' compiles only after 20 s of eager use, 'false' never)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.n, args.repeats = 512, 1
+    if args.compile is None:
+        args.compile = "auto" if args.quick else "true"
 
     print(f"deq_kernel {deq_kernel.__version__}, torch {torch.__version__}, gpytorch {gpytorch.__version__}")
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; n={args.n}, d={args.d}")
@@ -179,7 +188,14 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    mode = {"auto": "auto", "true": True, "false": False}[args.compile]
+    print(f"deq_kernel.settings.compile({mode!r}) for the DEQ timings")
     x64 = torch.randn(args.n, args.d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with deq_kernel.settings.compile(mode):
+        _rows(args, x64)
+
+
+def _rows(args: argparse.Namespace, x64: torch.Tensor) -> None:
     for name in args.activations.split(","):
         reference = None
         for dtype_name in args.dtypes.split(","):

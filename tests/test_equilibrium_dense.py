@@ -158,3 +158,13 @@ def test_erf_derivatives_at_a_zero_input_without_bias_are_the_limits(rng):
     assert float(gx[5, 1]) == pytest.approx(float((k(h) - k(-h)).sum() / (2 * h)), rel=1e-6)
     assert float(gb) == pytest.approx(float((k(0.0, h) - k(0.0)).sum() / h), rel=1e-4)  # one-sided: b >= 0
     assert float(gx[5, 1]) != 0.0
+
+
+@pytest.mark.parametrize(("name", "w"), [("relu", 1.5), ("erf", 0.6)])
+def test_second_derivatives_raise_instead_of_being_wrong(rng, name, w):
+    x, _ = _inputs(rng, n=10)
+    weight = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+    k = equilibrium_covariance(x, activation=name, weight_variance=weight, bias_variance=0.1)
+    (first,) = torch.autograd.grad(k.sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        torch.autograd.grad(first, weight)

@@ -10,12 +10,10 @@ costs more than the pairs themselves. This solver takes the whole pair array at 
 2. the pair equation is solved without a graph, by Newton's method from a start on the
    side of the root where the iteration is monotone (see below), under the stopping rule
    of :mod:`.newton`;
-3. one more Newton step is taken *with* the graph, its slope held fixed:
-   :math:`\rho = \rho^* - r(\rho^*; \vartheta) / r'(\rho^*)`. Its value is the root (to
-   rounding, the residual being at the tolerance) and its first derivative in every
-   :math:`\vartheta` is the implicit function theorem's,
-   :math:`-(\partial r/\partial\vartheta)/(\partial r/\partial\rho)`; autograd carries it to
-   the inputs and hyperparameters through the product and the diagonal.
+3. the root re-enters the graph through a small autograd function whose derivative is the
+   implicit function theorem's, :math:`-(\partial r/\partial\vartheta)/(\partial r/\partial\rho)`,
+   in reverse and forward mode; autograd carries it to the inputs and hyperparameters
+   through the product and the diagonal (written in plain torch operations).
 
 The relu family solves :math:`G(\rho) = \rho - w\kappa(\rho) = \tilde c`. ``kappa`` is convex
 (:math:`\kappa'' = (1-a)^2/(2\pi\sin\theta) \ge 0`), so ``G`` is concave and increasing, and
@@ -29,9 +27,11 @@ steps of :mod:`.arcsine`, with the same a-posteriori bound.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import settings
 from ..activations import Activation, safe_sqrt
@@ -106,22 +106,57 @@ def dense(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tenso
     return out
 
 
+class _Root(torch.autograd.Function):
+    """A solved root ``x*`` of ``x - b g(x) - c = 0`` as a function of ``(c, b)``: ``dx = (dc + g db) / r'``.
+
+    ``slope`` is ``r' = 1 - b g'(x*)`` and ``gain`` is ``g(x*)``, both at the root. The
+    derivatives are the implicit function theorem's, in reverse and forward mode; they are
+    first derivatives only (``once_differentiable``: asking for a second one raises instead of
+    returning the wrong one).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, root: Tensor, c: Tensor, b: Tensor, gain: Tensor, slope: Tensor) -> Tensor:
+        ctx.save_for_backward(gain, slope)
+        ctx.save_for_forward(gain, slope)
+        ctx.shapes = (c.shape, b.shape)
+        return root.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        gain, slope = ctx.saved_tensors
+        c_shape, b_shape = ctx.shapes
+        lam = grad / slope
+        grad_c = lam.sum_to_size(c_shape) if ctx.needs_input_grad[1] else None
+        grad_b = (lam * gain).sum_to_size(b_shape) if ctx.needs_input_grad[2] else None
+        return None, grad_c, grad_b, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, _root: None, tangent_c: Tensor | None, tangent_b: Tensor | None, *_: None) -> Tensor:
+        gain, slope = ctx.saved_tensors
+        change = torch.zeros_like(slope) if tangent_c is None else tangent_c.expand_as(slope)
+        if tangent_b is not None:
+            change = change + gain * tangent_b
+        return change / slope
+
+
 def _relu_family(a: float, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """``rho`` and ``kappa(rho)`` at the root of ``rho - w kappa(rho) = c``, differentiable."""
     with torch.no_grad():
         rho, kappa, kappa_prime = correlation_root(a, c.detach(), w.detach())
-    # One Newton step with the graph, its slope held fixed: the implicit function theorem.
-    step = rho - (rho - w * kappa - c) / (1.0 - w.detach() * kappa_prime)
-    return step, kappa + kappa_prime * (step - rho)
+        slope = 1.0 - w.detach() * kappa_prime
+    root = _Root.apply(rho, c, w, kappa, slope)
+    return root, kappa + kappa_prime * (root - rho)  # d kappa = kappa' d rho
 
 
 def _erf(c: Tensor, r1: Tensor, r2: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """``t`` and ``asin t`` at the root of ``t - alpha asin t = c``, ``alpha = 2 w / (pi r1 r2)``, differentiable."""
     with torch.no_grad():
         t, theta, s, alpha = _erf_root(c.detach(), r1.detach(), r2.detach(), w.detach())
-    # One Newton step with the graph, its slope (s - alpha) / s held fixed.
-    step = t - (t - (_TWO_OVER_PI * w) / (r1 * r2) * theta - c) * (s / (s - alpha))
-    return step, theta + (step - t) / s
+        slope = 1.0 - alpha / s  # d/dt (t - alpha asin t), asin' = 1 / s
+    root = _Root.apply(t, c, (_TWO_OVER_PI * w) / (r1 * r2), theta, slope)
+    return root, theta + (root - t) / s
 
 
 def _erf_root(c: Tensor, r1: Tensor, r2: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
