@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import settings
 from ..activations import Activation, safe_sqrt
@@ -47,6 +46,12 @@ __all__ = ["DENSE_PAIRS", "dense", "dense_refuses", "dense_suits"]
 DENSE_PAIRS = 1 << 14
 
 _TWO_OVER_PI = 2.0 / math.pi
+
+#: The error of a backward pass asked to build a graph for second derivatives.
+SECOND_DERIVATIVES = (
+    "deq_kernel's implicit gradients are first derivatives only: differentiating them again "
+    "(create_graph=True, torch.autograd.functional.hessian) is not supported"
+)
 
 
 def dense_refuses(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> str | None:
@@ -111,8 +116,10 @@ class _Root(torch.autograd.Function):
 
     ``slope`` is ``r' = 1 - b g'(x*)`` and ``gain`` is ``g(x*)``, both at the root. The
     derivatives are the implicit function theorem's, in reverse and forward mode; they are
-    first derivatives only (``once_differentiable``: asking for a second one raises instead of
-    returning the wrong one).
+    first derivatives only, so a backward pass that would build a graph for a second one
+    (``create_graph=True``) raises instead of returning a wrong one. (``once_differentiable``
+    does not guard this: where its incoming gradient depends on the same inputs, the second
+    derivative silently loses this function's part.)
     """
 
     @staticmethod
@@ -123,8 +130,9 @@ class _Root(torch.autograd.Function):
         return root.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_DERIVATIVES)
         gain, slope = ctx.saved_tensors
         c_shape, b_shape = ctx.shapes
         lam = grad / slope
