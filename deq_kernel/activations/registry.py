@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -119,7 +121,12 @@ def _make_named() -> dict[str, Callable[..., Activation]]:
 _FACTORIES = _make_named()
 #: Names accepted for ``activation``.
 ACTIVATIONS: tuple[str, ...] = tuple(_FACTORIES)
-_CACHE: dict[tuple[str, tuple[tuple[str, Any], ...]], Activation] = {}
+#: Activations built, by what determines them (a name and its options, or a callable and its
+#: options), so that an activation is built once: its bound estimate and its compiled kernels
+#: are reused. Bounded: the least recently used are dropped beyond :data:`CACHE_SIZE`.
+CACHE_SIZE = 64
+_CACHE: OrderedDict[tuple[Any, ...], Activation] = OrderedDict()
+_LOCK = threading.Lock()
 
 
 def get_activation(activation: str | Activation | Callable[[Tensor], Tensor] = "relu", **kwargs: Any) -> Activation:
@@ -136,20 +143,34 @@ def get_activation(activation: str | Activation | Callable[[Tensor], Tensor] = "
         key = activation.lower()
         if key not in _FACTORIES:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} or a callable, got {activation!r}")
-        cache_key = (key, tuple(sorted(kwargs.items())))
-        try:
-            return _CACHE[cache_key]
-        except KeyError:
-            pass
-        except TypeError:  # unhashable option value: build without caching
-            cache_key = None  # type: ignore[assignment]
-        try:
-            act = _FACTORIES[key](**kwargs)
-        except TypeError as exc:
-            raise TypeError(f"invalid options for activation {key!r}: {exc}") from None
-        if cache_key is not None:
-            _CACHE[cache_key] = act
-        return act
+
+        def build() -> Activation:
+            try:
+                return _FACTORIES[key](**kwargs)
+            except TypeError as exc:
+                raise TypeError(f"invalid options for activation {key!r}: {exc}") from None
+
+        return _cached((key, *sorted(kwargs.items())), build)
     if callable(activation):
-        return QuadratureActivation(activation, **kwargs)
+        return _cached(
+            ("callable", activation, *sorted(kwargs.items())), lambda: QuadratureActivation(activation, **kwargs)
+        )
     raise TypeError(f"activation must be one of {', '.join(ACTIVATIONS)} or a callable, got {activation!r}")
+
+
+def _cached(key: tuple[Any, ...], build: Callable[[], Activation]) -> Activation:
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option value: build without caching
+        return build()
+    with _LOCK:
+        found = _CACHE.get(key)
+        if found is not None:
+            _CACHE.move_to_end(key)
+            return found
+    act = build()
+    with _LOCK:
+        act = _CACHE.setdefault(key, act)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return act

@@ -100,9 +100,17 @@ class _Variant:
     """One signature of one function: its compiled form and whether it is ready."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
-        self.compiled = torch.compile(_own_copy(fn), dynamic=True)
+        self.fn = fn
+        self._compiled: Callable[..., Any] | None = None
         self.state = "new"  # -> "queued" -> "ready" or "failed"
         self.done = threading.Event()
+
+    @property
+    def compiled(self) -> Callable[..., Any]:
+        # Made on first use: creating it imports the compiler stack, which costs a second or two.
+        if self._compiled is None:
+            self._compiled = torch.compile(_own_copy(self.fn), dynamic=True)
+        return self._compiled
 
 
 #: Signatures kept (the least recently added beyond it are forgotten; their code stays cached on disk).

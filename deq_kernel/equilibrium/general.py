@@ -59,7 +59,7 @@ def _prepare_block(
     return s12 * inv_root, inv_root, positive & ~identical, identical
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _step_function(act: Activation) -> Callable[..., tuple[Tensor, ...]]:
     """One safeguarded Newton step on a block of pairs, for ``act``."""
 
@@ -110,7 +110,7 @@ def snap_correlation(rho: Tensor, eps: float) -> Tensor:
     return torch.where(r.abs() >= 1.0 - COLLINEAR_EPS * eps, torch.sign(r), r)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _finish_function(act: Activation) -> Callable[..., tuple[Tensor, Tensor]]:
     """``rho`` and ``V`` of a converged block."""
 

@@ -7,7 +7,8 @@ normal and scaled by their fan-in,
     z^* = \frac{\sigma_w}{\sqrt n} \tilde W \phi(z^*) + \frac{\sigma_u}{\sqrt d} \tilde U x + \sigma_b \tilde b,
     \qquad f(x) = \frac{\sigma_v}{\sqrt n} \tilde v \cdot \phi(z^*),
 
-which at initialisation is the network of DESIGN.md (with ``h* = phi(z*)``); the kernel is
+which at initialisation is the network of :func:`deq_kernel.equilibrium_covariance` (with
+``h* = phi(z*)``); the kernel is
 :math:`\Theta(x, x') = \sum_\vartheta \partial_\vartheta f(x)\,\partial_\vartheta f(x')` over
 :math:`\vartheta \in \{\tilde W, \tilde U, \tilde b, \tilde v\}`.
 

@@ -141,7 +141,7 @@ def _low_positions(exps: tuple[int, ...]) -> tuple[int | None, int | None]:
     return tuple(exps.index(k) if k in exps else None for k in (1, 2))  # type: ignore[return-value]
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., None]:
     low = _low_positions(exps)
 
@@ -154,7 +154,7 @@ def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool
     return forward_block
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., Any]:
     low = _low_positions(exps)
 
