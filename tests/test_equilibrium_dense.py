@@ -82,12 +82,12 @@ def test_dense_serves_batches_and_elementwise_pairs(rng, name, w):
 
 
 def test_dense_and_the_table_agree_where_the_plan_switches(rng):
-    # 128 x 128 pairs take the dense solver, 129 x 129 the correlation table.
-    x = torch.as_tensor(rng.normal(size=(129, 5)))
-    with settings.pair_solver("table"):
-        table = equilibrium_covariance(x, activation="relu", weight_variance=1.9, bias_variance=0.1)
-    auto = equilibrium_covariance(x[:128], activation="relu", weight_variance=1.9, bias_variance=0.1)
-    assert torch.allclose(auto, table[:128, :128], rtol=0, atol=1e-14 * float(table.abs().max()))
+    # 362 x 362 pairs take the dense solver, 363 x 363 the correlation table.
+    assert 362**2 <= dense.DENSE_PAIRS < 363**2
+    x = torch.as_tensor(rng.normal(size=(363, 5)))
+    table = equilibrium_covariance(x, activation="relu", weight_variance=1.9, bias_variance=0.1)
+    auto = equilibrium_covariance(x[:362], activation="relu", weight_variance=1.9, bias_variance=0.1)
+    assert torch.allclose(auto, table[:362, :362], rtol=0, atol=1e-14 * float(table.abs().max()))
 
 
 def test_float32_dense_agrees_with_float64(rng):

@@ -38,10 +38,10 @@ def test_the_solver_order_is_the_documented_one():
     ("activation", "n", "batch", "expected"),
     [
         ("relu", 40, (), "dense"),
-        ("relu", 200, (), "table"),
+        ("relu", 400, (), "table"),
         ("abs", 40, (3,), "dense"),
         ("erf", 40, (), "dense"),
-        ("erf", 200, (), "arcsine"),
+        ("erf", 400, (), "arcsine"),
         ("tanh", 40, (), "series"),
         ("gelu", 60, (), "series"),
         ("tanh", 20, (2,), "general"),  # batched: the series solver takes one matrix

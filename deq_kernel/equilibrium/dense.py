@@ -43,7 +43,7 @@ __all__ = ["DENSE_PAIRS", "dense", "dense_refuses", "dense_suits"]
 
 #: Largest pair array (batch included) the dense solver takes: beyond it the fused
 #: solvers' set-up pays for itself and their row blocks bound the memory.
-DENSE_PAIRS = 1 << 14
+DENSE_PAIRS = 1 << 17
 
 _TWO_OVER_PI = 2.0 / math.pi
 
