@@ -169,3 +169,20 @@ def test_second_derivatives_raise_instead_of_being_wrong(rng, name, w):
         torch.autograd.grad(k.sum(), weight, create_graph=True)
     (first,) = torch.autograd.grad(k.sum(), weight)  # without a graph: fine
     assert torch.isfinite(first)
+
+
+def test_the_ntk_solves_each_pair_once(rng, monkeypatch):
+    x, z = _inputs(rng)
+    calls = []
+    root = dense.correlation_root
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return root(*args)
+
+    monkeypatch.setattr(dense, "correlation_root", spy)
+    ntk = equilibrium_covariance(x, z, activation="relu", weight_variance=1.2, output="ntk")
+    assert len(calls) == 1  # the value and K* come from one solve
+    with settings.pair_solver("general"):
+        reference = equilibrium_covariance(x, z, activation="relu", weight_variance=1.2, output="ntk")
+    assert torch.allclose(ntk, reference, rtol=0, atol=1e-12 * float(reference.abs().max()))

@@ -39,7 +39,7 @@ from .newton import unconverged
 from .pairs import Pairs, broadcast_shapes, diagonal_output, operands
 from .table import correlation_root
 
-__all__ = ["DENSE_PAIRS", "dense", "dense_refuses", "dense_suits"]
+__all__ = ["DENSE_PAIRS", "dense", "dense_both", "dense_refuses", "dense_suits"]
 
 #: Largest pair array (batch included) the dense solver takes: beyond it the fused
 #: solvers' set-up pays for itself and their row blocks bound the memory.
@@ -90,25 +90,35 @@ def _product(p: Pairs, left: Tensor, right: Tensor) -> Tensor:
 
 def dense(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
     """``ov * E[phi(u) phi(v)]`` (``nngp``) or ``K*`` of the pairs; see the module docstring."""
+    value, cov = dense_both(act, p, w, ov)
+    return value if nngp else cov
+
+
+def dense_both(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> tuple[Tensor, Tensor]:
+    """``ov * E[phi(u) phi(v)]`` and ``K*`` of the pairs from one solve (what the NTK needs)."""
     if act.offers.pair_equation == "correlation_table":
         r1 = safe_sqrt(p.q1)
         r2 = r1 if p.q2 is p.q1 else safe_sqrt(p.q2)
         rho, kappa = _relu_family(act.negative_slope, _product(p, _inverse(r1), _inverse(r2)), w)
         # (r1 r2) first: for a symmetric matrix with r1 = r2 the product is bitwise symmetric.
-        out = (p.rows(r1) * p.cols(r2)) * (kappa if nngp else rho)
+        root = p.rows(r1) * p.cols(r2)
+        value, cov = root * kappa, root * rho
     else:
         # erf: r = sqrt(q + 1/2), so that the arcsine's argument is t = K* / (r1 r2).
         r1 = torch.sqrt(p.q1 + 0.5)
         r2 = r1 if p.q2 is p.q1 else torch.sqrt(p.q2 + 0.5)
         r1, r2, (t, theta) = p.rows(r1), p.cols(r2), _erf(_product(p, 1.0 / r1, 1.0 / r2), p.rows(r1), p.cols(r2), w)
-        out = _TWO_OVER_PI * theta if nngp else (r1 * r2) * t
-    if nngp:
-        out = out * ov
+        value, cov = _TWO_OVER_PI * theta, (r1 * r2) * t
+    return _with_diagonal(p, value * ov, ov, True), _with_diagonal(p, cov, ov, False)
+
+
+def _with_diagonal(p: Pairs, out: Tensor, ov: Tensor, nngp: bool) -> Tensor:
+    """A symmetric matrix's diagonal replaced by the exact one of the diagonal path."""
     diagonal = diagonal_output(p, ov, nngp)
-    if diagonal is not None:
-        full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
-        out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
-    return out
+    if diagonal is None:
+        return out
+    full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
+    return torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
 
 
 class _Root(torch.autograd.Function):

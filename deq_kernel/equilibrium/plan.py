@@ -26,7 +26,7 @@ from .. import settings
 from ..activations import Activation
 from . import pairs as _pairs
 from .arcsine import arcsine_resolves
-from .dense import dense, dense_refuses, dense_suits
+from .dense import dense, dense_both, dense_refuses, dense_suits
 from .pairs import Pairs, broadcast_shapes
 
 __all__ = [
@@ -59,6 +59,13 @@ class PairSolver:
     refuses: Callable[[Activation, Pairs, Tensor, Tensor], str | None]
     run: Callable[[Activation, Pairs, Tensor, Tensor, bool], Tensor]
     suits: Callable[[Activation, Pairs, Tensor, Tensor], bool] = lambda act, p, w, ov: True
+    run_both: Callable[[Activation, Pairs, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+
+    def both(self, act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ov * E[phi(u) phi(v)], K*)``: from one solve where the solver can, else from two."""
+        if self.run_both is not None:
+            return self.run_both(act, p, w, ov)
+        return self.run(act, p, w, ov, True), self.run(act, p, w, ov, False)
 
 
 def _table_refuses(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> str | None:
@@ -89,6 +96,7 @@ SOLVERS: tuple[PairSolver, ...] = (
         dense_refuses,
         dense,
         dense_suits,
+        dense_both,
     ),
     PairSolver(
         "table",

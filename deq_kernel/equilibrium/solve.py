@@ -76,8 +76,7 @@ def _pair_output(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -
 def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tensor) -> Tensor:
     """The neural tangent kernel (see :mod:`.ntk`) from the equilibrium quantities."""
     one = torch.ones_like(ov)
-    value = _pair_output(act, p, w, one, True)
-    cov = _pair_output(act, p, w, one, False)
+    value, cov = plan.choose(act, p, w, one).both(act, p, w, one)
     r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
     inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
     inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
