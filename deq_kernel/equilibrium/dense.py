@@ -36,7 +36,7 @@ from .. import settings
 from ..activations import Activation, safe_sqrt
 from .arcsine import BOUND_EPS, NEWTON_STEPS, arcsine_resolves, solve_block
 from .newton import unconverged
-from .pairs import Pairs, broadcast_shapes, diagonal_output, operands
+from .pairs import Pairs, broadcast_shapes, operands, with_exact_diagonal
 from .table import correlation_root
 
 __all__ = ["DENSE_PAIRS", "dense", "dense_both", "dense_refuses", "dense_suits"]
@@ -90,35 +90,32 @@ def _product(p: Pairs, left: Tensor, right: Tensor) -> Tensor:
 
 def dense(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
     """``ov * E[phi(u) phi(v)]`` (``nngp``) or ``K*`` of the pairs; see the module docstring."""
-    value, cov = dense_both(act, p, w, ov)
-    return value if nngp else cov
+    value, cov = _solve(act, p, w)
+    return with_exact_diagonal(p, value * ov, ov, True) if nngp else with_exact_diagonal(p, cov, ov, False)
 
 
 def dense_both(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> tuple[Tensor, Tensor]:
     """``ov * E[phi(u) phi(v)]`` and ``K*`` of the pairs from one solve (what the NTK needs)."""
+    value, cov = _solve(act, p, w)
+    return with_exact_diagonal(p, value * ov, ov, True), with_exact_diagonal(p, cov, ov, False)
+
+
+def _solve(act: Activation, p: Pairs, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``E[phi(u) phi(v)]`` and ``K*`` at the pairs' fixed points, differentiable."""
     if act.offers.pair_equation == "correlation_table":
         r1 = safe_sqrt(p.q1)
         r2 = r1 if p.q2 is p.q1 else safe_sqrt(p.q2)
         rho, kappa = _relu_family(act.negative_slope, _product(p, _inverse(r1), _inverse(r2)), w)
         # (r1 r2) first: for a symmetric matrix with r1 = r2 the product is bitwise symmetric.
         root = p.rows(r1) * p.cols(r2)
-        value, cov = root * kappa, root * rho
-    else:
-        # erf: r = sqrt(q + 1/2), so that the arcsine's argument is t = K* / (r1 r2).
-        r1 = torch.sqrt(p.q1 + 0.5)
-        r2 = r1 if p.q2 is p.q1 else torch.sqrt(p.q2 + 0.5)
-        r1, r2, (t, theta) = p.rows(r1), p.cols(r2), _erf(_product(p, 1.0 / r1, 1.0 / r2), p.rows(r1), p.cols(r2), w)
-        value, cov = _TWO_OVER_PI * theta, (r1 * r2) * t
-    return _with_diagonal(p, value * ov, ov, True), _with_diagonal(p, cov, ov, False)
-
-
-def _with_diagonal(p: Pairs, out: Tensor, ov: Tensor, nngp: bool) -> Tensor:
-    """A symmetric matrix's diagonal replaced by the exact one of the diagonal path."""
-    diagonal = diagonal_output(p, ov, nngp)
-    if diagonal is None:
-        return out
-    full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
-    return torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
+        return root * kappa, root * rho
+    # erf: r = sqrt(q + 1/2), so that the arcsine's argument is t = K* / (r1 r2).
+    r1 = torch.sqrt(p.q1 + 0.5)
+    r2 = r1 if p.q2 is p.q1 else torch.sqrt(p.q2 + 0.5)
+    c = _product(p, 1.0 / r1, 1.0 / r2)
+    r1, r2 = p.rows(r1), p.cols(r2)
+    t, theta = _erf(c, r1, r2, w)
+    return _TWO_OVER_PI * theta, (r1 * r2) * t
 
 
 class _Root(torch.autograd.Function):

@@ -22,7 +22,17 @@ from .general import solve_pairs
 from .series import series_kernel, series_plan
 from .table import homogeneous_kernel
 
-__all__ = ["COVERAGE_SAMPLE", "Pairs", "broadcast_shapes", "inner", "operands", "sampled_coverage", "unbatched"]
+__all__ = [
+    "COVERAGE_SAMPLE",
+    "Pairs",
+    "broadcast_shapes",
+    "inner",
+    "operands",
+    "sampled_coverage",
+    "scatter_diagonal",
+    "unbatched",
+    "with_exact_diagonal",
+]
 
 
 class Pairs(NamedTuple):
@@ -121,6 +131,18 @@ def diagonal_output(p: Pairs, ov: Tensor, nngp: bool) -> Tensor | None:
     if not (p.outer and p.symmetric):
         return None
     return ov.squeeze(-1) * p.d1 if nngp else p.q1
+
+
+def with_exact_diagonal(p: Pairs, out: Tensor, ov: Tensor, nngp: bool) -> Tensor:
+    """``out`` with a symmetric matrix's diagonal replaced by :func:`diagonal_output`'s exact one."""
+    diagonal = diagonal_output(p, ov, nngp)
+    return out if diagonal is None else scatter_diagonal(out, diagonal)
+
+
+def scatter_diagonal(out: Tensor, diagonal: Tensor) -> Tensor:
+    """``out`` (a square matrix, batched) with its diagonal replaced by ``diagonal``, broadcast."""
+    full = broadcast_shapes(out.shape[:-1], diagonal.shape)
+    return torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
 
 
 def one_product(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
@@ -225,11 +247,7 @@ def general(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Ten
         symmetric=p.symmetric and p.outer,
     )
     out = ov * value if nngp else p.rows(safe_sqrt(p.q1)) * p.cols(safe_sqrt(p.q2)) * rho
-    diagonal = diagonal_output(p, ov, nngp)
-    if diagonal is not None:
-        full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
-        out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
-    return out
+    return with_exact_diagonal(p, out, ov, nngp)
 
 
 def unbatched(p: Pairs) -> Pairs | None:

@@ -16,7 +16,7 @@ from . import plan
 from .diagonal import solve_diagonal
 from .general import snap_correlation
 from .ntk import tangent_kernel
-from .pairs import Pairs, inner
+from .pairs import Pairs, inner, scatter_diagonal
 
 __all__ = ["solve"]
 
@@ -104,6 +104,5 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     out = tangent_kernel(value, cov, slope, w, ov)
     if square:
         diagonal = tangent_kernel(p.d1, p.q1, derivative.diag_dual(p.q1)[0], w.squeeze(-1), ov.squeeze(-1))
-        full = torch.broadcast_shapes(out.shape[:-1], diagonal.shape)
-        out = torch.diagonal_scatter(out.expand(*full, full[-1]), diagonal.expand(full), dim1=-2, dim2=-1)
+        out = scatter_diagonal(out, diagonal)
     return out
