@@ -36,7 +36,7 @@ from .. import settings
 from ..activations import Activation, safe_sqrt
 from .arcsine import BOUND_EPS, NEWTON_STEPS, arcsine_resolves, solve_block
 from .newton import unconverged
-from .pairs import Pairs, broadcast_shapes, operands, with_exact_diagonal
+from .pairs import Pairs, broadcast_shapes, inverse, product, with_exact_diagonal
 from .table import correlation_root
 
 __all__ = ["DENSE_PAIRS", "dense", "dense_both", "dense_refuses", "dense_suits"]
@@ -69,25 +69,6 @@ def dense_suits(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> bool:
     return math.prod(broadcast_shapes(p.rows(p.q1).shape, p.cols(p.q2).shape, w.shape)) <= DENSE_PAIRS
 
 
-def _inverse(r: Tensor) -> Tensor:
-    return torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
-
-
-def _product(p: Pairs, left: Tensor, right: Tensor) -> Tensor:
-    """``left_i right_j s(x1_i, x2_j)`` for the pairs, differentiable."""
-    lhs, rhs, two_sided = operands(p, left, right)
-    if not p.outer:
-        return (lhs * rhs).sum(-1)
-    c = lhs @ rhs.mT
-    if two_sided:
-        return 0.5 * (c + c.mT)
-    if p.symmetric:
-        # A product with itself need not be bitwise symmetric (BLAS blocks it by position):
-        # mirror the upper triangle, so that every elementwise step after it stays symmetric.
-        return c.triu() + c.triu(1).mT
-    return c
-
-
 def dense(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
     """``ov * E[phi(u) phi(v)]`` (``nngp``) or ``K*`` of the pairs; see the module docstring."""
     value, cov = _solve(act, p, w)
@@ -105,14 +86,14 @@ def _solve(act: Activation, p: Pairs, w: Tensor) -> tuple[Tensor, Tensor]:
     if act.offers.pair_equation == "correlation_table":
         r1 = safe_sqrt(p.q1)
         r2 = r1 if p.q2 is p.q1 else safe_sqrt(p.q2)
-        rho, kappa = _relu_family(act.negative_slope, _product(p, _inverse(r1), _inverse(r2)), w)
+        rho, kappa = _relu_family(act.negative_slope, product(p, inverse(r1), inverse(r2)), w)
         # (r1 r2) first: for a symmetric matrix with r1 = r2 the product is bitwise symmetric.
         root = p.rows(r1) * p.cols(r2)
         return root * kappa, root * rho
     # erf: r = sqrt(q + 1/2), so that the arcsine's argument is t = K* / (r1 r2).
     r1 = torch.sqrt(p.q1 + 0.5)
     r2 = r1 if p.q2 is p.q1 else torch.sqrt(p.q2 + 0.5)
-    c = _product(p, 1.0 / r1, 1.0 / r2)
+    c = product(p, 1.0 / r1, 1.0 / r2)
     r1, r2 = p.rows(r1), p.cols(r2)
     t, theta = _erf(c, r1, r2, w)
     return _TWO_OVER_PI * theta, (r1 * r2) * t

@@ -27,7 +27,9 @@ __all__ = [
     "Pairs",
     "broadcast_shapes",
     "inner",
+    "inverse",
     "operands",
+    "product",
     "sampled_coverage",
     "scatter_diagonal",
     "unbatched",
@@ -112,16 +114,28 @@ def _aligned(t: Tensor) -> Tensor:
     return torch.nn.functional.pad(t, (0, pad)) if t.is_cuda and pad else t
 
 
+def product(p: Pairs, left: Tensor, right: Tensor) -> Tensor:
+    """``left_i right_j s(x1_i, x2_j)`` for all pairs (``outer``) or elementwise pairs, differentiable.
+
+    A symmetric matrix comes out bitwise symmetric: a product with itself need not be (BLAS
+    blocks it by position), so its upper triangle is mirrored, and every elementwise step after
+    it stays symmetric.
+    """
+    lhs, rhs, two_sided = operands(p, left, right)
+    if not p.outer:
+        return (lhs * rhs).sum(-1)
+    c = lhs @ rhs.mT
+    if two_sided:
+        return 0.5 * (c + c.mT)
+    return c.triu() + c.triu(1).mT if p.symmetric else c
+
+
 def inner(p: Pairs) -> Tensor:
     """``s(x1_i, x2_j)`` for all pairs (``outer``) or elementwise pairs."""
-    if not p.outer:
-        return (p.x1s * p.x2).sum(-1) + p.bias.unsqueeze(-1)
-    lhs, rhs, two_sided = operands(p, torch.ones_like(p.q1), torch.ones_like(p.q2))
-    out = lhs @ rhs.mT
-    return 0.5 * (out + out.mT) if two_sided else out
+    return product(p, torch.ones_like(p.q1), torch.ones_like(p.q2))
 
 
-def _inverse(r: Tensor) -> Tensor:
+def inverse(r: Tensor) -> Tensor:
     """``1 / r``, and 0 where ``r`` is 0 (a zero-variance point has covariance 0 with everything)."""
     return torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
 
@@ -150,7 +164,7 @@ def one_product(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) ->
     table = act.offers.pair_equation == "correlation_table"
     # The relu family: r = sqrt(q); erf: r = sqrt(q + 1/2), never 0.
     r1, r2 = (safe_sqrt(p.q1), safe_sqrt(p.q2)) if table else (torch.sqrt(p.q1 + 0.5), torch.sqrt(p.q2 + 0.5))
-    lhs, rhs, two_sided = operands(p, _inverse(r1), _inverse(r2))
+    lhs, rhs, two_sided = operands(p, inverse(r1), inverse(r2))
     options = dict(
         want="value" if nngp else "cov",
         matrix=p.outer,

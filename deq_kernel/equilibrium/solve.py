@@ -16,7 +16,7 @@ from . import plan
 from .diagonal import solve_diagonal
 from .general import snap_correlation
 from .ntk import tangent_kernel
-from .pairs import Pairs, inner, scatter_diagonal
+from .pairs import Pairs, inner, inverse, scatter_diagonal
 
 __all__ = ["solve"]
 
@@ -78,9 +78,7 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     one = torch.ones_like(ov)
     value, cov = plan.choose(act, p, w, one).both(act, p, w, one)
     r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
-    inv1 = torch.where(r1 > 0, 1.0 / torch.where(r1 > 0, r1, 1.0), 0.0)
-    inv2 = torch.where(r2 > 0, 1.0 / torch.where(r2 > 0, r2, 1.0), 0.0)
-    rho = snap_correlation(cov * (p.rows(inv1) * p.cols(inv2)), torch.finfo(cov.dtype).eps)
+    rho = snap_correlation(cov * (p.rows(inverse(r1)) * p.cols(inverse(r2))), torch.finfo(cov.dtype).eps)
     # Identical points (correlation 1, where some derivative duals have infinite slope)
     # and zero-variance points take the diagonal's value; the others the pair dual.
     s12 = inner(p)
