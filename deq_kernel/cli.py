@@ -366,7 +366,7 @@ def command_predict(args: argparse.Namespace) -> int:
         )
     check_no_missing(table, model.features)
     X = numeric_columns(table, model.features)
-    columns = model.predict(X, return_std=args.std)
+    columns = model.predict(X, return_std=args.std or args.latent, latent=args.latent)
     write_csv(columns, args.out)
     if args.out is not None:
         print(f"wrote {len(X)} predictions to {args.out!r}", file=sys.stderr)
@@ -432,16 +432,12 @@ def _demo_regression(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
         X_train, y_train = X_train[:80], y_train[:80]
     Z_train, mean, scale = standardise(X_train)
     Z_test = (X_test - mean) / scale
-    variance = float(np.var(y_train))
 
     deq = DEQGPRegressor("relu", max_iter=20 if quick else 100, random_state=0)
     start = time.perf_counter()
     deq.fit(Z_train, y_train)
     deq_seconds = time.perf_counter() - start
-    deq_mean, deq_std = deq.predict(Z_test, return_std=True)
-    # The predictive distribution of an observation adds the noise (in units of the targets).
-    deq_noise = deq.model_.likelihood.noise.item() * variance
-    deq_std = np.sqrt(deq_std**2 + deq_noise)
+    deq_mean, deq_std = deq.predict(Z_test, return_std=True)  # of an observation: the noise included
     base = deq.model_.covar_module.base_kernel
     deq_hypers = (
         f"weight_variance={base.weight_variance.item():.3g} input_variance={base.input_variance.item():.3g} "
@@ -949,7 +945,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", metavar="MODEL_DIR", help="directory written by deq-kernel fit")
     predict.add_argument("data", metavar="DATA.csv", help="CSV file with the training feature columns")
     predict.add_argument(
-        "--std", action="store_true", help="also write the standard deviation (regression) or class probabilities"
+        "--std",
+        action="store_true",
+        help="also write the predictive standard deviation of an observation, noise included (regression: "
+        "column 'std'), or the class probabilities (classification)",
+    )
+    predict.add_argument(
+        "--latent",
+        action="store_true",
+        help="regression: write the latent function's standard deviation, without the noise (column 'latent_std')",
     )
     predict.add_argument("--out", metavar="PRED.csv", help="output file (default: standard output)")
     predict.set_defaults(handler=command_predict)

@@ -35,7 +35,7 @@ def equilibrium_covariance(
     x2: ArrayLike | None = None,
     *,
     activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
-    weight_variance: float | Tensor = 1.0,
+    weight_variance: float | Tensor | None = None,
     input_variance: float | Tensor = 1.0,
     bias_variance: float | Tensor = 0.0,
     output_variance: float | Tensor = 1.0,
@@ -61,7 +61,9 @@ def equilibrium_covariance(
         against the batch shape. ``input_variance`` may have a last dimension of size ``d``
         (one variance per input dimension, ARD): its last dimension is always the feature
         dimension, so a per-batch scalar has shape ``(*batch, 1)``. ``weight_variance`` must
-        be below the activation's bound (``activation.weight_variance_bound``; relu: 2).
+        be below the activation's bound (``activation.weight_variance_bound``; relu: 2); its
+        default, ``None``, is half the bound, or 1 without one
+        (:attr:`~deq_kernel.Activation.default_weight_variance`: relu 1, tanh 0.5).
     diag : bool
         Return only the diagonal ``k(x1_i, x2_i)``, shape ``(..., n)``, in O(n).
     output : {"nngp", "preactivation", "ntk"}
@@ -116,6 +118,8 @@ def equilibrium_covariance(
     if diag and not symmetric and x2.shape[-2] != x1.shape[-2]:
         raise ValueError(f"with diag=True, x2 must have as many points as x1 ({x1.shape[-2]}), got {x2.shape[-2]}")
 
+    if weight_variance is None:
+        weight_variance = act.default_weight_variance
     w = as_hyper(weight_variance, "weight_variance", x1, check=False)
     iv = as_hyper(input_variance, "input_variance", x1, check=False)
     b = as_hyper(bias_variance, "bias_variance", x1, check=False)

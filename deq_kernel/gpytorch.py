@@ -10,9 +10,9 @@ share.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from linear_operator.utils.cholesky import psd_safe_cholesky
 from linear_operator.utils.errors import NotPSDError
 from torch import Tensor
 
+from ._autograd import first_derivatives_only
 from .activations import Activation, get_activation
 from .equilibrium.newton import ConvergenceError
 from .functional import equilibrium_covariance
@@ -41,6 +42,7 @@ __all__ = [
     "CholeskyMarginalLogLikelihood",
     "DEQKernel",
     "ExactGPModel",
+    "ExactPosterior",
     "FitResult",
     "FitWarning",
     "fit_exact_gp",
@@ -218,7 +220,7 @@ class DEQKernel(Kernel):
                 getter, setter = partial(_get_hyperparameter, name=name), partial(_set_hyperparameter, name=name)
                 self.register_prior(f"{name}_prior", prior, getter, setter)
 
-        self.weight_variance = 0.5 * bound if math.isfinite(bound) else 1.0
+        self.weight_variance = self._activation.default_weight_variance
         self.input_variance = 1.0
         self.bias_variance = 0.1
 
@@ -438,6 +440,71 @@ class ExactGPModel(gpytorch.models.ExactGP):
         return MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
+class ExactPosterior:
+    r"""The exact posterior of a conditioned :class:`gpytorch.models.ExactGP`, by one Cholesky factorisation.
+
+    Built once from the model's training data, likelihood and hyperparameters, it answers
+    every later prediction with a cross-covariance, a triangular solve and the model's own
+    kernel: exact at any number of training points (memory permitting), with no
+    dependence on GPyTorch's process-wide settings (``max_cholesky_size``, the conjugate-gradient
+    tolerances) and no warnings filtered, so predictions from several threads equal the
+    serial ones. Training covariance :math:`A = K + \Sigma` (the likelihood's noise), factor
+    :math:`A = LL^\top`, :math:`\alpha = A^{-1}(y - m)`; at test inputs, mean
+    :math:`m_* + K_{*x}\alpha` and covariance :math:`K_{**} - V^\top V`, :math:`V = L^{-1}K_{x*}`.
+
+    Parameters
+    ----------
+    model : gpytorch.models.ExactGP
+        With ``model.forward(x)`` the prior and ``model.likelihood(prior)`` its marginal at the
+        training inputs (e.g. :class:`ExactGPModel` with a Gaussian or Dirichlet likelihood);
+        batched models give batched predictions.
+    """
+
+    #: Test points handled at once (a block of the cross-covariance is ``block x n``).
+    BLOCK = 4096
+
+    def __init__(self, model: gpytorch.models.ExactGP) -> None:
+        self.model = model
+        x = model.train_inputs[0]
+        with torch.no_grad():
+            prior = model.forward(x)
+            marginal = model.likelihood(prior)
+            self.chol = psd_safe_cholesky(marginal.covariance_matrix)
+            residual = (model.train_targets - marginal.mean).unsqueeze(-1)
+            self.alpha = torch.cholesky_solve(residual, self.chol)
+
+    def predict(self, x: Tensor, *, want: str = "var", noise: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """``(mean, variance)`` (``want="var"``) or ``(mean, covariance)`` (``want="cov"``) at ``x``.
+
+        The latent function's, plus ``noise`` (a variance added to the diagonal) where given.
+        """
+        if want not in ("var", "cov"):
+            raise ValueError(f"want must be 'var' or 'cov', got {want!r}")
+        model = self.model
+        train = model.train_inputs[0]
+        with torch.no_grad():
+            if want == "cov":
+                cross = model.covar_module(x, train).to_dense()
+                v = torch.linalg.solve_triangular(self.chol, cross.mT, upper=False)
+                mean = model.mean_module(x) + (cross @ self.alpha).squeeze(-1)
+                cov = model.covar_module(x).to_dense() - v.mT @ v
+                if noise is not None:
+                    cov = cov + torch.diag_embed(torch.as_tensor(noise, dtype=cov.dtype).expand(cov.shape[:-1]))
+                return mean, cov
+            means, variances = [], []
+            for start in range(0, x.shape[-2], self.BLOCK):
+                xb = x[..., start : start + self.BLOCK, :]
+                cross = model.covar_module(xb, train).to_dense()
+                v = torch.linalg.solve_triangular(self.chol, cross.mT, upper=False)
+                means.append(model.mean_module(xb) + (cross @ self.alpha).squeeze(-1))
+                prior = model.covar_module(xb, diag=True)
+                variances.append((prior - (v * v).sum(-2)).clamp_min(0.0))
+            mean, var = torch.cat(means, -1), torch.cat(variances, -1)
+            if noise is not None:
+                var = var + noise
+            return mean, var
+
+
 class _GaussianLogDensity(torch.autograd.Function):
     r"""``log N(r; 0, A)`` for a batch of dense covariances, with the closed-form gradient.
 
@@ -457,6 +524,7 @@ class _GaussianLogDensity(torch.autograd.Function):
         return -0.5 * (residual * alpha).sum(-1) - half_logdet - 0.5 * n * math.log(2.0 * math.pi)
 
     @staticmethod
+    @first_derivatives_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         chol, alpha = ctx.saved_tensors
         grad_cov = grad_res = None
@@ -559,8 +627,9 @@ def fit_exact_gp(
     max_cholesky_size : int or None, default 10000
         Up to this many training points the objective is
         :class:`CholeskyMarginalLogLikelihood` (exact, deterministic); above it, or with
-        ``None``, :class:`gpytorch.mlls.ExactMarginalLogLikelihood` under GPyTorch's own
-        settings (stochastic conjugate gradients above 800 points by default).
+        ``None``, :class:`gpytorch.mlls.ExactMarginalLogLikelihood` under GPyTorch's settings
+        as the caller has them (stochastic conjugate gradients above 800 points by default).
+        No GPyTorch setting is changed (they are process-wide).
 
     Returns
     -------
@@ -568,16 +637,14 @@ def fit_exact_gp(
     """
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"patience must be a positive integer, got {patience!r}")
+    max_iter = _positive_int(max_iter, "max_iter")
+    patience = _positive_int(patience, "patience")
+    tol = _real(tol, "tol", minimum=0.0)
     if learning_rate is None:
         learning_rate = 1.0 if optimizer == "lbfgs" else 0.1
-    elif not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    learning_rate = _real(learning_rate, "learning_rate")
+    if max_cholesky_size is not None and not (isinstance(max_cholesky_size, numbers.Real) and max_cholesky_size >= 0):
+        raise ValueError(f"max_cholesky_size must be a non-negative number or None, got {max_cholesky_size!r}")
 
     likelihood = model.likelihood
     num_data = model.train_targets.shape[-1]
@@ -606,6 +673,9 @@ def fit_exact_gp(
             value = loss.item()
             if math.isfinite(value):
                 loss.backward()
+                # A non-finite gradient would send the optimiser to NaN parameters.
+                if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                    value = math.inf
         except _NUMERICAL_ERRORS:
             value = math.inf
         if not math.isfinite(value):
@@ -625,45 +695,47 @@ def fit_exact_gp(
     likelihood.train()
     converged = False
     n_iter = 0
-    with contextlib.ExitStack() as stack:
-        if max_cholesky_size is not None:
-            stack.enter_context(gpytorch.settings.max_cholesky_size(max_cholesky_size))
-        if optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(
-                params,
-                lr=learning_rate,
-                max_iter=max_iter,
-                max_eval=max(2 * max_iter, max_iter + 20),
-                tolerance_grad=tol,
-                tolerance_change=tol,
-                history_size=20,
-                line_search_fn="strong_wolfe",
-            )
+    # No GPyTorch setting is changed here: they are process-wide, and another thread's model
+    # would see them. The Cholesky objective needs none; ExactMarginalLogLikelihood runs under
+    # the settings the caller has chosen.
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(
+            params,
+            lr=learning_rate,
+            max_iter=max_iter,
+            max_eval=max(2 * max_iter, max_iter + 20),
+            tolerance_grad=tol,
+            tolerance_change=tol,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+        try:
+            opt.step(closure)
+        except _NonFinite as exc:
+            _warn_stopped(exc)
+        state = opt.state[params[0]] if params else {}
+        n_iter = int(state.get("n_iter", 0))
+        # Below max_iter and below the evaluation budget: L-BFGS stopped on its tolerances.
+        converged = 0 < n_iter < max_iter and int(state.get("func_evals", 0)) < opt.defaults["max_eval"]
+    else:
+        opt = torch.optim.Adam(params, lr=learning_rate)
+        stale, reference = 0, math.inf
+        for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
+            before = failures
             try:
                 opt.step(closure)
             except _NonFinite as exc:
                 _warn_stopped(exc)
-            n_iter = int(opt.state[params[0]].get("n_iter", 0)) if params else 0
-            converged = 0 < n_iter < max_iter
-        else:
-            opt = torch.optim.Adam(params, lr=learning_rate)
-            stale, reference = 0, math.inf
-            for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-                before = failures
-                try:
-                    opt.step(closure)
-                except _NonFinite as exc:
-                    _warn_stopped(exc)
-                    break
-                if failures > before:  # a failed step says nothing about convergence
-                    continue
-                if not math.isfinite(reference) or best["loss"] < reference - tol * max(1.0, abs(reference)):
-                    reference, stale = best["loss"], 0
-                else:
-                    stale += 1
-                if stale >= patience:
-                    converged = True
-                    break
+                break
+            if failures > before:  # a failed step says nothing about convergence
+                continue
+            if not math.isfinite(reference) or best["loss"] < reference - tol * max(1.0, abs(reference)):
+                reference, stale = best["loss"], 0
+            else:
+                stale += 1
+            if stale >= patience:
+                converged = True
+                break
     model.load_state_dict(best["state"])
     model.eval()
     likelihood.eval()
@@ -676,6 +748,21 @@ def fit_exact_gp(
         converged=converged,
         history=history,
     )
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _real(value: Any, name: str, minimum: float | None = None) -> float:
+    """``value`` as a float: a finite real number above 0 (``minimum`` None) or at least ``minimum``."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (value > 0 if minimum is None else value >= minimum)
+    if not ok:
+        raise ValueError(f"{name} must be a {'positive' if minimum is None else 'non-negative'} number, got {value!r}")
+    return float(value)
 
 
 class FitWarning(UserWarning):

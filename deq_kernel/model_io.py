@@ -17,7 +17,7 @@ Every problem with the user's input raises :class:`InputError`, whose message is
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import csv
 import hashlib
 import json
@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .activations import ACTIVATIONS, Activation, activation_spec, get_activation
 from .sklearn import DEQGPClassifier, DEQGPRegressor
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Version of the model directory layout; a reader refuses anything newer.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Names of the two files of a model directory.
 MODEL_FILE = "model.json"
 TENSORS_FILE = "tensors.pt"
@@ -242,19 +242,20 @@ class SavedModel:
         """Standardise raw feature values as the training features were."""
         return (np.asarray(X, dtype=np.float64) - self.feature_mean) / self.feature_scale
 
-    def predict(self, X: np.ndarray, *, return_std: bool = False) -> dict[str, np.ndarray]:
+    def predict(self, X: np.ndarray, *, return_std: bool = False, latent: bool = False) -> dict[str, np.ndarray]:
         """Predictions for raw feature rows, as named output columns.
 
-        Regression gives ``mean`` (and ``std``, the standard deviation of the latent function,
-        with ``return_std``); classification gives ``label`` (and one ``proba_<class>``
-        column per class, with ``return_std``).
+        Regression gives ``mean`` and, with ``return_std``, ``std``: the predictive standard
+        deviation of an observation (the noise included), or with ``latent`` ``latent_std``,
+        the latent function's. Classification gives ``label`` (and one ``proba_<class>`` column
+        per class, with ``return_std``).
         """
         Z = self.transform(X)
         if self.task == "regression":
             if not return_std:
                 return {"mean": self.estimator.predict(Z)}
-            mean, std = self.estimator.predict(Z, return_std=True)
-            return {"mean": mean, "std": std}
+            mean, std = self.estimator.predict(Z, return_std=True, latent=latent)
+            return {"mean": mean, "latent_std" if latent else "std": std}
         proba = self.estimator.predict_proba(Z)
         labels = np.asarray(self.classes, dtype=object)[np.argmax(proba, axis=1)]
         out: dict[str, np.ndarray] = {"label": labels}
@@ -276,6 +277,10 @@ class SavedModel:
             "scaler": {"mean": self.feature_mean.tolist(), "scale": self.feature_scale.tolist()},
             "classes": None if self.classes is None else list(self.classes),
             "estimator": {"class": type(self.estimator).__name__, "params": _json_params(self.estimator)},
+            "fitted": {
+                "log_marginal_likelihood_value_": float(self.estimator.log_marginal_likelihood_value_),
+                "n_iter_": int(self.estimator.n_iter_),
+            },
             "kernel": fitted_hyperparameters(self.estimator),
         }
 
@@ -294,6 +299,7 @@ class SavedModel:
         target = Path(directory)
         if target.exists() and not (target.is_dir() and (target / MODEL_FILE).is_file()):
             raise InputError(f"{str(target)!r} exists and is not a model directory; choose another --out")
+        meta = self.metadata()  # refuses a setting it cannot hold before anything is written
         parent = target.resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -302,27 +308,30 @@ class SavedModel:
             raise InputError(f"cannot write the model to {str(target)!r}: {exc.strerror}") from None
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's directory is private; a model directory is not
         try:
-            self._write(staging)
+            self._write(staging, meta)
             _replace_directory(staging, target)
+            _fsync_directory(parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return target
 
-    def _write(self, directory: Path) -> None:
+    def _write(self, directory: Path, meta: dict[str, Any]) -> None:
         model = self.estimator.model_
         tensors = {
             "train_inputs": torch.from_numpy(np.ascontiguousarray(self.train_inputs, dtype=np.float64)),
             "train_targets": torch.from_numpy(np.ascontiguousarray(self.train_targets)),
             "state_dict": {name: value.detach().cpu() for name, value in model.state_dict().items()},
         }
+        draws = getattr(self.estimator, "_draws", None)
+        if draws is not None:  # the classifier's fixed Monte Carlo draws
+            tensors["draws"] = torch.from_numpy(np.ascontiguousarray(draws, dtype=np.float64))
         tensor_path = directory / TENSORS_FILE
         with open(tensor_path, "wb") as f:
             torch.save(tensors, f)
             f.flush()
             os.fsync(f.fileno())
-        meta = self.metadata()
-        meta["tensors"] = {"file": TENSORS_FILE, "sha256": _sha256(tensor_path)}
+        meta = dict(meta, tensors={"file": TENSORS_FILE, "sha256": _sha256(tensor_path)})
         with open(directory / MODEL_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -346,6 +355,20 @@ def _replace_directory(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def _fsync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable (where the platform can open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -361,15 +384,87 @@ def _sha256(path: Path) -> str:
 
 
 def _json_params(estimator: Estimator) -> dict[str, Any]:
-    """The estimator's constructor parameters that JSON can hold (others keep their defaults)."""
-    params = {}
-    for name, value in estimator.get_params(deep=False).items():
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        with contextlib.suppress(TypeError, ValueError):
-            json.dumps(value)
-            params[name] = value
-    return params
+    """Every constructor parameter of the estimator as JSON (see :func:`_encode`).
+
+    Raises
+    ------
+    InputError
+        For a setting a model directory cannot hold (a callable activation, an activation
+        object not built by name), naming it: the saved model would otherwise come back as
+        another model.
+    """
+    return {name: _encode(value, name) for name, value in estimator.get_params(deep=False).items()}
+
+
+def _encode(value: Any, name: str) -> Any:
+    """A parameter value as JSON that :func:`_decode` turns back into an equal value of the same type.
+
+    JSON's own scalars stay as they are; numpy scalars and arrays, a ``RandomState``, a torch
+    device and an activation built by name are tagged objects ``{"__type__": ..., ...}``.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)) and type(value) in (int, float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"cannot save the estimator setting {name}={value!r}: not a finite number")
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return {"__type__": "numpy", "dtype": value.dtype.str, "value": value.item()}
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return {
+            "__type__": "ndarray",
+            "dtype": value.dtype.str,
+            "shape": list(value.shape),
+            "data": value.ravel().tolist(),
+        }
+    if isinstance(value, np.random.RandomState):
+        kind, keys, pos, has_gauss, gauss = value.get_state(legacy=True)
+        state = {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": gauss}
+        return {"__type__": "RandomState", "state": state}
+    if isinstance(value, torch.device):
+        return {"__type__": "device", "value": str(value)}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"__type__": "dict", "items": {k: _encode(v, f"{name}[{k!r}]") for k, v in value.items()}}
+    if isinstance(value, Activation):
+        spec = activation_spec(value)
+        if spec is not None:
+            return {"__type__": "activation", "name": spec[0], "options": _encode(spec[1], name)}
+        raise InputError(
+            f"cannot save the estimator setting {name}={value!r}: an activation object not built by name cannot be "
+            f"written to a model directory; pass its name (one of {', '.join(ACTIVATIONS)}), or keep the estimator "
+            "with pickle or joblib"
+        )
+    if callable(value):
+        raise InputError(
+            f"cannot save the estimator setting {name}={value!r}: a callable cannot be written to a model directory "
+            "(it holds no code); keep the estimator with pickle or joblib"
+        )
+    raise InputError(
+        f"cannot save the estimator setting {name}={value!r} ({type(value).__name__}) in a model directory"
+    )
+
+
+def _decode(value: Any) -> Any:
+    """The inverse of :func:`_encode`."""
+    if not isinstance(value, dict):
+        return value
+    kind = value.get("__type__")
+    if kind == "numpy":
+        return np.dtype(value["dtype"]).type(value["value"])
+    if kind == "ndarray":
+        return np.asarray(value["data"], dtype=np.dtype(value["dtype"])).reshape(value["shape"])
+    if kind == "RandomState":
+        st = value["state"]
+        rng = np.random.RandomState()
+        rng.set_state((st["kind"], np.asarray(st["keys"], dtype=np.uint32), st["pos"], st["has_gauss"], st["gauss"]))
+        return rng
+    if kind == "device":
+        return torch.device(value["value"])
+    if kind == "dict":
+        return {k: _decode(v) for k, v in value["items"].items()}
+    if kind == "activation":
+        return get_activation(value["name"], **_decode(value["options"]))
+    raise ValueError(f"unknown saved value {value!r}")
 
 
 def fitted_hyperparameters(estimator: Estimator) -> dict[str, Any]:
@@ -427,15 +522,22 @@ def load_model(directory: str | os.PathLike) -> SavedModel:
         state = tensors["state_dict"]
     except Exception as exc:  # any failure to read the file means it is damaged
         raise InputError(f"corrupted model {name!r}: cannot read {tensor_path.name} ({type(exc).__name__})") from None
-    estimator = _recreate(meta["estimator"], name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # conditioning only; the saved fit already reported its warnings
-        estimator.fit(inputs, targets)
+    estimator, saved_params = _recreate(meta["estimator"], name)
+    estimator.fit(inputs, targets)
     try:
         estimator.model_.load_state_dict(state)
     except (RuntimeError, KeyError) as exc:
         raise InputError(f"corrupted model {name!r}: the saved GP state does not fit its settings ({exc})") from None
     estimator.model_.eval()
+    # What the saved fit reported, not what conditioning at the initial values computed.
+    fitted = meta.get("fitted")
+    if fitted is not None:
+        estimator.log_marginal_likelihood_value_ = float(fitted["log_marginal_likelihood_value_"])
+        estimator.n_iter_ = int(fitted["n_iter_"])
+    if "draws" in tensors:
+        estimator._draws = tensors["draws"].numpy()
+    estimator.set_params(**saved_params)
+    estimator._condition()
     scaler = meta["scaler"]
     return SavedModel(
         estimator=estimator,
@@ -488,23 +590,32 @@ def _read_metadata(file: Path) -> dict[str, Any]:
     return meta
 
 
-def _recreate(spec: dict[str, Any], name: str) -> Estimator:
-    """A new, unfitted estimator with the saved parameters that conditions without optimising."""
+def _recreate(spec: dict[str, Any], name: str) -> tuple[Estimator, dict[str, Any]]:
+    """A new, unfitted estimator that conditions without optimising, and the saved parameters.
+
+    The caller fits it (conditioning on the saved data), gives it the saved state, then sets
+    the saved parameters back, so that ``get_params()`` and a refit are the saved model's.
+    """
     cls = _ESTIMATORS[spec["class"]]
     known = cls().get_params(deep=False)
-    params = dict(spec["params"])
+    try:
+        params = {k: _decode(v) for k, v in spec["params"].items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"corrupted model {name!r}: bad estimator settings ({exc})") from None
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise InputError(
             f"model {name!r} uses estimator setting(s) {_names(unknown)} that this deq-kernel {__version__} lacks"
         )
-    if "input_variance" in params and isinstance(params["input_variance"], list):
+    if "input_variance" in params and isinstance(params["input_variance"], list):  # format version 1
         params["input_variance"] = np.asarray(params["input_variance"], dtype=np.float64)
-    params.update(optimizer=None, max_fit_samples=None, n_restarts_optimizer=0)
-    if params.get("method") == "svgp":
+    # Conditioning draws from a RandomState: it gets its own copy, the saved one stays as saved.
+    conditioning = {k: copy.deepcopy(v) if isinstance(v, np.random.RandomState) else v for k, v in params.items()}
+    conditioning.update(optimizer=None, max_fit_samples=None, n_restarts_optimizer=0)
+    if conditioning.get("method") == "svgp":
         # A variational model is re-created by one pass, then given the saved state.
-        params.update(epochs=1, verbose=False)
+        conditioning.update(epochs=1, verbose=False)
     try:
-        return cls(**{k: v for k, v in params.items() if k in known})
+        return cls(**conditioning), params
     except (TypeError, ValueError) as exc:
         raise InputError(f"corrupted model {name!r}: bad estimator settings ({exc})") from None

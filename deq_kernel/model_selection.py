@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import gpytorch
 import torch
 from gpytorch.kernels import Kernel, MaternKernel, RBFKernel, ScaleKernel
 from gpytorch.likelihoods import GaussianLikelihood
 from torch import Tensor
 
-from .gpytorch import DEQKernel, ExactGPModel, fit_exact_gp
+from .gpytorch import DEQKernel, ExactGPModel, ExactPosterior, fit_exact_gp
 
 __all__ = ["KernelRanking", "KernelScore", "default_candidates", "rank_kernels"]
 
@@ -278,10 +277,10 @@ def _as_float64(t: Any, name: str) -> Tensor:
 
 
 def _held_out(model: ExactGPModel, x: Tensor, y: Tensor, mean: float, scale: float) -> tuple[float, float]:
-    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10_000):
-        predictive = model.likelihood(model(x))
-        mu = predictive.mean * scale + mean
-        var = predictive.variance * scale**2
+    # Exact, and without GPyTorch's process-wide settings: see ExactPosterior.
+    noise = model.likelihood.noise.detach().reshape(())
+    mu, var = ExactPosterior(model).predict(x, noise=noise)
+    mu, var = mu * scale + mean, var * scale**2
     rmse = float(((mu - y) ** 2).mean().sqrt())
     nlpd = float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (y - mu) ** 2 / var).mean())
     return rmse, nlpd

@@ -9,6 +9,7 @@ can use different settings without seeing each other's::
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from typing import Any, ClassVar
@@ -50,9 +51,9 @@ class _Setting:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 class max_iterations(_Setting):

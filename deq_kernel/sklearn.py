@@ -13,14 +13,13 @@ Two ways in, as scikit-learn users already know them:
 
 from __future__ import annotations
 
-import contextlib
 import math
-import numbers
+import threading
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from numbers import Integral, Real
+from typing import Any, ClassVar
 
-import gpytorch
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwd_ad
@@ -31,10 +30,10 @@ from gpytorch.likelihoods import (
     GaussianLikelihood,
     SoftmaxLikelihood,
 )
-from gpytorch.utils.warnings import GPInputWarning
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.gaussian_process.kernels import ConstantKernel, Hyperparameter, Kernel, WhiteKernel
 from sklearn.utils import check_random_state, resample
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
@@ -42,7 +41,17 @@ from torch import Tensor
 from . import settings
 from .activations import Activation, get_activation
 from .functional import equilibrium_covariance
-from .gpytorch import KERNELS, WEIGHT_VARIANCE_MARGIN, DEQKernel, ExactGPModel, FitResult, fit_exact_gp
+from .gpytorch import (
+    KERNELS,
+    WEIGHT_VARIANCE_MARGIN,
+    CholeskyMarginalLogLikelihood,
+    DEQKernel,
+    ExactGPModel,
+    ExactPosterior,
+    FitResult,
+    FitWarning,
+    fit_exact_gp,
+)
 from .variational import SVGPModel, fit_svgp, predict_latent
 
 __all__ = ["DEQ", "DEQGPClassifier", "DEQGPRegressor"]
@@ -83,9 +92,10 @@ class DEQ(Kernel):
     activation : str, default "relu"
         One of :data:`deq_kernel.ACTIVATIONS` (or an :class:`~deq_kernel.Activation` or callable,
         which must then be picklable for the kernel to be).
-    weight_variance : float, default 0.5
-        :math:`\sigma_w^2`, below the activation's bound (relu 2, tanh 1, erf pi/4, ...); 0.5 is
-        inside every named activation's range.
+    weight_variance : float, optional
+        :math:`\sigma_w^2`, below the activation's bound (relu 2, tanh 1, erf pi/4, ...).
+        Default: half the bound, or 1 without one (relu 1, tanh 0.5), as everywhere in the
+        library (:attr:`deq_kernel.Activation.default_weight_variance`).
     input_variance : float or array-like of shape (n_features,), default 1.0
         :math:`\sigma_u^2`; an array gives one variance per feature (anisotropic, ARD).
     bias_variance : float, default 0.1
@@ -122,7 +132,7 @@ class DEQ(Kernel):
     def __init__(
         self,
         activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
-        weight_variance: float = 0.5,
+        weight_variance: float | None = None,
         input_variance: float | np.ndarray = 1.0,
         bias_variance: float = 0.1,
         weight_variance_bounds: tuple[float, float] | str = "auto",
@@ -151,6 +161,21 @@ class DEQ(Kernel):
         if isinstance(self.kernel, str) and self.kernel in KERNELS:
             return self.kernel
         raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {self.kernel!r}")
+
+    def _weight_variance(self) -> float:
+        """``weight_variance``, its default (``None``) read as the activation's."""
+        if self.weight_variance is None:
+            return self._activation().default_weight_variance
+        return float(self.weight_variance)
+
+    def _theta(self) -> np.ndarray:
+        # Kernel.theta, with weight_variance=None read as its value.
+        params = self.get_params()
+        params["weight_variance"] = self._weight_variance()
+        theta = [params[h.name] for h in self.hyperparameters if not h.fixed]
+        return np.log(np.hstack(theta)) if theta else np.array([])
+
+    theta = Kernel.theta.getter(_theta)
 
     @property
     def anisotropic(self) -> bool:
@@ -252,7 +277,7 @@ class DEQ(Kernel):
         name = self.activation if isinstance(self.activation, str) else self._activation().name
         tangent = "" if self.kernel == "nngp" else f", kernel={self.kernel!r}"
         return (
-            f"DEQ(activation={name!r}, weight_variance={self.weight_variance:.3g}, input_variance={iv}, "
+            f"DEQ(activation={name!r}, weight_variance={self._weight_variance():.3g}, input_variance={iv}, "
             f"bias_variance={self.bias_variance:.3g}{tangent})"
         )
 
@@ -265,7 +290,7 @@ class DEQ(Kernel):
                 f"input_variance has {iv.size} entries (one per feature) but X has {num_features} features"
             )
         return {
-            "weight_variance": torch.tensor(float(self.weight_variance), dtype=torch.float64),
+            "weight_variance": torch.tensor(self._weight_variance(), dtype=torch.float64),
             "input_variance": torch.from_numpy(iv.reshape(-1).copy())
             if self.anisotropic
             else torch.tensor(float(iv), dtype=torch.float64),
@@ -355,47 +380,64 @@ class _DEQGPBase(BaseEstimator):
         tags.target_tags.single_output = True
         return tags
 
+    #: Constraints of the shared parameters, checked by scikit-learn's own machinery
+    #: (``_validate_params``): numpy scalars are accepted as numbers, so grids built with
+    #: ``np.arange`` work; the errors name the parameter and what it accepts.
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "activation": [str, Activation, callable],
+        "kernel": [StrOptions(set(KERNELS))],
+        "weight_variance": [Interval(Real, 0, None, closed="neither"), None],
+        "input_variance": [Interval(Real, 0, None, closed="neither"), "array-like"],
+        "bias_variance": [Interval(Real, 0, None, closed="neither")],
+        "ard": ["boolean"],
+        "optimizer": [StrOptions({"lbfgs", "adam"}), None],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither"), None],
+        "n_restarts_optimizer": [Interval(Integral, 0, None, closed="left")],
+        "max_fit_samples": [Interval(Integral, 2, None, closed="left"), None],
+        "method": [StrOptions({"exact", "svgp"})],
+        "n_inducing": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "verbose": ["verbose"],
+        "random_state": ["random_state"],
+        "device": [str, torch.device, None],
+        "activation_kwargs": [dict, None],
+    }
+
     def _check_params(self) -> None:
+        self._validate_params()
+        for name in ("weight_variance", "bias_variance", "tol", "learning_rate", "noise", "alpha_epsilon"):
+            value = getattr(self, name, None)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         act = get_activation(self.activation, **(self.activation_kwargs or {}))  # raises for a bad name
-        if not (isinstance(self.kernel, str) and self.kernel in KERNELS):
-            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {self.kernel!r}")
         if self.kernel == "ntk":
             act.derivative_activation()  # raises for an activation without a neural tangent kernel
-        if self.optimizer not in ("lbfgs", "adam", None):
-            raise ValueError(f"optimizer must be 'lbfgs', 'adam' or None, got {self.optimizer!r}")
-        _check_int(self.max_iter, "max_iter", 1)
-        _check_int(self.n_restarts_optimizer, "n_restarts_optimizer", 0)
-        if self.method not in ("exact", "svgp"):
-            raise ValueError(f"method must be 'exact' or 'svgp', got {self.method!r}")
-        _check_int(self.n_inducing, "n_inducing", 1)
-        _check_int(self.batch_size, "batch_size", 1)
-        _check_int(self.epochs, "epochs", 1)
-        if self.max_fit_samples is not None:
-            _check_int(self.max_fit_samples, "max_fit_samples", 2)
-        _check_positive(self.tol, "tol", allow_zero=True)
-        if self.learning_rate is not None:
-            _check_positive(self.learning_rate, "learning_rate")
         bound = self._activation_bound()
-        if self.weight_variance is not None:
-            _check_positive(self.weight_variance, "weight_variance")
-            if not self.weight_variance < bound:
-                raise ValueError(
-                    f"weight_variance must be < {bound:.6g} for activation {self.activation!r} "
-                    f"(the equilibrium exists only below it), got {self.weight_variance!r}"
-                )
+        if self.weight_variance is not None and not self.weight_variance < bound:
+            raise ValueError(
+                f"weight_variance must be < {bound:.6g} for activation {self.activation!r} "
+                f"(the equilibrium exists only below it), got {self.weight_variance!r}"
+            )
         iv = np.asarray(self.input_variance, dtype=np.float64) if _is_numeric_array(self.input_variance) else None
         if iv is None or iv.ndim > 1 or not (np.all(np.isfinite(iv)) and np.all(iv > 0)) or iv.size == 0:
             raise ValueError(
                 f"input_variance must be a positive number or a 1-D array of positive numbers, "
                 f"got {self.input_variance!r}"
             )
-        _check_positive(self.bias_variance, "bias_variance")
         try:
             torch.device("cpu" if self.device is None else self.device)
         except (RuntimeError, TypeError):
             raise ValueError(
                 f"device must be None or a torch device such as 'cpu' or 'cuda', got {self.device!r}"
             ) from None
+
+    def _condition(self) -> None:
+        """Set what follows from :attr:`model_`: :attr:`kernel_` and the exact posterior's factorisation."""
+        self.kernel_ = self._fitted_kernel()
+        self._posterior = None if isinstance(self.model_, SVGPModel) else ExactPosterior(self.model_)
 
     def _activation_bound(self) -> float:
         return get_activation(self.activation, **(self.activation_kwargs or {})).weight_variance_bound
@@ -416,7 +458,7 @@ class _DEQGPBase(BaseEstimator):
         if rng is None:
             w = self.weight_variance
             if w is None:
-                w = 0.5 * bound if math.isfinite(bound) else 1.0
+                w = get_activation(self.activation, **(self.activation_kwargs or {})).default_weight_variance
             return {"weight_variance": w, "input_variance": iv, "bias_variance": self.bias_variance}
         top = bound if math.isfinite(bound) else 4.0
         return {
@@ -445,11 +487,15 @@ class _DEQGPBase(BaseEstimator):
         best = None
         for restart in range(self.n_restarts_optimizer + 1):
             model = build(self._initial_values(None if restart == 0 else rng, num_features), rows)
-            if self.optimizer is None:
-                result = _evaluate(model)
-            else:
-                options = {"max_iter": self.max_iter, "learning_rate": self.learning_rate, "tol": self.tol}
-                result = fit_exact_gp(model, optimizer=self.optimizer, **options)
+            try:
+                result = self._fit_one(model)
+            except (RuntimeError, ValueError, ArithmeticError) as exc:
+                if restart == 0:
+                    raise
+                # A random restart that cannot be fitted: the others (the first included) stand.
+                message = f"random restart {restart} of the fit failed and was skipped ({exc})"
+                warnings.warn(message, FitWarning, stacklevel=3)
+                continue
             if best is None or result.log_marginal_likelihood > best[1].log_marginal_likelihood:
                 best = (model, result)
         model, result = best
@@ -463,6 +509,14 @@ class _DEQGPBase(BaseEstimator):
             result = FitResult(full_value, result.n_iter, result.n_evaluations, result.converged, result.history)
             model = full
         return model, result
+
+    def _fit_one(self, model: ExactGPModel) -> FitResult:
+        if self.optimizer is None:
+            return _evaluate(model)
+        options = {"max_iter": int(self.max_iter), "learning_rate": self.learning_rate, "tol": float(self.tol)}
+        # Exact (Cholesky) at every size: an approximation is only ever the user's choice (method=).
+        size = model.train_targets.shape[-1]
+        return fit_exact_gp(model, optimizer=self.optimizer, max_cholesky_size=size, **options)
 
     def _fit_svgp(
         self,
@@ -620,6 +674,12 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
     True
     """
 
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **_DEQGPBase._parameter_constraints,
+        "noise": [Interval(Real, 0, None, closed="neither")],
+        "normalize_y": ["boolean"],
+    }
+
     def __init__(
         self,
         activation: str = "relu",
@@ -682,7 +742,6 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         self : DEQGPRegressor
         """
         self._check_params()
-        _check_positive(self.noise, "noise")
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         if X.shape[0] < 2:
             raise ValueError(f"DEQGPRegressor needs at least 2 samples, got {X.shape[0]} sample")
@@ -723,18 +782,24 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
             self.model_, result = self._fit_model(build, X.shape[0], X.shape[1])
         self.log_marginal_likelihood_value_ = result.log_marginal_likelihood
         self.n_iter_ = result.n_iter
-        self.kernel_ = ConstantKernel(self.model_.covar_module.outputscale.item()) * _to_sklearn_kernel(
-            self.model_.covar_module.base_kernel, self.activation, self.activation_kwargs
-        ) + WhiteKernel(self.model_.likelihood.noise.item())
+        self._condition()
         return self
 
+    def _fitted_kernel(self) -> Kernel:
+        covar = self.model_.covar_module
+        deq = _to_sklearn_kernel(covar.base_kernel, self.activation, self.activation_kwargs)
+        return ConstantKernel(covar.outputscale.item()) * deq + WhiteKernel(self.model_.likelihood.noise.item())
+
     def predict(
-        self, X: Any, return_std: bool = False, return_cov: bool = False
+        self, X: Any, return_std: bool = False, return_cov: bool = False, *, latent: bool = False
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predictive mean and, optionally, standard deviation or covariance.
 
-        The uncertainty is that of the latent function (without the observation noise, whose
-        variance is the ``WhiteKernel`` of :attr:`kernel_` times the targets' variance).
+        As in :class:`sklearn.gaussian_process.GaussianProcessRegressor` with a ``WhiteKernel``
+        (the noise of :attr:`kernel_`), the uncertainty is that of a new observation: the
+        latent function's plus the fitted noise. ``latent=True`` gives the latent function's
+        alone. The exact method computes it from the Cholesky factor kept at fit time
+        (:class:`deq_kernel.gpytorch.ExactPosterior`).
 
         Parameters
         ----------
@@ -743,6 +808,8 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
             Also return the predictive standard deviation.
         return_cov : bool, default False
             Also return the predictive covariance (not with ``return_std``).
+        latent : bool, default False
+            The uncertainty of the latent function, without the observation noise.
 
         Returns
         -------
@@ -756,18 +823,26 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
             raise ValueError("at most one of return_std and return_cov can be requested")
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
+        x = self._to_tensor(X)
+        noise = None if latent else self.model_.likelihood.noise.detach().reshape(())
         if isinstance(self.model_, SVGPModel) and not return_cov:
-            mean, variance = predict_latent(self.model_, self._to_tensor(X), batch_size=self.batch_size)
-            mean = mean.cpu().numpy() * self._y_scale + self._y_mean
-            return (mean, variance.sqrt().cpu().numpy() * self._y_scale) if return_std else mean
-        with _prediction():
-            posterior = self.model_(self._to_tensor(X))
-            mean = posterior.mean.cpu().numpy() * self._y_scale + self._y_mean
-            if return_std:
-                std = posterior.variance.clamp_min(0.0).sqrt().cpu().numpy() * self._y_scale
-                return mean, std
-            if return_cov:
-                return mean, posterior.covariance_matrix.cpu().numpy() * self._y_scale**2
+            mean, variance = predict_latent(self.model_, x, batch_size=self.batch_size)
+            if noise is not None:
+                variance = variance + noise
+        else:
+            if isinstance(self.model_, SVGPModel):
+                with torch.no_grad():
+                    posterior = self.model_(x)
+                    mean, variance = posterior.mean, posterior.covariance_matrix
+                if noise is not None:
+                    variance = variance + noise * torch.eye(len(X), dtype=variance.dtype, device=variance.device)
+            else:
+                mean, variance = _posterior(self).predict(x, want="cov" if return_cov else "var", noise=noise)
+        mean = mean.cpu().numpy() * self._y_scale + self._y_mean
+        if return_std:
+            return mean, variance.clamp_min(0.0).sqrt().cpu().numpy() * self._y_scale
+        if return_cov:
+            return mean, variance.cpu().numpy() * self._y_scale**2
         return mean
 
 
@@ -880,6 +955,11 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
     #: Monte Carlo draws (antithetic pairs) for the class probabilities.
     _DRAWS = 512
 
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **_DEQGPBase._parameter_constraints,
+        "alpha_epsilon": [Interval(Real, 0, None, closed="neither")],
+    }
+
     def __init__(
         self,
         activation: str = "relu",
@@ -941,7 +1021,6 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         self : DEQGPClassifier
         """
         self._check_params()
-        _check_positive(self.alpha_epsilon, "alpha_epsilon")
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         self.classes_, labels = np.unique(y, return_inverse=True)
@@ -982,10 +1061,13 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
             self.model_, result = self._fit_model(build, X.shape[0], X.shape[1], stratify=labels.cpu().numpy())
         self.log_marginal_likelihood_value_ = result.log_marginal_likelihood
         self.n_iter_ = result.n_iter
-        self.kernel_ = _to_sklearn_kernel(self.model_.covar_module.base_kernel, self.activation, self.activation_kwargs)
         half = check_random_state(self.random_state).standard_normal((self._DRAWS // 2, num_classes))
         self._draws = np.concatenate([half, -half])  # antithetic: odd error terms cancel
+        self._condition()
         return self
+
+    def _fitted_kernel(self) -> Kernel:
+        return _to_sklearn_kernel(self.model_.covar_module.base_kernel, self.activation, self.activation_kwargs)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities: the expected softmax of the latent functions.
@@ -1003,13 +1085,8 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         X = validate_data(self, X, reset=False, dtype=np.float64)
         if isinstance(self.model_, SVGPModel):
             return self._svgp_proba(self._to_tensor(X))
-        with _prediction():
-            latent = self.model_(self._to_tensor(X))  # batch over classes: (n_classes, n)
-            mean, std = latent.mean, latent.variance.clamp_min(0.0).sqrt()
-            draws = torch.as_tensor(self._draws, dtype=mean.dtype, device=mean.device)
-            samples = mean + std * draws.unsqueeze(-1)  # (draws, n_classes, n)
-            proba = torch.softmax(samples, dim=-2).mean(0).T
-        return proba.cpu().numpy()
+        mean, variance = _posterior(self).predict(self._to_tensor(X))  # batch over classes: (n_classes, n)
+        return _expected_softmax(mean.T, variance.T, self._draws)
 
     def _svgp_proba(self, x: Tensor) -> np.ndarray:
         mean, variance = predict_latent(self.model_, x, batch_size=self.batch_size)
@@ -1017,12 +1094,7 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
             # Bernoulli with the probit link: E[Phi(f)] = Phi(mean / sqrt(1 + variance)), exactly.
             p = torch.special.ndtr(mean / torch.sqrt(1.0 + variance))
             return torch.stack([1.0 - p, p], dim=-1).cpu().numpy()
-        draws = torch.as_tensor(self._draws, dtype=mean.dtype, device=mean.device).unsqueeze(-1)
-        proba = mean.new_empty(mean.shape[0], len(self.classes_))  # preallocated: see predict_latent
-        for start in range(0, mean.shape[0], 1024):  # (draws, classes, rows) at a time
-            m, s = mean[start : start + 1024].T, variance[start : start + 1024].sqrt().T
-            proba[start : start + 1024] = torch.softmax(m + s * draws, dim=-2).mean(0).T
-        return proba.cpu().numpy()
+        return _expected_softmax(mean, variance, self._draws)
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class.
@@ -1042,14 +1114,32 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
 # --------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _prediction() -> Iterator[None]:
-    """Exact predictions without gradients; predicting at the training inputs is expected here."""
-    with warnings.catch_warnings(), torch.no_grad(), gpytorch.settings.max_cholesky_size(10_000):
-        warnings.filterwarnings("ignore", category=GPInputWarning)
-        # Variances of rounding size below zero are clamped (by GPyTorch, and again here).
-        warnings.filterwarnings("ignore", message="Negative variance values detected")
-        yield
+#: Guards the lazy construction of an estimator's posterior (estimators unpickled from an older release).
+_POSTERIOR_LOCK = threading.Lock()
+
+
+def _posterior(estimator: _DEQGPBase) -> ExactPosterior:
+    """The exact posterior of a fitted exact-method estimator (built at fit time, or once here)."""
+    posterior = getattr(estimator, "_posterior", None)
+    if posterior is None:
+        with _POSTERIOR_LOCK:
+            posterior = getattr(estimator, "_posterior", None)
+            if posterior is None:
+                posterior = estimator._posterior = ExactPosterior(estimator.model_)
+    return posterior
+
+
+def _expected_softmax(mean: Tensor, variance: Tensor, draws: np.ndarray, block: int = 1024) -> np.ndarray:
+    """``E[softmax(f)]`` for ``f ~ N(mean, diag(variance))`` rows ``(n, classes)``, by the fixed ``draws``.
+
+    ``block`` rows at a time, so that memory is ``draws x classes x block`` at any ``n``.
+    """
+    z = torch.as_tensor(draws, dtype=mean.dtype, device=mean.device).unsqueeze(-1)  # (draws, classes, 1)
+    proba = mean.new_empty(mean.shape)
+    for start in range(0, mean.shape[0], block):
+        m, s = mean[start : start + block].T, variance[start : start + block].clamp_min(0.0).sqrt().T
+        proba[start : start + block] = torch.softmax(m + s * z, dim=-2).mean(0).T
+    return proba.cpu().numpy()
 
 
 def _initialise(covar_module: ScaleKernel, initial: dict[str, Any]) -> None:
@@ -1061,10 +1151,10 @@ def _initialise(covar_module: ScaleKernel, initial: dict[str, Any]) -> None:
 
 
 def _evaluate(model: ExactGPModel) -> FitResult:
-    """The log marginal likelihood at the model's current hyperparameters, as a FitResult."""
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    """The log marginal likelihood at the model's current hyperparameters (exact, Cholesky), as a FitResult."""
+    mll = CholeskyMarginalLogLikelihood(model.likelihood, model)
     model.train()
-    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10_000):
+    with torch.no_grad():
         value = float(mll(model(*model.train_inputs), model.train_targets).sum()) * model.train_targets.shape[-1]
     model.eval()
     return FitResult(log_marginal_likelihood=value, n_iter=1, n_evaluations=1, converged=True, history=[value])
@@ -1102,15 +1192,3 @@ def _is_numeric_array(value: Any) -> bool:
     except Exception:
         return False
     return arr.dtype.kind in "iuf" and not isinstance(value, bool)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_positive(value: Any, name: str, allow_zero: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")

@@ -12,9 +12,9 @@ Gaussian :math:`q(u) = N(\mu, S)` over the function values at ``Z``
 Each step evaluates the kernel on ``K(Z, Z)`` (symmetric, ``m x m``), ``K(Z, X_batch)``
 (rectangular) and the diagonal ``k(x, x)`` of the batch: the first two take the relu family's
 correlation-table path of :mod:`deq_kernel.equilibrium.table`, the last the O(n) diagonal path. Their shapes
-repeat from step to step, so :func:`fit_svgp` compiles the kernel's elementwise passes
-(``settings.compile(True)``) unless the user has chosen otherwise: compilation, a few seconds
-once, is repaid within the first epoch.
+repeat from step to step, so under the default ``settings.compile("auto")`` the kernel's
+elementwise passes are compiled in the background once the eager ones have run long enough
+to repay it, and no step waits for the compiler.
 
 The model classes live here rather than in :mod:`deq_kernel.gpytorch` because they are one idea
 (inducing-point approximations and their stochastic training) that the exact-GP module neither
@@ -24,6 +24,7 @@ needs nor imports.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +46,6 @@ from gpytorch.variational import (
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from . import settings
 from .activations import Activation
 from .gpytorch import DEQKernel
 
@@ -233,34 +233,32 @@ def fit_svgp(
     params = [p for p in model.parameters() if p.requires_grad and (train_hyperparameters or id(p) in variational)]
     optimizer = torch.optim.Adam(params, lr=learning_rate)
     mll = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=num_data)
-    mode = settings.compile.value()
     result = SVGPFitResult(elbo=math.nan, n_steps=0)
-    with settings.compile(True if mode == "auto" else mode):
-        if initialize and isinstance(likelihood, GaussianLikelihood) and model.num_tasks is None:
-            _initialize_gaussian(model, x, y, batch_size)
-        model.train()
-        likelihood.train()
-        for epoch in range(1, epochs + 1):
-            start, total, count = time.perf_counter(), 0.0, 0
-            with _progress(len(loader), f"epoch {epoch}/{epochs}", verbose) as bar:
-                for xb, yb in loader:
-                    optimizer.zero_grad()
-                    loss = -mll(model(xb), yb)
-                    loss.backward()
-                    optimizer.step()
-                    value = -loss.item()
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"the evidence lower bound became {value} at epoch {epoch}; lower learning_rate"
-                        )
-                    total += value * xb.shape[0]
-                    count += xb.shape[0]
-                    result.n_steps += 1
-                    bar.update(value)
-                result.elbo = total / count
-                result.elbo_history.append(result.elbo)
-                result.epoch_seconds.append(time.perf_counter() - start)
-                bar.close(result.elbo, result.epoch_seconds[-1])
+    if initialize and isinstance(likelihood, GaussianLikelihood) and model.num_tasks is None:
+        _initialize_gaussian(model, x, y, batch_size)
+    model.train()
+    likelihood.train()
+    for epoch in range(1, epochs + 1):
+        start, total, count = time.perf_counter(), 0.0, 0
+        with _progress(len(loader), f"epoch {epoch}/{epochs}", verbose) as bar:
+            for xb, yb in loader:
+                optimizer.zero_grad()
+                loss = -mll(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                value = -loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"the evidence lower bound became {value} at epoch {epoch}; lower learning_rate"
+                    )
+                total += value * xb.shape[0]
+                count += xb.shape[0]
+                result.n_steps += 1
+                bar.update(value)
+            result.elbo = total / count
+            result.elbo_history.append(result.elbo)
+            result.epoch_seconds.append(time.perf_counter() - start)
+            bar.close(result.elbo, result.epoch_seconds[-1])
     model.eval()
     likelihood.eval()
     return result
@@ -316,7 +314,7 @@ def predict_latent(model: SVGPModel, x: Tensor, *, batch_size: int = 4096) -> tu
     # between a block's megabyte-sized temporaries, fragments the heap so that the process
     # kept about 2 KB per predicted point (15 GB at 10^7 points).
     mean, variance = x.new_empty(shape), x.new_empty(shape)
-    with torch.no_grad(), gpytorch.settings.skip_posterior_variances(False):
+    with torch.no_grad():  # GPyTorch's settings as the caller has them: they are process-wide
         for start in range(0, n, batch_size):
             posterior = model(x[start : start + batch_size])
             mean[start : start + batch_size] = posterior.mean
@@ -325,7 +323,7 @@ def predict_latent(model: SVGPModel, x: Tensor, *, batch_size: int = 4096) -> tu
 
 
 def _check_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -340,7 +340,7 @@ def test_saving_replaces_a_model_only_when_the_new_one_is_complete(files, tmp_pa
     model.save(target)
     original = (target / "tensors.pt").read_bytes()
 
-    def crash(self, directory):
+    def crash(self, directory, meta):
         (directory / "tensors.pt").write_bytes(b"half")
         raise OSError("disk full")
 

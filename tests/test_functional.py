@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import math
 
 import numpy as np
 import pytest
@@ -332,3 +333,56 @@ def test_invalid_output_and_diag_and_types():
         equilibrium_covariance(np.ones((3, 2)), np.ones((2, 2)), diag=True)
     with pytest.raises(ValueError, match="at least one feature"):
         equilibrium_covariance(np.ones((3, 0)))
+
+
+@pytest.mark.parametrize("activation", ["relu", "erf", "tanh", "sin"])
+@pytest.mark.parametrize("case", ["dense", "blocks", "batched", "ntk", "inputs"])
+def test_second_derivatives_raise_instead_of_being_wrong(activation, case):
+    # The implicit gradients are first derivatives only; differentiating them again used to
+    # return 0 (finite differences: 42.04) or a wrong number. Every path now raises.
+    torch.manual_seed(0)
+    n = 600 if case == "blocks" else 6
+    x = torch.randn(2, n, 3, dtype=torch.float64) if case == "batched" else torch.randn(n, 3, dtype=torch.float64)
+    w = torch.tensor(0.4, dtype=torch.float64)
+    output = "ntk" if case == "ntk" else "nngp"
+
+    def in_w(w):
+        return equilibrium_covariance(x, activation=activation, weight_variance=w, bias_variance=0.1, output=output)
+
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        if case == "inputs":
+            torch.autograd.functional.hessian(
+                lambda x: equilibrium_covariance(
+                    x, activation=activation, weight_variance=0.0, bias_variance=0.1
+                ).sum(),
+                x,
+            )
+        else:
+            torch.autograd.functional.hessian(lambda w: in_w(w).sum(), w)
+    # First derivatives are unaffected.
+    w_ = w.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(in_w(w_).sum(), w_)
+    step = 1e-6
+    fd = (in_w(w + step).sum() - in_w(w - step).sum()) / (2 * step)
+    assert float(grad) == pytest.approx(float(fd), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", deq_kernel.ACTIVATIONS)
+def test_one_default_weight_variance_everywhere(name):
+    # Half the activation's bound (1 without one): the functional default of 1 used to raise
+    # for tanh, erf, sin, abs and identity, while DEQKernel took half the bound and DEQ 0.5.
+    from deq_kernel.sklearn import DEQ, DEQGPRegressor
+
+    act = deq_kernel.get_activation(name)
+    expected = 0.5 * act.weight_variance_bound if math.isfinite(act.weight_variance_bound) else 1.0
+    assert act.default_weight_variance == expected
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    by_default = equilibrium_covariance(x, activation=name, bias_variance=0.1)
+    explicit = equilibrium_covariance(x, activation=name, weight_variance=expected, bias_variance=0.1)
+    torch.testing.assert_close(by_default, explicit, rtol=0, atol=0)
+    # (DEQKernel's parameters start in float32, like every GPyTorch module's.)
+    assert float(deq_kernel.DEQKernel(name).weight_variance) == pytest.approx(expected, rel=1e-7)
+    assert np.exp(DEQ(name).theta[-1]) == pytest.approx(expected, rel=1e-15)
+    np.testing.assert_allclose(DEQ(name)(x.numpy()), explicit.numpy(), rtol=1e-12)
+    initial = DEQGPRegressor(name)._initial_values(None, 2)["weight_variance"]
+    assert initial == pytest.approx(expected, rel=1e-15)

@@ -387,7 +387,185 @@ def test_estimators_with_the_ntk(Estimator):
     restored = pickle.loads(pickle.dumps(estimator))
     np.testing.assert_array_equal(restored.predict(X), estimator.predict(X))
     assert estimator.score(X, y) > 0.6
-    with pytest.raises(ValueError, match="kernel must be one of"):
+    with pytest.raises(
+        ValueError, match=r"'kernel' parameter of \w+ must be a str among \{'(nngp|ntk)', '(nngp|ntk)'\}"
+    ):
         Estimator(kernel="tangent").fit(X, y)
     with pytest.raises(ValueError, match="step"):
         Estimator("step", kernel="ntk").fit(X, y)
+
+
+# --------------------------------------------------------------------------- trust at the edges
+
+
+def _gpytorch_setting_contexts(monkeypatch) -> list[str]:
+    """Record the GPyTorch setting and warnings-filter contexts that deq_kernel's own code enters from now on.
+
+    (scikit-learn's input validation and GPyTorch's internals enter some of their own; those
+    are theirs to answer for.)
+    """
+    import sys
+    import warnings
+
+    import gpytorch
+
+    entered: list[str] = []
+
+    def ours() -> bool:
+        return "deq_kernel" in sys._getframe(2).f_code.co_filename.replace("\\", "/").split("/")
+
+    bases = {gpytorch.settings._value_context, gpytorch.settings._feature_flag}
+    bases |= {cls for base in bases for cls in base.__subclasses__()}
+    for cls in bases:
+        if "__enter__" in vars(cls):
+            original = vars(cls)["__enter__"]
+
+            def spy(self, _original=original, _name=cls.__name__):
+                if ours():
+                    entered.append(_name)
+                return _original(self)
+
+            monkeypatch.setattr(cls, "__enter__", spy)
+    original_catch = warnings.catch_warnings.__enter__
+
+    def catch_spy(self):
+        if ours():
+            entered.append("warnings.catch_warnings")
+        return original_catch(self)
+
+    monkeypatch.setattr(warnings.catch_warnings, "__enter__", catch_spy)
+    return entered
+
+
+@pytest.mark.parametrize("Estimator", [DEQGPRegressor, DEQGPClassifier])
+def test_fit_and_predict_change_no_process_wide_setting(Estimator, monkeypatch):
+    # GPyTorch's settings and the warnings filters are process-wide: a context entered in one
+    # thread changes what another thread's model does (a prediction cache built by conjugate
+    # gradients at GPyTorch's 0.01 tolerance, in the case that was reported).
+    X, y = _regression(60)
+    y = (y > 0).astype(int) if Estimator is DEQGPClassifier else y
+    entered = _gpytorch_setting_contexts(monkeypatch)
+    estimator = Estimator(max_iter=5, n_restarts_optimizer=1, random_state=0).fit(X, y)
+    estimator.predict(X[:7])
+    if Estimator is DEQGPRegressor:
+        estimator.predict(X[:7], return_std=True)
+        estimator.predict(X[:7], return_cov=True)
+    assert entered == []
+
+
+def test_predictions_from_threads_equal_the_serial_ones():
+    from concurrent.futures import ThreadPoolExecutor
+
+    X, y = _regression(1500, seed=3)
+    reg = DEQGPRegressor(optimizer=None).fit(X, y)  # 1500 points: GPyTorch's default would be CG
+    tests = [np.random.default_rng(k).normal(size=(150, 3)) for k in range(8)]
+    serial = [reg.predict(t, return_std=True) for t in tests]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda t: reg.predict(t, return_std=True), tests + tests))
+    for (mean, std), (tmean, tstd) in zip(serial + serial, threaded, strict=True):
+        np.testing.assert_allclose(tmean, mean, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(tstd, std, rtol=0, atol=1e-12)
+
+
+def test_the_estimators_stay_exact_above_gpytorchs_cholesky_size(monkeypatch):
+    import deq_kernel.sklearn as sk
+
+    seen = []
+
+    def spy(model, **options):
+        seen.append(options["max_cholesky_size"])
+        return fit_exact_gp(model, **options)
+
+    fit_exact_gp = sk.fit_exact_gp
+    monkeypatch.setattr(sk, "fit_exact_gp", spy)
+    X, y = _regression(30)
+    DEQGPRegressor(max_iter=2).fit(X, y)
+    DEQGPClassifier(max_iter=2).fit(X, y > 0)
+    assert seen == [30, 30]  # the Cholesky objective at any size (above 10 000 too)
+
+
+def test_predictions_above_ten_thousand_points_are_exact():
+    # A 10 050-point kernel matrix and its Cholesky factor: about 25 s and 3 GB on 2 cores.
+    import scipy.linalg
+
+    r = np.random.default_rng(0)
+    X = r.normal(size=(10_050, 2))
+    y = np.sin(X[:, 0]) + 0.1 * r.normal(size=len(X))
+    reg = DEQGPRegressor(optimizer=None, normalize_y=False).fit(X, y)
+    x_new = r.normal(size=(5, 2))
+    mean, std = reg.predict(x_new, return_std=True, latent=True)
+    kernel = reg.kernel_.k1  # C * DEQ, without the noise
+    noise = reg.kernel_.k2.noise_level
+    factor = scipy.linalg.cho_factor(kernel(X) + noise * np.eye(len(X)), lower=True)
+    cross = kernel(x_new, X)
+    constant = float(reg.model_.mean_module.constant)
+    np.testing.assert_allclose(mean, constant + cross @ scipy.linalg.cho_solve(factor, y - constant), atol=1e-8)
+    reference = kernel.diag(x_new) - np.einsum("ij,ji->i", cross, scipy.linalg.cho_solve(factor, cross.T))
+    np.testing.assert_allclose(std, np.sqrt(reference), atol=1e-8)
+
+
+def test_the_predictive_std_is_that_of_an_observation_as_in_scikit_learn():
+    X, y = load_diabetes(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    X_train, X_test, y_train, _ = train_test_split(X, y, random_state=0)
+    reg = DEQGPRegressor(max_iter=20, random_state=0).fit(X_train, y_train)
+    _, std = reg.predict(X_test, return_std=True)
+    _, latent = reg.predict(X_test, return_std=True, latent=True)
+    noise = reg.kernel_.k2.noise_level * np.var(y_train)
+    np.testing.assert_allclose(std**2, latent**2 + noise, rtol=1e-10)
+    # The same as scikit-learn's own GP with the fitted kernel (its WhiteKernel is the noise).
+    sk = GaussianProcessRegressor(reg.kernel_, optimizer=None, normalize_y=True).fit(X_train, y_train)
+    _, sk_std = sk.predict(X_test, return_std=True)
+    np.testing.assert_allclose(std, sk_std, rtol=1e-6)
+    _, cov = reg.predict(X_test[:5], return_cov=True)
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), std[:5], rtol=1e-10)
+
+
+def test_numpy_valued_parameters_and_grid_search_in_parallel():
+    X, y = _regression(40)
+    reg = DEQGPRegressor(max_iter=np.int64(3), noise=np.float32(0.05), tol=np.float64(1e-5)).fit(X, y)
+    assert reg.n_iter_ <= 3
+    DEQGPClassifier(max_iter=np.int32(2), alpha_epsilon=np.float32(0.02)).fit(X, y > 0)
+    grid = {"max_iter": np.arange(2, 4), "noise": np.array([0.05, 0.1])}
+    search = GridSearchCV(DEQGPRegressor(), grid, cv=2, n_jobs=2).fit(X, y)
+    assert search.best_params_["max_iter"] in (2, 3) and len(search.cv_results_["params"]) == 4
+    with pytest.raises(ValueError, match=r"'max_iter' parameter of DEQGPRegressor must be an int"):
+        DEQGPRegressor(max_iter=np.float64(3.0)).fit(X, y)
+
+
+def test_a_failed_random_restart_does_not_abort_the_fit(monkeypatch):
+    from deq_kernel.gpytorch import FitWarning
+    from deq_kernel.sklearn import _DEQGPBase
+
+    X, y = _regression(30)
+    calls = []
+    original = _DEQGPBase._fit_one
+
+    def flaky(self, model):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("fitting failed: the marginal likelihood could not be evaluated at the initial point")
+        return original(self, model)
+
+    monkeypatch.setattr(_DEQGPBase, "_fit_one", flaky)
+    with pytest.warns(FitWarning, match="random restart 1 of the fit failed"):
+        reg = DEQGPRegressor(max_iter=5, n_restarts_optimizer=2, random_state=0).fit(X, y)
+    assert len(calls) == 3 and np.isfinite(reg.log_marginal_likelihood_value_)
+    calls.clear()
+    monkeypatch.setattr(_DEQGPBase, "_fit_one", lambda self, model: (_ for _ in ()).throw(RuntimeError("first")))
+    with pytest.raises(RuntimeError, match="first"):  # the first start failing is the user's problem
+        DEQGPRegressor(max_iter=5).fit(X, y)
+
+
+def test_class_probabilities_are_computed_in_blocks():
+    from deq_kernel.sklearn import _expected_softmax
+
+    r = np.random.default_rng(1)
+    mean = torch.as_tensor(r.normal(size=(50, 4)))
+    variance = torch.as_tensor(r.uniform(0.1, 2.0, size=(50, 4)))
+    draws = r.normal(size=(64, 4))
+    whole = _expected_softmax(mean, variance, draws)
+    np.testing.assert_allclose(_expected_softmax(mean, variance, draws, block=7), whole, rtol=1e-14)
+    z = torch.as_tensor(draws)[:, None, :]  # (draws, 1, classes): the definition, all at once
+    direct = torch.softmax(mean + variance.sqrt() * z, dim=-1).mean(0).numpy()
+    np.testing.assert_allclose(whole, direct, rtol=1e-14, atol=1e-16)

@@ -42,7 +42,7 @@ from .base import Activation, Offers, State, safe_sqrt
 from .erf import Erf, Gaussian
 from .gelu import Gelu
 from .quadrature import QuadratureActivation, estimate_weight_variance_bound
-from .registry import ACTIVATIONS, get_activation
+from .registry import ACTIVATIONS, activation_spec, get_activation
 from .relu import PiecewiseLinear, Step, StepMixture, kappa_from_angle
 from .trig import Cos, Sin
 
@@ -60,6 +60,7 @@ __all__ = [
     "State",
     "Step",
     "StepMixture",
+    "activation_spec",
     "estimate_weight_variance_bound",
     "get_activation",
     "kappa_from_angle",

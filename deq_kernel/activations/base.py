@@ -93,6 +93,16 @@ class Activation(abc.ABC):
     #: What the activation offers the engine beyond its dual (see :class:`Offers`).
     offers: Offers = Offers()
 
+    @property
+    def default_weight_variance(self) -> float:
+        """Half of :attr:`weight_variance_bound`, or 1 without a bound: the default of every entry point.
+
+        (:func:`~deq_kernel.equilibrium_covariance`, :class:`~deq_kernel.DEQKernel`, the
+        scikit-learn kernel and estimators, the command line.) Relu: 1; tanh: 0.5; erf: pi/8.
+        """
+        bound = self.weight_variance_bound
+        return 0.5 * bound if math.isfinite(bound) else 1.0
+
     @abc.abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
         """The activation, elementwise."""

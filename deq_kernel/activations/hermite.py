@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from .._autograd import first_derivatives_only
 
 __all__ = [
     "HermiteSeries",
@@ -108,7 +109,7 @@ class HermiteSeries(torch.autograd.Function):
         return value, slope
 
     @staticmethod
-    @once_differentiable
+    @first_derivatives_only
     def backward(ctx: Any, grad_value: Tensor, _grad_slope: Tensor) -> tuple[Tensor | None, ...]:
         rho, a1, a2, slope = ctx.saved_tensors
         grad_rho = grad_value * slope if ctx.needs_input_grad[0] else None

@@ -146,9 +146,11 @@ def get_activation(activation: str | Activation | Callable[[Tensor], Tensor] = "
 
         def build() -> Activation:
             try:
-                return _FACTORIES[key](**kwargs)
+                act = _FACTORIES[key](**kwargs)
             except TypeError as exc:
                 raise TypeError(f"invalid options for activation {key!r}: {exc}") from None
+            act._spec = (key, dict(kwargs))
+            return act
 
         return _cached((key, *sorted(kwargs.items())), build)
     if callable(activation):
@@ -156,6 +158,16 @@ def get_activation(activation: str | Activation | Callable[[Tensor], Tensor] = "
             ("callable", activation, *sorted(kwargs.items())), lambda: QuadratureActivation(activation, **kwargs)
         )
     raise TypeError(f"activation must be one of {', '.join(ACTIVATIONS)} or a callable, got {activation!r}")
+
+
+def activation_spec(activation: Activation) -> tuple[str, dict[str, Any]] | None:
+    """``(name, options)`` with which :func:`get_activation` rebuilds ``activation``, or ``None``.
+
+    Known for the activations :func:`get_activation` built from a name; ``None`` for one made
+    from a callable or constructed directly (nothing but the object itself describes it).
+    """
+    spec = getattr(activation, "_spec", None)
+    return None if spec is None else (spec[0], dict(spec[1]))
 
 
 def _cached(key: tuple[Any, ...], build: Callable[[], Activation]) -> Activation:

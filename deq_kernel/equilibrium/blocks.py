@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .._autograd import first_derivatives_only
 from . import backend
 
 __all__ = ["Family", "product_kernel"]
@@ -151,7 +151,7 @@ class _ProductKernel(torch.autograd.Function):
         return result
 
     @staticmethod
-    @once_differentiable
+    @first_derivatives_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         lhs, rhs, w, r1, r2, scale = ctx.saved_tensors
         parts, (value, matrix, two_sided, symmetric) = ctx.parts, ctx.flags

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import settings
+from .._autograd import first_derivatives_only
 from ..activations import Activation, safe_sqrt
 from .arcsine import BOUND_EPS, NEWTON_STEPS, arcsine_resolves, solve_block
 from .newton import unconverged
@@ -46,12 +47,6 @@ __all__ = ["DENSE_PAIRS", "dense", "dense_both", "dense_refuses", "dense_suits"]
 DENSE_PAIRS = 1 << 17
 
 _TWO_OVER_PI = 2.0 / math.pi
-
-#: The error of a backward pass asked to build a graph for second derivatives.
-SECOND_DERIVATIVES = (
-    "deq_kernel's implicit gradients are first derivatives only: differentiating them again "
-    "(create_graph=True, torch.autograd.functional.hessian) is not supported"
-)
 
 
 def dense_refuses(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> str | None:
@@ -105,9 +100,7 @@ class _Root(torch.autograd.Function):
     ``slope`` is ``r' = 1 - b g'(x*)`` and ``gain`` is ``g(x*)``, both at the root. The
     derivatives are the implicit function theorem's, in reverse and forward mode; they are
     first derivatives only, so a backward pass that would build a graph for a second one
-    (``create_graph=True``) raises instead of returning a wrong one. (``once_differentiable``
-    does not guard this: where its incoming gradient depends on the same inputs, the second
-    derivative silently loses this function's part.)
+    (``create_graph=True``) raises instead of returning a wrong one (:mod:`deq_kernel._autograd`).
     """
 
     @staticmethod
@@ -118,9 +111,8 @@ class _Root(torch.autograd.Function):
         return root.clone()
 
     @staticmethod
+    @first_derivatives_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(SECOND_DERIVATIVES)
         gain, slope = ctx.saved_tensors
         c_shape, b_shape = ctx.shapes
         lam = grad / slope

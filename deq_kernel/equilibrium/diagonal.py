@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .._autograd import first_derivatives_only
 from ..activations import Activation
 from .newton import ConvergenceError, newton, tolerance
 
@@ -129,7 +129,7 @@ class _DiagonalFixedPoint(torch.autograd.Function):
         return dq, dd * dq
 
     @staticmethod
-    @once_differentiable
+    @first_derivatives_only
     def backward(ctx: Any, grad_q: Tensor, grad_d: Tensor) -> tuple[Tensor | None, ...]:
         w, d, dd = ctx.saved_tensors
         s_shape, w_shape = ctx.shapes

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import settings
+from .._autograd import first_derivatives_only
 from ..activations import Activation, State, safe_sqrt
 from . import backend
 from .newton import newton, tolerance, unconverged
@@ -334,7 +334,7 @@ class _PairFixedPoint(torch.autograd.Function):
         return rho, value
 
     @staticmethod
-    @once_differentiable
+    @first_derivatives_only
     def backward(ctx: Any, grad_rho: Tensor, grad_value: Tensor) -> tuple[Tensor | None, ...]:
         rho, free, identical, s12, w, d_rows, d_cols, *states = ctx.saved_tensors
         act, n1 = ctx.act, ctx.n1

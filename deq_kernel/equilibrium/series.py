@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .._autograd import first_derivatives_only
 from ..activations import Activation
 from ..activations.hermite import horner, series_tolerance, tail_ratio
 from . import backend
@@ -423,7 +423,7 @@ class _SeriesKernel(torch.autograd.Function):
         return result
 
     @staticmethod
-    @once_differentiable
+    @first_derivatives_only
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         lhs, rhs, w, q1, q2, scale = ctx.saved_tensors
         plan = ctx.plan
