@@ -35,6 +35,7 @@ import numpy as np
 
 from . import __version__
 from .model_io import (
+    MODEL_FILE,
     InputError,
     SavedModel,
     check_no_missing,
@@ -43,6 +44,8 @@ from .model_io import (
     missing_rows,
     numeric_columns,
     read_csv,
+    sibling,
+    sync_directory,
 )
 
 __all__ = ["InputError", "main"]
@@ -296,7 +299,8 @@ def _cv_folds(requested: int, data: TrainingData) -> tuple[int, str]:
     """The number of folds that the data allow (0: none), and why it is smaller, if it is."""
     if requested == 0:
         return 0, ""
-    limit = len(data.y) if data.task == "regression" else int(np.bincount(data.y).min())
+    # R^2 needs at least two held-out rows per fold.
+    limit = len(data.y) // 2 if data.task == "regression" else int(np.bincount(data.y).min())
     if limit < 2:
         return 0, "too few rows per class" if data.task == "classification" else "too few rows"
     if limit < requested:
@@ -304,8 +308,49 @@ def _cv_folds(requested: int, data: TrainingData) -> tuple[int, str]:
     return requested, ""
 
 
+def _check_model_out(out: str) -> None:
+    """Refuse, before any work, an ``--out`` that cannot become a model directory."""
+    target = Path(out)
+    if target.exists() and not (target.is_dir() and (target / MODEL_FILE).is_file()):
+        raise InputError(f"--out {out!r} exists and is not a model directory; choose another --out")
+    _check_parent(target, out)
+
+
+def _check_file_out(out: str | None) -> None:
+    """Refuse, before any work, an ``--out`` file that cannot be written."""
+    if out is None:
+        return
+    target = Path(out)
+    if target.is_dir():
+        raise InputError(f"--out {out!r} is a directory; give a file name")
+    _check_parent(target, out)
+
+
+def _check_dir_out(out: str) -> Path:
+    """The ``--out`` directory for a plot, created if need be; refused before any work if it cannot be."""
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"--out {out!r} is a file, not a directory; give a directory for the plot")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the --out directory {out!r}: {exc.strerror}") from None
+    if not os.access(target, os.W_OK):
+        raise InputError(f"cannot write to the --out directory {out!r}")
+    return target
+
+
+def _check_parent(target: Path, out: str) -> None:
+    parent = target.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write --out {out!r}: {str(parent)!r} is not a writable directory")
+
+
 def command_fit(args: argparse.Namespace) -> int:
     """``deq-kernel fit``: read, standardise, fit with progress, report, cross-validate, save."""
+    _check_model_out(args.out)
     data = load_training_data(args.data, args.target, args.task, args.drop_missing)
     Z, mean, scale = standardise(data.X)
     estimator = make_estimator(data.task, args)
@@ -357,6 +402,7 @@ def _format_value(value: Any) -> str:
 
 def command_predict(args: argparse.Namespace) -> int:
     """``deq-kernel predict``: a saved model applied to the columns of a CSV file, by name."""
+    _check_file_out(args.out)
     model = load_model(args.model)
     table = read_csv(args.data)
     lacking = [name for name in model.features if name not in table.header]
@@ -390,12 +436,22 @@ def write_csv(columns: dict[str, np.ndarray], out: str | None) -> None:
     target = Path(out)
     if target.is_dir():
         raise InputError(f"--out {out!r} is a directory; give a file name")
-    staging = target.with_name(f".{target.name}.tmp")
+    staging = None
     try:
-        staging.write_text(buffer.getvalue(), encoding="utf-8")
+        # A staging name of its own (two runs writing the same file do not collide), synced
+        # before the rename and the rename synced after it: a crash leaves the old file or the new.
+        fds = []
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        staging = sibling(target, ".tmp", lambda path: fds.append(os.open(path, flags, 0o666)))
+        with os.fdopen(fds[0], "w", encoding="utf-8") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(staging, target)
+        sync_directory(target.resolve().parent)
     except OSError as exc:
-        staging.unlink(missing_ok=True)
+        if staging is not None:
+            staging.unlink(missing_ok=True)
         raise InputError(f"cannot write {out!r}: {exc.strerror}") from None
 
 
@@ -646,6 +702,7 @@ def command_demo(args: argparse.Namespace) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
+    out = _check_dir_out(args.out)
     start = time.perf_counter()
     size = " (quick: 80 training rows each)" if args.quick else ""
     print(f"DEQ Gaussian processes against RBF Gaussian processes on scikit-learn's bundled data{size}")
@@ -664,7 +721,7 @@ def command_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     print(_demo_table(reg_rows + clf_rows))
     print("held-out: RMSE (lower is better) or accuracy; NLPD: mean negative log predictive density (lower is better)")
-    path = Path(args.out) / "deq-kernel-demo.png"
+    path = out / "deq-kernel-demo.png"
     if _demo_plot(reg_plot, clf_plot, path):
         print(f"plot: {path}")
     print(f"total {time.perf_counter() - start:.1f} s")
@@ -680,6 +737,8 @@ def command_verify(args: argparse.Namespace) -> int:
 
     import deq_kernel
     from deq_kernel.finite import network_kernels
+
+    out = _check_dir_out(args.out)
 
     widths = args.widths
     activation = deq_kernel.get_activation(args.activation)
@@ -730,7 +789,7 @@ def command_verify(args: argparse.Namespace) -> int:
         print(f"log-log slope of the error against width: {slope:.3f} (theory: -0.5)")
     plt = _pyplot()
     if plt is not None:
-        path = Path(args.out) / "deq-kernel-verify.png"
+        path = out / "deq-kernel-verify.png"
         fig, ax = plt.subplots(figsize=(5, 4), constrained_layout=True)
         ax.loglog(widths, errors, "o-", label="finite DEQ networks")
         ref = errors[0] * np.sqrt(widths[0] / np.asarray(widths, dtype=float))
@@ -810,6 +869,16 @@ def _non_negative_int(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _folds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"expected 0 (no cross-validation) or a number of folds >= 2, got {text!r}")
     return value
 
 
@@ -925,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--cv",
-        type=_non_negative_int,
+        type=_folds,
         default=5,
         metavar="K",
         help="folds of the cross-validated score, each refitted; 0 skips it (default: 5)",

@@ -172,7 +172,9 @@ def _unpin_mmap_threshold() -> bool:
     mmap threshold was set to glibc's adaptive ceiling, as fast as a plain process with the same
     single thread. The trim threshold, and so the return of freed memory to the system, stays
     as dask set it. Nothing is changed where the user chose the mmap threshold
-    (``MALLOC_MMAP_THRESHOLD_``), without ``MALLOC_TRIM_THRESHOLD_``, or on another C library.
+    (``MALLOC_MMAP_THRESHOLD_``), without ``MALLOC_TRIM_THRESHOLD_``, outside a ``distributed``
+    worker process (the allocator of the user's own process is never touched), or on another C
+    library.
 
     Returns
     -------
@@ -181,12 +183,27 @@ def _unpin_mmap_threshold() -> bool:
     """
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
+    if not _in_distributed_worker():
+        return False  # the user's own process (threaded scheduler, local calls): its allocator is theirs
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
         return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING))
     except (OSError, AttributeError):  # no mallopt to call: leave the allocator as it is
         return False
+
+
+def _in_distributed_worker() -> bool:
+    """Whether this code runs inside a ``distributed`` worker process (not the client's own)."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return False
+    try:
+        get_worker()
+    except ValueError:  # not in a worker
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- validation
@@ -509,10 +526,11 @@ class CGResult:
         Matrix-vector products with ``K`` (one per iteration).
     residual : float
         Final :math:`\\lVert y - (K + \\sigma^2 I)\\alpha \\rVert / \\lVert y \\rVert`, recomputed
-        from the recurrence's residual.
+        from the solution (one more product with ``K``), not taken from the recurrence.
     converged : bool
         Whether ``residual <= tol``.
     residual_history : list of float
+        The recurrence's relative residual at each iteration.
     """
 
     solution: np.ndarray
@@ -705,7 +723,10 @@ def solve(
         rz_next = float(residual @ z)
         direction = z + (rz_next / rz) * direction
         rz = rz_next
-    return CGResult(solution, iterations, history[-1], history[-1] <= tol, history)
+    # The recurrence's residual drifts from the true one in floating point: report, and judge
+    # convergence by, the true residual (one more product with K).
+    true = float(np.linalg.norm(y - matvec(solution))) / norm_y
+    return CGResult(solution, iterations, true, true <= tol, history)
 
 
 def _pair_matvec(

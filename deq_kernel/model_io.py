@@ -23,9 +23,9 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,14 +303,13 @@ class SavedModel:
         parent = target.resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+            staging = sibling(target, ".tmp", lambda path: os.mkdir(path, 0o777))  # the umask applies
         except OSError as exc:
             raise InputError(f"cannot write the model to {str(target)!r}: {exc.strerror}") from None
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's directory is private; a model directory is not
         try:
             self._write(staging, meta)
             _replace_directory(staging, target)
-            _fsync_directory(parent)
+            sync_directory(parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -344,7 +343,7 @@ def _replace_directory(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=staging.parent))
+    retired = sibling(target, ".old", os.mkdir)
     os.rmdir(retired)
     os.replace(target, retired)
     try:
@@ -355,7 +354,7 @@ def _replace_directory(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _fsync_directory(path: Path) -> None:
+def sync_directory(path: Path) -> None:
     """Make a rename in ``path`` durable (where the platform can open a directory)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -369,10 +368,21 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def sibling(target: Path, suffix: str, create: Callable[[Path], Any]) -> Path:
+    """A new path next to ``target``, ``.name.<random>suffix``, made by ``create`` (which must fail if it exists).
+
+    Unique per call, so that two runs writing the same target never share a staging path;
+    the file or directory is created with the process's umask (no ``os.umask`` call, which
+    would change it for every thread for a moment).
+    """
+    parent = target.resolve().parent
+    while True:
+        path = parent / f".{target.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        return path
 
 
 def _sha256(path: Path) -> str:

@@ -415,7 +415,20 @@ BAD_INPUT = {
     "bad widths": (["verify", "--widths", "64,x"], "comma-separated positive integers"),
     "weight variance past the bound": (["verify", "--weight-variance", "2.5"], "must be below 2"),
     "no benchmark script": (["bench"], "DEQ_KERNEL_BENCHMARK names"),
+    # Output paths are checked before any work (they used to fail after the fit, with exit 1).
+    "fit --out an existing file": (["fit", "{reg}", "--target", "y", "--out", "{reg}"], "is not a model directory"),
+    "demo --out a file": (["demo", "--quick", "--out", "{reg}"], "is a file, not a directory"),
+    "verify --out a file": (["verify", "--out", "{reg}"], "is a file, not a directory"),
+    "predict --out a directory": (["predict", "{model}", "{reg}", "--out", "{tmp}"], "is a directory"),
+    "one fold": (["fit", "{reg}", "--target", "y", "--cv", "1"], "a number of folds >= 2"),
 }
+#: Cases refused before any work: nothing is printed on standard output.
+BEFORE_ANY_WORK = (
+    "fit --out an existing file",
+    "demo --out a file",
+    "verify --out a file",
+    "predict --out a directory",
+)
 
 
 #: A warm process that runs each command it is sent in a forked child of itself: a real
@@ -501,6 +514,31 @@ def test_bad_input_exits_2_with_one_error_line(case, bad_input_results):
     assert lines[0].startswith("error: ")
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+    if case in BEFORE_ANY_WORK:
+        assert result.stdout == ""
+
+
+def test_more_folds_than_the_rows_allow_are_limited_and_scored(files, tmp_path, forked):
+    # 30 rows: at most 15 folds of two held-out rows each (one row per fold gave R^2 = nan).
+    result = forked(
+        "fit", str(files["reg"]), "--target", "y", "--steps", "3", "--cv", "1000", "--out", str(tmp_path / "m")
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "cross-validated R^2" in line)
+    assert line.startswith("15-fold") and "nan" not in line and "limited by the rows" in line
+
+
+def test_predictions_written_by_two_runs_at_once_do_not_collide(model_dir, files, tmp_path, monkeypatch):
+    # Each write stages under a name of its own (a fixed ".NAME.tmp" was shared by both runs).
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "pred.csv"
+    columns = [{"mean": np.full(200, float(k))} for k in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda c: cli.write_csv(c, str(out)), columns))
+    text = out.read_text().splitlines()
+    assert text[0] == "mean" and len(text) == 201 and len(set(text[1:])) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.csv"]  # no staging file left
 
 
 def test_bad_input_from_a_fresh_interpreter(files):

@@ -223,6 +223,10 @@ def test_conjugate_gradients_match_cholesky_at_n_5000(client):
     for name, result in results.items():
         assert result.converged, (name, result.iterations, result.residual)
         assert np.linalg.norm(result.solution - expected) <= 1e-6 * np.linalg.norm(expected), name
+        # The reported residual is the true one, recomputed from the solution.
+        true = np.linalg.norm(y - K @ result.solution) / np.linalg.norm(y)
+        assert result.residual == pytest.approx(true, rel=0, abs=1e-12), name
+        assert result.residual <= 1e-10
     # Greedy landmarks reach the small clusters that uniform draws mostly miss.
     pivoted, uniform = results["pivoted_cholesky"].iterations, results["uniform"].iterations
     assert pivoted < uniform, (pivoted, uniform)
@@ -339,3 +343,14 @@ def test_missing_dask_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "dask.array", None)
     with pytest.raises(ImportError, match=r'pip install "deq-kernel\[dask\]"'):
         deq_dask.kernel_matrix(np.zeros((2, 2)))
+
+
+def test_the_allocator_of_the_users_own_process_is_never_changed(monkeypatch):
+    # MALLOC_TRIM_THRESHOLD_ in the user's own environment (not a dask worker): no mallopt.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    deq_dask._unpin_mmap_threshold.cache_clear()
+    try:
+        assert deq_dask._unpin_mmap_threshold() is False
+    finally:
+        deq_dask._unpin_mmap_threshold.cache_clear()

@@ -312,16 +312,21 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3g} GiB"
 
 
-def check_output_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+def check_output_fits(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, working: torch.dtype | None = None
+) -> None:
     """Raise :class:`OutputTooLargeError` if a tensor of ``shape`` cannot fit on ``device``.
 
     Called before any allocation, so that an impossible request fails at once with a
-    clear message instead of swapping the machine or killing the process.
+    clear message instead of swapping the machine or killing the process. ``working``: the
+    result is computed in that dtype first and then converted (both are held at once).
     """
     elements = 1
     for size in shape:
         elements *= int(size)
     needed = elements * torch.empty((), dtype=dtype).element_size()
+    if working is not None:
+        needed += elements * torch.empty((), dtype=working).element_size()
     if needed <= SMALL_OUTPUT_BYTES:
         return  # asking the system costs more than such a matrix
     free = available_memory(device)

@@ -65,7 +65,39 @@ def solve(
         out = _ntk(act, derivative, pairs, w_b, ov_b)
     else:
         out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
+        if outer:
+            same = _repeated_points(x1, x2, symmetric)
+            if same is not None:
+                # A pair of equal inputs is the diagonal's pair: its exact value (the pair solvers
+                # reach it only to the conditioning of the dual at correlation 1, which for erf at
+                # large variance left a 2x2 matrix of duplicates with an eigenvalue of -2e-12 of
+                # its entries). The gradient stays the pair solver's.
+                exact = (ov_b * d1.unsqueeze(-1)) if output == "nngp" else q1.unsqueeze(-1)
+                out, exact = torch.broadcast_tensors(out, exact)
+                out = torch.where(same, out + (exact - out).detach(), out)
     return out.expand(*batch, x1.shape[-2], *((x2.shape[-2],) if outer else ()))
+
+
+def _repeated_points(x1: Tensor, x2: Tensor, symmetric: bool) -> Tensor | None:
+    """``(n, m)`` mask of the pairs of equal rows, off the diagonal of a symmetric matrix; ``None`` if there are none.
+
+    For unbatched inputs only. A projection on a fixed direction, sorted, finds candidate
+    repeats in O(n log n); only then are the rows compared exactly.
+    """
+    if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] * x2.shape[0] == 0:
+        return None
+    direction = torch.linspace(1.0, 2.0, x1.shape[-1], dtype=x1.dtype, device=x1.device)
+    direction = direction * torch.linspace(-1.0, 1.0, x1.shape[-1], dtype=x1.dtype, device=x1.device).exp()
+    points = x1.detach() if symmetric else torch.cat([x1.detach(), x2.detach()])
+    keys = (points @ direction).sort().values
+    if not bool((keys[1:] == keys[:-1]).any()):
+        return None
+    _, group = torch.unique(points, dim=0, return_inverse=True)
+    g1, g2 = (group, group) if symmetric else (group[: x1.shape[0]], group[x1.shape[0] :])
+    same = g1.unsqueeze(-1) == g2.unsqueeze(-2)
+    if symmetric:
+        same.fill_diagonal_(False)  # the diagonal is exact already
+    return same if bool(same.any()) else None
 
 
 def _pair_output(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
