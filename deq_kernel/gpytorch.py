@@ -45,6 +45,7 @@ __all__ = [
     "ExactPosterior",
     "FitResult",
     "FitWarning",
+    "NonFiniteHyperparameterError",
     "fit_exact_gp",
 ]
 
@@ -307,17 +308,34 @@ class DEQKernel(Kernel):
                 f"DEQKernel was built with ard_num_dims={self.ard_num_dims}, got inputs with "
                 f"{x1.shape[-1]} features (after active_dims)"
             )
+        w, iv, b = self.weight_variance, self.input_variance, self.bias_variance
+        if not all(bool(torch.isfinite(t).all()) for t in (w, iv, b)):
+            raise NonFiniteHyperparameterError(
+                f"DEQKernel's hyperparameters must be finite: weight_variance={_describe(w.detach())}, "
+                f"input_variance={_describe(iv.detach())}, bias_variance={_describe(b.detach())} "
+                "(an optimiser step left the range; with BoTorch's fit_gpytorch_mll the fit restarts from the priors)"
+            )
         # Parameters are (*batch, 1) and (*batch, 1, d); the core wants (*batch) and (*batch, d).
         return equilibrium_covariance(
             x1,
             None if _same_points(x1, x2) else x2,
             activation=self.activation,
-            weight_variance=self.weight_variance.squeeze(-1),
-            input_variance=self.input_variance.squeeze(-2),
-            bias_variance=self.bias_variance.squeeze(-1),
+            weight_variance=w.squeeze(-1),
+            input_variance=iv.squeeze(-2),
+            bias_variance=b.squeeze(-1),
             diag=diag,
             output=self.kernel,
         )
+
+
+class NonFiniteHyperparameterError(ValueError, NotPSDError):
+    """A kernel hyperparameter is NaN or infinite (typically after a failed optimiser step).
+
+    A ``ValueError`` (the kernel cannot be evaluated at these arguments) and linear_operator's
+    ``NotPSDError``, the numerical failure that GPyTorch's and BoTorch's fitting routines
+    (``fit_gpytorch_mll``, :func:`fit_exact_gp`) catch: they retry or back off instead of
+    stopping the whole optimisation loop.
+    """
 
 
 _NO_LAST_DIM_IS_BATCH = (

@@ -706,3 +706,35 @@ def test_the_cholesky_marginal_likelihood_refuses_second_derivatives():
                 torch.autograd.grad(mll(model(x), y), raw, create_graph=True)
         else:
             assert torch.isfinite(torch.autograd.grad(grad.sum(), raw)[0]).all()
+
+
+def test_non_finite_hyperparameters_raise_an_error_fitting_routines_catch():
+    # An optimiser step that left the range (NaN raw parameters) raised a plain ValueError,
+    # which BoTorch's fit_gpytorch_mll does not catch: the whole BO loop died. It is now also
+    # linear_operator's NotPSDError, the numerical failure the fitting routines retry on.
+    from deq_kernel.gpytorch import NonFiniteHyperparameterError
+
+    kernel = DEQKernel().double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    for name in ("raw_weight_variance", "raw_input_variance", "raw_bias_variance"):
+        clone = pickle.loads(pickle.dumps(kernel))
+        with torch.no_grad():
+            getattr(clone, name).fill_(float("nan"))
+        for error in (NonFiniteHyperparameterError, ValueError, NotPSDError):
+            with pytest.raises(error, match="hyperparameters must be finite"):
+                clone(x).to_dense()
+    # fit_exact_gp reads it as a failed point and keeps the best one seen.
+    y = torch.sin(x[:, 0])
+    model = ExactGPModel(x, y, GaussianLikelihood()).double()
+    calls = {"n": 0}
+    forward = DEQKernel.forward
+
+    def sometimes_nan(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise NonFiniteHyperparameterError("hyperparameters must be finite (simulated)")
+        return forward(self, *args, **kwargs)
+
+    with unittest.mock.patch.object(DEQKernel, "forward", sometimes_nan):
+        result = fit_exact_gp(model, max_iter=10)
+    assert math.isfinite(result.log_marginal_likelihood) and calls["n"] > 3
