@@ -354,3 +354,28 @@ def test_the_allocator_of_the_users_own_process_is_never_changed(monkeypatch):
         assert deq_dask._unpin_mmap_threshold() is False
     finally:
         deq_dask._unpin_mmap_threshold.cache_clear()
+
+
+def test_threaded_schedulers_give_the_serial_predictions(data, regressor):
+    # Dask's threaded scheduler (8 threads) and a distributed worker with 4 threads: each block
+    # is predicted on its own thread, at the same time as the others.
+    X, _ = data
+    X_new = np.random.default_rng(2).normal(size=(800, 5))
+    Xd = da.from_array(X_new, chunks=(100, 5))
+    expected_mean, expected_std = regressor.predict(X_new, return_std=True)
+    mean, std = deq_dask.predict(regressor, Xd, return_std=True)
+    threaded = da.compute(mean, std, scheduler="threads", num_workers=8)
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None)
+    with distributed.Client(cluster) as c:
+        clustered = c.compute([mean, std], sync=True)
+    cluster.close()
+    kernel = deq_dask.kernel_matrix(Xd, X)
+    for got_mean, got_std in (threaded, clustered):
+        np.testing.assert_allclose(got_mean, expected_mean, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got_std, expected_std, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        kernel.compute(scheduler="threads", num_workers=8),
+        deq_kernel.equilibrium_covariance(X_new, X).numpy(),
+        rtol=0,
+        atol=1e-12,
+    )
