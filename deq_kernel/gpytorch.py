@@ -296,13 +296,28 @@ class DEQKernel(Kernel):
     ) -> Any:
         if last_dim_is_batch:  # refused here, before GPyTorch defers the evaluation
             raise ValueError(_NO_LAST_DIM_IS_BATCH)
+        self._check_batch(x1, x2)
         return super().__call__(x1, x2, diag=diag, **params)
+
+    def _check_batch(self, x1: Any, x2: Any) -> None:
+        """Inputs whose batch dimensions broadcast with :attr:`batch_shape` (BoTorch's commonest shape error)."""
+        for name, x in (("x1", x1), ("x2", x2)):
+            if isinstance(x, Tensor) and x.dim() >= 2:
+                try:
+                    torch.broadcast_shapes(x.shape[:-2], self.batch_shape)
+                except RuntimeError:
+                    raise ValueError(
+                        f"DEQKernel has batch_shape={tuple(self.batch_shape)}, which the batch dimensions "
+                        f"{tuple(x.shape[:-2])} of {name} (shape {tuple(x.shape)}) do not broadcast with; build "
+                        "the kernel with the training data's batch shape"
+                    ) from None
 
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor:
         if last_dim_is_batch:
             raise ValueError(_NO_LAST_DIM_IS_BATCH)
+        self._check_batch(x1, x2)
         if self.ard_num_dims is not None and x1.shape[-1] != self.ard_num_dims:
             raise ValueError(
                 f"DEQKernel was built with ard_num_dims={self.ard_num_dims}, got inputs with "

@@ -41,3 +41,11 @@ def rel_err(actual, expected) -> float:
     a = actual.detach().cpu().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
     e = expected.detach().cpu().numpy() if isinstance(expected, torch.Tensor) else np.asarray(expected)
     return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-300))
+
+
+@pytest.fixture
+def slow_selected(request):
+    """pyproject.toml promises that ``slow`` tests leave the default run; this fixture enforces it."""
+    expression = request.config.getoption("markexpr") or ""
+    if "slow" not in expression or "not slow" in expression:
+        pytest.skip("slow (a minute or more per case on 2 cores); select with -m slow")

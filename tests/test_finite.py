@@ -91,14 +91,6 @@ def test_output_marginals_are_not_gaussian_at_width_8(points):
     assert max(pvalues) < 0.01, pvalues
 
 
-@pytest.fixture
-def slow_selected(request):
-    """pyproject.toml promises that ``slow`` tests leave the default run; nothing else enforces it."""
-    expression = request.config.getoption("markexpr") or ""
-    if "slow" not in expression or "not slow" in expression:
-        pytest.skip("slow (about a minute per case on 2 cores); select with -m slow")
-
-
 @pytest.mark.slow  # the paper's size; the fast variant is the width-512, 3000-network test above
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_output_marginals_are_gaussian_at_the_papers_size(activation, slow_selected):

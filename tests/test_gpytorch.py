@@ -3,6 +3,7 @@ composition, lazy slicing, fitting, model selection, and real-data classificatio
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import unittest
@@ -738,3 +739,64 @@ def test_non_finite_hyperparameters_raise_an_error_fitting_routines_catch():
     with unittest.mock.patch.object(DEQKernel, "forward", sometimes_nan):
         result = fit_exact_gp(model, max_iter=10)
     assert math.isfinite(result.log_marginal_likelihood) and calls["n"] > 3
+
+
+def test_botorch_batched_models_fantasies_and_shape_errors():
+    pytest.importorskip("botorch", reason="BoTorch is an optional extra (pip install 'deq-kernel[botorch]')")
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.sampling import SobolQMCNormalSampler
+
+    torch.manual_seed(0)
+    X = torch.rand(3, 10, 2, dtype=torch.float64)
+    Y = X.sum(-1, keepdim=True)
+    batch = torch.Size([3])
+    covar = ScaleKernel(DEQKernel(ard_num_dims=2, batch_shape=batch), batch_shape=batch)
+    gp = SingleTaskGP(X, Y, covar_module=covar)
+    fit_gpytorch_mll(gpytorch.mlls.ExactMarginalLogLikelihood(gp.likelihood, gp))
+    test = torch.rand(3, 4, 2, dtype=torch.float64)
+    assert gp.posterior(test).mean.shape == (3, 4, 1)
+    fantasy = gp.fantasize(torch.rand(3, 2, 2, dtype=torch.float64), sampler=SobolQMCNormalSampler(torch.Size([4])))
+    assert fantasy.posterior(test).mean.shape == (4, 3, 4, 1)
+    two = SingleTaskGP(X[0], torch.cat([Y[0], -Y[0]], -1), covar_module=ScaleKernel(DEQKernel(ard_num_dims=2)))
+    assert two.posterior(test[0]).mean.shape == (4, 2)
+    with pytest.raises(ValueError, match="ard_num_dims=3, got inputs with 2 features"):
+        SingleTaskGP(X[0], Y[0], covar_module=ScaleKernel(DEQKernel(ard_num_dims=3))).posterior(test[0]).mean
+    with pytest.raises(ValueError, match=r"batch_shape=\(5,\), which the batch dimensions \(3,\) of x1"):
+        DEQKernel(batch_shape=torch.Size([5])).double()(X).to_dense()
+
+
+_QUADRATURE = ("tanh", "sigmoid", "softplus", "silu")
+#: Raw values from -1e3 to 1e3 reach both ends of every constraint (variances at 0, the weight
+#: variance at its upper constraint): where BO fits were seen to end up.
+_RAW_FULL = (-1e3, -30.0, 0.0, 30.0, 1e3)
+
+
+@pytest.mark.parametrize(
+    ("activation", "raws"),
+    [(a, _RAW_FULL) for a in deq_kernel.ACTIVATIONS if a not in _QUADRATURE]
+    + [(a, (-1e3, 0.0)) for a in _QUADRATURE]
+    # The quadrature activations at large variances (raw 30 and 1e3: input variances of 30 and
+    # 1000) take 40-110 s each on 2 cores: the long run only.
+    + [pytest.param(a, _RAW_FULL, marks=pytest.mark.slow, id=f"{a}-full") for a in _QUADRATURE],
+)
+def test_marginal_likelihood_and_gradient_are_finite_across_the_constrained_range(activation, raws, request):
+    if raws is _RAW_FULL and activation in _QUADRATURE:
+        request.getfixturevalue("slow_selected")
+    torch.manual_seed(0)
+    x = torch.rand(12, 3, dtype=torch.float64)
+    y = torch.sin(6 * x[:, 0]) + x[:, 1]
+    names = ("raw_weight_variance", "raw_input_variance", "raw_bias_variance")
+    for ard, raw, which in itertools.product((False, True), raws, (*names, "all")):
+        likelihood = GaussianLikelihood().double()
+        model = ExactGPModel(x, y, likelihood, activation=activation, ard=ard).double()
+        base = model.covar_module.base_kernel
+        with torch.no_grad():
+            for name in names if which == "all" else (which,):
+                getattr(base, name).fill_(raw)
+        model.train()
+        loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+        loss.backward()
+        case = (activation, ard, raw, which)
+        assert math.isfinite(loss.item()), case
+        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None), case
