@@ -800,3 +800,25 @@ def test_marginal_likelihood_and_gradient_are_finite_across_the_constrained_rang
         case = (activation, ard, raw, which)
         assert math.isfinite(loss.item()), case
         assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None), case
+
+
+def test_lbfgs_out_of_evaluations_is_not_reported_converged(monkeypatch):
+    # L-BFGS stops below max_iter both when it meets its tolerances and when its evaluation
+    # budget runs out; only the first is convergence.
+    original = torch.optim.LBFGS
+
+    class Starved(original):
+        def __init__(self, params, **options):
+            super().__init__(params, **{**options, "max_eval": 4})
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 2, dtype=torch.float64)
+    y = torch.sin(2 * x[:, 0])
+    model = ExactGPModel(x, y, GaussianLikelihood()).double()
+    monkeypatch.setattr(torch.optim, "LBFGS", Starved)
+    result = fit_exact_gp(model, max_iter=50)
+    assert result.n_iter < 50 and result.n_evaluations <= 5
+    assert not result.converged
+    monkeypatch.setattr(torch.optim, "LBFGS", original)
+    model = ExactGPModel(x, y, GaussianLikelihood()).double()
+    assert fit_exact_gp(model, max_iter=200, tol=1e-4).converged  # tolerances met: converged
