@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .activations import Activation, get_activation
+from .activations.registry import check_keywords
 from .equilibrium.backend import check_output_fits
 from .equilibrium.plan import OUTPUTS, as_hyper, as_input, batch_shape, check_hypers
 from .equilibrium.solve import solve
@@ -28,6 +29,10 @@ from .equilibrium.solve import solve
 __all__ = ["OUTPUTS", "equilibrium_covariance"]
 
 ArrayLike = Any
+
+
+#: equilibrium_covariance's own keyword arguments (for the message about a misspelled one).
+_ARGUMENTS = ("activation", "weight_variance", "input_variance", "bias_variance", "output_variance", "diag", "output")
 
 
 def equilibrium_covariance(
@@ -106,6 +111,8 @@ def equilibrium_covariance(
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
     if not isinstance(diag, bool):
         raise TypeError(f"diag must be a bool, got {diag!r}")
+    if activation_kwargs:
+        check_keywords(activation_kwargs, activation, where="equilibrium_covariance", own=_ARGUMENTS)
     act = get_activation(activation, **activation_kwargs)
 
     x1 = as_input(x1, "x1")

@@ -11,6 +11,7 @@ share.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 import warnings
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from ._autograd import first_derivatives_only
 from .activations import Activation, get_activation
+from .activations.registry import check_keywords
 from .equilibrium.newton import ConvergenceError
 from .functional import equilibrium_covariance
 
@@ -178,6 +180,10 @@ class DEQKernel(Kernel):
         if ard_num_dims is not None and ard_num_dims < 1:
             raise ValueError(f"ard_num_dims must be a positive integer or None, got {ard_num_dims!r}")
         super().__init__(ard_num_dims=ard_num_dims, batch_shape=batch_shape, active_dims=active_dims)
+        if activation_kwargs:
+            own = tuple(inspect.signature(DEQKernel.__init__).parameters)[1:-1]
+            hints = {name: f"set it after construction: kernel.{name} = value" for name in _HYPERPARAMETERS}
+            check_keywords(activation_kwargs, activation, where="DEQKernel", own=own, hints=hints)
         self._activation_spec = (activation, dict(activation_kwargs))
         self._activation = get_activation(activation, **activation_kwargs)
         if kernel not in KERNELS:
@@ -352,6 +358,9 @@ class NonFiniteHyperparameterError(ValueError, NotPSDError):
     stopping the whole optimisation loop.
     """
 
+
+#: DEQKernel's hyperparameters (attributes, not constructor arguments).
+_HYPERPARAMETERS = ("weight_variance", "input_variance", "bias_variance")
 
 _NO_LAST_DIM_IS_BATCH = (
     "DEQKernel does not support last_dim_is_batch=True: the equilibrium couples all input "

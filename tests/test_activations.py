@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -239,7 +240,9 @@ def test_unknown_activation_lists_valid_names():
 
 
 def test_bad_activation_options():
-    with pytest.raises(TypeError, match="invalid options for activation 'relu'"):
+    with pytest.raises(
+        TypeError, match="unexpected keyword argument 'negative_slope'; activation 'relu' takes no options"
+    ):
         get_activation("relu", negative_slope=0.1)
     with pytest.raises(TypeError, match="negative_slope must be a real number"):
         get_activation("leaky_relu", negative_slope="0.1")
@@ -264,3 +267,46 @@ def test_gelu_hand_derivative_matches_autograd():
     ref_value, ref_slope = Gelu().pair_dual((q1,), (q2,), rho)
     assert torch.equal(value, ref_value)
     assert torch.allclose(slope, ref_slope, rtol=1e-9, atol=0)
+
+
+def test_a_misspelled_keyword_is_named_with_the_closest_valid_one():
+    import deq_kernel
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    cases = [
+        (
+            lambda: deq_kernel.equilibrium_covariance(x, weight_varience=0.5),
+            "'weight_varience' (did you mean 'weight_variance'?)",
+        ),
+        (
+            lambda: deq_kernel.equilibrium_covariance(x, activation="leaky_relu", negative_slop=0.1),
+            "did you mean 'negative_slope'?",
+        ),
+        (
+            lambda: deq_kernel.equilibrium_covariance(x, activation=torch.tanh, derivativ=None),
+            "did you mean 'derivative'?",
+        ),
+        (
+            lambda: deq_kernel.DEQKernel("relu", weight_variance=1.5),
+            "set it after construction: kernel.weight_variance = value",
+        ),
+        (lambda: deq_kernel.DEQKernel("relu", ard_num_dim=3), "did you mean 'ard_num_dims'?"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=re.escape(message)) as info:
+            call()
+        assert "<lambda>" not in str(info.value) and "_make_named" not in str(info.value)
+
+
+def test_an_unsuitable_callable_is_refused_when_given():
+    x = torch.randn(3, 2, dtype=torch.float64)
+    from deq_kernel import equilibrium_covariance
+
+    with pytest.raises(TypeError, match=r"differentiable by torch autograd: write it with torch operations"):
+        equilibrium_covariance(x, activation=np.tanh, weight_variance=0.3)
+    with pytest.raises(ValueError, match="use activation='step'"):
+        equilibrium_covariance(x, activation=torch.sign, weight_variance=0.3)
+    with pytest.raises(TypeError, match="must act elementwise"):
+        equilibrium_covariance(x, activation=lambda t: t - t.mean(), weight_variance=0.3)
+    # A smooth torch function is accepted as before.
+    assert equilibrium_covariance(x, activation=torch.nn.functional.softsign, weight_variance=0.3).shape == (3, 3)

@@ -102,6 +102,32 @@ class QuadratureActivation(Activation):
             raise TypeError(f"activation callable {self.name!r} must return a tensor of its input's shape")
         if not bool(torch.isfinite(out).all()):
             raise ValueError(f"activation callable {self.name!r} returned non-finite values")
+        pointwise = torch.cat([self.fn(probe[i : i + 1]) for i in range(len(probe))])
+        if not torch.allclose(pointwise, out, rtol=1e-12, atol=1e-12):
+            raise TypeError(
+                f"activation callable {self.name!r} must act elementwise: its value at a point depends on the others"
+            )
+        if self._derivative is not None:
+            return
+        # Derivatives come from autograd: the function must be written with torch operations.
+        needs = probe.clone().requires_grad_(True)
+        try:
+            traced = self.fn(needs)
+            ok = isinstance(traced, Tensor) and traced.requires_grad
+            slope = torch.autograd.grad(traced.sum(), needs, allow_unused=True)[0] if ok else None
+        except Exception:  # e.g. numpy functions: "Can't call numpy() on Tensor that requires grad"
+            ok, slope = False, None
+        if not ok:
+            raise TypeError(
+                f"activation callable {self.name!r} must be differentiable by torch autograd: write it with torch "
+                "operations (torch.tanh, not numpy.tanh), or pass derivative= and second_derivative="
+            )
+        if slope is None or not bool((slope != 0).any()):
+            raise ValueError(
+                f"activation callable {self.name!r} has a zero derivative everywhere it was probed: a sign- or "
+                "step-like function has no smooth dual here; use activation='step' (the Heaviside step, whose dual is "
+                "in closed form)"
+            )
 
     # -- the function and its derivatives ------------------------------------------------
     def __call__(self, x: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -129,12 +131,60 @@ _CACHE: OrderedDict[tuple[Any, ...], Activation] = OrderedDict()
 _LOCK = threading.Lock()
 
 
+def activation_options(activation: str | Activation | Callable[[Tensor], Tensor]) -> tuple[str, ...]:
+    """The keyword options ``activation`` accepts in :func:`get_activation` (``()`` for an Activation instance)."""
+    if isinstance(activation, Activation):
+        return ()
+    if isinstance(activation, str):
+        factory = _FACTORIES.get(activation.lower())
+        if factory is None:
+            return ()
+        params = inspect.signature(factory).parameters.values()
+    else:
+        params = list(inspect.signature(QuadratureActivation.__init__).parameters.values())[2:]  # self, fn
+    return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def check_keywords(
+    kwargs: dict[str, Any],
+    activation: Any,
+    *,
+    where: str,
+    own: tuple[str, ...] = (),
+    hints: dict[str, str] | None = None,
+) -> None:
+    """Raise a ``TypeError`` for a keyword that neither ``where`` (its ``own`` arguments) nor the activation takes.
+
+    The message names the argument, lists what is accepted and suggests the closest name
+    (a misspelled ``weight_varience`` used to be reported as an option the activation lacks,
+    with an internal function's name).
+    """
+    options = activation_options(activation)
+    unknown = [name for name in kwargs if name not in options]
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, [*own, *options], n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if hints and name in hints:
+        hint = f" ({hints[name]})"
+    label = activation if isinstance(activation, str) else getattr(activation, "__name__", "the callable")
+    takes = ", ".join(options) if options else "no options"
+    arguments = f"its arguments are {', '.join(own)}; " if own else ""
+    raise TypeError(
+        f"{where} got an unexpected keyword argument {name!r}{hint}; {arguments}activation {label!r} takes {takes}"
+    )
+
+
 def get_activation(activation: str | Activation | Callable[[Tensor], Tensor] = "relu", **kwargs: Any) -> Activation:
     """Resolve ``activation`` (a name, an :class:`Activation`, or a callable) to an Activation.
 
     Keyword arguments are the activation's options (``negative_slope`` for
     ``leaky_relu``; those of :class:`QuadratureActivation` for a callable).
     """
+    if (isinstance(activation, str) and activation.lower() in _FACTORIES) or callable(activation):
+        if not isinstance(activation, Activation):
+            check_keywords(kwargs, activation, where="get_activation")
     if isinstance(activation, Activation):
         if kwargs:
             raise TypeError(f"activation options {sorted(kwargs)} cannot be applied to an Activation instance")
