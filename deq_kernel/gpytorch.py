@@ -287,6 +287,12 @@ class DEQKernel(Kernel):
     def is_stationary(self) -> bool:
         return False
 
+    def extra_repr(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self._activation_spec[1].items())
+        tangent = "" if self.kernel == "nngp" else f", kernel={self.kernel!r}"
+        ard = "" if self.ard_num_dims is None else f", ard_num_dims={self.ard_num_dims}"
+        return f"activation={self.activation.name!r}{options}{tangent}{ard}"
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__().copy()
         if isinstance(self._activation_spec[0], str):

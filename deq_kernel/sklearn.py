@@ -14,6 +14,7 @@ Two ways in, as scikit-learn users already know them:
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import warnings
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from .gpytorch import (
     ExactPosterior,
     FitResult,
     FitWarning,
+    _GaussianLogDensity,
     fit_exact_gp,
 )
 from .variational import SVGPModel, fit_svgp, predict_latent
@@ -845,6 +847,78 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
             return mean, variance.cpu().numpy() * self._y_scale**2
         return mean
 
+    def sample_y(self, X: Any, n_samples: int = 1, random_state: Any = 0) -> np.ndarray:
+        """Draw observations from the predictive distribution at ``X``, as scikit-learn's GP regressor does.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples_X, n_features)
+        n_samples : int, default 1
+        random_state : int, RandomState instance or None, default 0
+
+        Returns
+        -------
+        ndarray of shape (n_samples_X, n_samples)
+        """
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        rng = check_random_state(random_state)
+        mean, cov = self.predict(X, return_cov=True)
+        return rng.multivariate_normal(mean, cov, int(n_samples)).T
+
+    def log_marginal_likelihood(
+        self, theta: Any = None, eval_gradient: bool = False, clone_kernel: bool = True
+    ) -> float | tuple[float, np.ndarray]:
+        """The log marginal likelihood of the training targets, as scikit-learn's GP regressor has it.
+
+        ``theta=None`` gives the fitted value, :attr:`log_marginal_likelihood_value_`.
+        Otherwise ``theta`` is a point of :attr:`kernel_`'s log-hyperparameter space (its
+        ``theta``: output variance, bias, input and weight variances, noise), and the value
+        is computed exactly there (Cholesky; targets normalised as in the fit, the fitted
+        constant mean kept), with its gradient in ``theta`` when ``eval_gradient``.
+        ``clone_kernel`` is accepted for compatibility: the fitted model is never changed.
+        """
+        check_is_fitted(self)
+        if theta is None:
+            if eval_gradient:
+                raise ValueError("gradient can only be evaluated for theta not None")
+            return self.log_marginal_likelihood_value_
+        if isinstance(self.model_, SVGPModel):
+            raise ValueError("log_marginal_likelihood(theta) needs the exact method (method='exact')")
+        theta = np.asarray(theta, dtype=np.float64)
+        if theta.shape != self.kernel_.theta.shape:
+            raise ValueError(f"theta must have shape {self.kernel_.theta.shape} (kernel_.theta), got {theta.shape}")
+        log = torch.tensor(theta, dtype=torch.float64, requires_grad=bool(eval_gradient))
+        free = [h for h in self.kernel_.hyperparameters if not h.fixed]
+        chunks = torch.exp(log).split([h.n_elements for h in free])
+        values = {h.name.rsplit("__", 1)[-1]: chunk for h, chunk in zip(free, chunks, strict=True)}
+        fixed = self.kernel_.get_params()
+        for h in self.kernel_.hyperparameters:
+            if h.fixed:
+                values[h.name.rsplit("__", 1)[-1]] = torch.as_tensor(np.atleast_1d(fixed[h.name]), dtype=torch.float64)
+        x = self.model_.train_inputs[0]
+        base = self.model_.covar_module.base_kernel
+        k = equilibrium_covariance(
+            x,
+            activation=base.activation,
+            weight_variance=values["weight_variance"].reshape(()),
+            input_variance=values["input_variance"]
+            if values["input_variance"].numel() > 1
+            else values["input_variance"].reshape(()),
+            bias_variance=values["bias_variance"].reshape(()),
+            output=base.kernel,
+        )
+        cov = values["constant_value"].reshape(()) * k + values["noise_level"].reshape(()) * torch.eye(
+            len(x), dtype=k.dtype
+        )
+        with torch.no_grad():
+            mean = self.model_.mean_module(x)
+        value = _GaussianLogDensity.apply(cov, self.model_.train_targets - mean)
+        if not eval_gradient:
+            return float(value.detach())
+        (grad,) = torch.autograd.grad(value, log)
+        return float(value.detach()), grad.numpy()
+
 
 class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
     r"""Gaussian-process classification with the kernel of an infinitely wide deep equilibrium model.
@@ -1095,6 +1169,20 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
             p = torch.special.ndtr(mean / torch.sqrt(1.0 + variance))
             return torch.stack([1.0 - p, p], dim=-1).cpu().numpy()
         return _expected_softmax(mean, variance, self._draws)
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """The logarithm of :meth:`predict_proba`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        with np.errstate(divide="ignore"):  # a probability of exactly 0 is -inf, as in scikit-learn
+            return np.log(self.predict_proba(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class.

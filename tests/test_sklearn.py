@@ -569,3 +569,37 @@ def test_class_probabilities_are_computed_in_blocks():
     z = torch.as_tensor(draws)[:, None, :]  # (draws, 1, classes): the definition, all at once
     direct = torch.softmax(mean + variance.sqrt() * z, dim=-1).mean(0).numpy()
     np.testing.assert_allclose(whole, direct, rtol=1e-14, atol=1e-16)
+
+
+def test_sample_y_and_log_marginal_likelihood_as_scikit_learn_has_them():
+    X, y = load_diabetes(return_X_y=True)
+    X, y = StandardScaler().fit_transform(X)[:100], y[:100]
+    reg = DEQGPRegressor(max_iter=20, random_state=0).fit(X, y)
+    theta = reg.kernel_.theta
+    assert reg.log_marginal_likelihood() == reg.log_marginal_likelihood_value_
+    # At the fitted point, the recomputed value is the fitted one; its gradient matches central differences.
+    value, grad = reg.log_marginal_likelihood(theta, eval_gradient=True)
+    assert value == pytest.approx(reg.log_marginal_likelihood_value_, rel=1e-12)
+    step = 1e-5
+    for i in range(len(theta)):
+        e = step * np.eye(len(theta))[i]
+        fd = (reg.log_marginal_likelihood(theta + e) - reg.log_marginal_likelihood(theta - e)) / (2 * step)
+        assert grad[i] == pytest.approx(fd, rel=1e-4, abs=1e-7), i
+    assert reg.log_marginal_likelihood(theta + 0.5) < value  # away from the optimum
+    with pytest.raises(ValueError, match="theta must have shape"):
+        reg.log_marginal_likelihood(theta[:2])
+    samples = reg.sample_y(X[:5], n_samples=2000, random_state=1)
+    assert samples.shape == (5, 2000)
+    mean, std = reg.predict(X[:5], return_std=True)
+    np.testing.assert_allclose(samples.mean(1), mean, atol=4 * std.max() / np.sqrt(2000))
+    np.testing.assert_allclose(samples.std(1), std, rtol=0.1)
+    np.testing.assert_array_equal(reg.sample_y(X[:5], 3, random_state=7), reg.sample_y(X[:5], 3, random_state=7))
+
+
+def test_classifier_predict_log_proba_and_kernel_repr():
+    X, y = _regression(40)
+    clf = DEQGPClassifier(max_iter=5).fit(X, y > 0)
+    np.testing.assert_allclose(np.exp(clf.predict_log_proba(X[:7])), clf.predict_proba(X[:7]), rtol=1e-14)
+    text = repr(deq_kernel.DEQKernel("erf", kernel="ntk", ard_num_dims=3))
+    assert "activation='erf', kernel='ntk', ard_num_dims=3" in text
+    assert "negative_slope=0.2" in repr(deq_kernel.DEQKernel("leaky_relu", negative_slope=0.2))
