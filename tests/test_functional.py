@@ -386,3 +386,13 @@ def test_one_default_weight_variance_everywhere(name):
     np.testing.assert_allclose(DEQ(name)(x.numpy()), explicit.numpy(), rtol=1e-12)
     initial = DEQGPRegressor(name)._initial_values(None, 2)["weight_variance"]
     assert initial == pytest.approx(expected, rel=1e-15)
+
+
+def test_integer_inputs_become_float64_whether_tensors_or_lists():
+    # Integer tensors used to become the default dtype (float32) while integer lists became float64.
+    rows = [[1, 2], [3, -1], [0, 4]]
+    from_list = equilibrium_covariance(rows)
+    from_tensor = equilibrium_covariance(torch.tensor(rows))
+    assert from_list.dtype == from_tensor.dtype == torch.float64
+    torch.testing.assert_close(from_tensor, from_list, rtol=0, atol=0)
+    assert equilibrium_covariance(torch.tensor(rows, dtype=torch.float32)).dtype == torch.float32

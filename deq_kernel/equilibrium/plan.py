@@ -143,13 +143,17 @@ ArrayLike = Any
 
 
 def as_input(x: ArrayLike, name: str, like: Tensor | None = None) -> Tensor:
-    """``x`` as a float32 or float64 tensor of shape ``(..., n, d)``, finite, on ``like``'s device."""
+    """``x`` as a float32 or float64 tensor of shape ``(..., n, d)``, finite, on ``like``'s device.
+
+    Floating tensors keep their dtype; everything else (integer or boolean tensors, lists,
+    numpy arrays other than float32) becomes float64: one rule for tensors and array-likes.
+    """
     if isinstance(x, Tensor):
         t = x
         if t.dtype in (torch.float16, torch.bfloat16) or t.is_complex():
             raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
         if not t.is_floating_point():
-            t = t.to(torch.get_default_dtype())
+            t = t.to(torch.float64)
     else:
         try:
             arr = np.asarray(x)
