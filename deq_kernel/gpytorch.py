@@ -340,7 +340,8 @@ class DEQKernel(Kernel):
             raise NonFiniteHyperparameterError(
                 f"DEQKernel's hyperparameters must be finite: weight_variance={_describe(w.detach())}, "
                 f"input_variance={_describe(iv.detach())}, bias_variance={_describe(b.detach())} "
-                "(an optimiser step left the range; with BoTorch's fit_gpytorch_mll the fit restarts from the priors)"
+                "(an optimiser step left the range; fitting routines such as BoTorch's fit_gpytorch_mll catch this "
+                "error and retry)"
             )
         # Parameters are (*batch, 1) and (*batch, 1, d); the core wants (*batch) and (*batch, d).
         return equilibrium_covariance(
