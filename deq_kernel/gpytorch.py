@@ -37,6 +37,7 @@ from .activations import Activation, get_activation
 from .activations.registry import check_keywords
 from .equilibrium.newton import ConvergenceError
 from .functional import equilibrium_covariance
+from .settings import positive_int
 
 __all__ = [
     "KERNELS",
@@ -529,29 +530,29 @@ class ExactPosterior:
         """
         if want not in ("var", "cov"):
             raise ValueError(f"want must be 'var' or 'cov', got {want!r}")
-        model = self.model
-        train = model.train_inputs[0]
+        covar = self.model.covar_module
         with torch.no_grad():
             if want == "cov":
-                cross = model.covar_module(x, train).to_dense()
-                v = torch.linalg.solve_triangular(self.chol, cross.mT, upper=False)
-                mean = model.mean_module(x) + (cross @ self.alpha).squeeze(-1)
-                cov = model.covar_module(x).to_dense() - v.mT @ v
+                mean, v = self._conditioned(x)
+                cov = covar(x).to_dense() - v.mT @ v
                 if noise is not None:
                     cov = cov + torch.diag_embed(torch.as_tensor(noise, dtype=cov.dtype).expand(cov.shape[:-1]))
                 return mean, cov
             means, variances = [], []
             for start in range(0, x.shape[-2], self.BLOCK):
                 xb = x[..., start : start + self.BLOCK, :]
-                cross = model.covar_module(xb, train).to_dense()
-                v = torch.linalg.solve_triangular(self.chol, cross.mT, upper=False)
-                means.append(model.mean_module(xb) + (cross @ self.alpha).squeeze(-1))
-                prior = model.covar_module(xb, diag=True)
-                variances.append((prior - (v * v).sum(-2)).clamp_min(0.0))
+                mean, v = self._conditioned(xb)
+                means.append(mean)
+                variances.append((covar(xb, diag=True) - (v * v).sum(-2)).clamp_min(0.0))
             mean, var = torch.cat(means, -1), torch.cat(variances, -1)
-            if noise is not None:
-                var = var + noise
-            return mean, var
+            return mean, var if noise is None else var + noise
+
+    def _conditioned(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior mean at ``x`` and ``V = L^{-1} K_{x*}``, from which its covariance follows."""
+        model = self.model
+        cross = model.covar_module(x, model.train_inputs[0]).to_dense()
+        v = torch.linalg.solve_triangular(self.chol, cross.mT, upper=False)
+        return model.mean_module(x) + (cross @ self.alpha).squeeze(-1), v
 
 
 class _GaussianLogDensity(torch.autograd.Function):
@@ -686,8 +687,8 @@ def fit_exact_gp(
     """
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    max_iter = _positive_int(max_iter, "max_iter")
-    patience = _positive_int(patience, "patience")
+    max_iter = positive_int("max_iter", max_iter)
+    patience = positive_int("patience", patience)
     tol = _real(tol, "tol", minimum=0.0)
     if learning_rate is None:
         learning_rate = 1.0 if optimizer == "lbfgs" else 0.1
@@ -797,12 +798,6 @@ def fit_exact_gp(
         converged=converged,
         history=history,
     )
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _real(value: Any, name: str, minimum: float | None = None) -> float:

@@ -50,7 +50,8 @@ class _Setting:
         self._local.stack.pop()
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int``: any integer (numpy's too) of at least 1, else a ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -67,7 +68,7 @@ class max_iterations(_Setting):
 
     @classmethod
     def _validate(cls, value: Any) -> int:
-        return _positive_int("max_iterations", value)
+        return positive_int("max_iterations", value)
 
 
 class tolerance_factor(_Setting):
@@ -136,7 +137,7 @@ class max_block_size(_Setting):
 
     @classmethod
     def _validate(cls, value: Any) -> int | None:
-        return None if value is None else _positive_int("max_block_size", value)
+        return None if value is None else positive_int("max_block_size", value)
 
 
 class pair_solver(_Setting):

@@ -14,7 +14,6 @@ Two ways in, as scikit-learn users already know them:
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 import warnings
 from collections.abc import Callable
@@ -437,7 +436,11 @@ class _DEQGPBase(BaseEstimator):
             ) from None
 
     def _condition(self) -> None:
-        """Set what follows from :attr:`model_`: :attr:`kernel_` and the exact posterior's factorisation."""
+        """Set what follows from :attr:`model_`: :attr:`kernel_` and the exact posterior's factorisation.
+
+        At fit time, not at the first prediction: scikit-learn's convention is that prediction
+        leaves the estimator unchanged.
+        """
         self.kernel_ = self._fitted_kernel()
         self._posterior = None if isinstance(self.model_, SVGPModel) else ExactPosterior(self.model_)
 
@@ -827,19 +830,18 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         X = validate_data(self, X, reset=False, dtype=np.float64)
         x = self._to_tensor(X)
         noise = None if latent else self.model_.likelihood.noise.detach().reshape(())
-        if isinstance(self.model_, SVGPModel) and not return_cov:
+        if not isinstance(self.model_, SVGPModel):
+            mean, variance = _posterior(self).predict(x, want="cov" if return_cov else "var", noise=noise)
+        elif not return_cov:
             mean, variance = predict_latent(self.model_, x, batch_size=self.batch_size)
             if noise is not None:
                 variance = variance + noise
         else:
-            if isinstance(self.model_, SVGPModel):
-                with torch.no_grad():
-                    posterior = self.model_(x)
-                    mean, variance = posterior.mean, posterior.covariance_matrix
-                if noise is not None:
-                    variance = variance + noise * torch.eye(len(X), dtype=variance.dtype, device=variance.device)
-            else:
-                mean, variance = _posterior(self).predict(x, want="cov" if return_cov else "var", noise=noise)
+            with torch.no_grad():
+                posterior = self.model_(x)
+                mean, variance = posterior.mean, posterior.covariance_matrix
+            if noise is not None:
+                variance = variance + noise * torch.eye(len(X), dtype=variance.dtype, device=variance.device)
         mean = mean.cpu().numpy() * self._y_scale + self._y_mean
         if return_std:
             return mean, variance.clamp_min(0.0).sqrt().cpu().numpy() * self._y_scale
@@ -860,11 +862,10 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         -------
         ndarray of shape (n_samples_X, n_samples)
         """
-        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        n_samples = settings.positive_int("n_samples", n_samples)
         rng = check_random_state(random_state)
         mean, cov = self.predict(X, return_cov=True)
-        return rng.multivariate_normal(mean, cov, int(n_samples)).T
+        return rng.multivariate_normal(mean, cov, n_samples).T
 
     def log_marginal_likelihood(
         self, theta: Any = None, eval_gradient: bool = False, clone_kernel: bool = True

@@ -24,7 +24,6 @@ needs nor imports.
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from .activations import Activation
 from .gpytorch import DEQKernel
+from .settings import positive_int
 
 __all__ = ["SVGPFitResult", "SVGPModel", "fit_svgp", "predict_latent"]
 
@@ -217,8 +217,8 @@ def fit_svgp(
     -------
     SVGPFitResult
     """
-    _check_int(epochs, "epochs")
-    _check_int(batch_size, "batch_size")
+    positive_int("epochs", epochs)
+    positive_int("batch_size", batch_size)
     if not (isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool) and learning_rate > 0):
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
     if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
@@ -306,7 +306,7 @@ def predict_latent(model: SVGPModel, x: Tensor, *, batch_size: int = 4096) -> tu
     mean, variance : Tensor
         Shape ``(n,)``, or ``(n, num_tasks)`` for a multitask model.
     """
-    _check_int(batch_size, "batch_size")
+    positive_int("batch_size", batch_size)
     model.eval()
     n = x.shape[0]
     shape = (n,) if model.num_tasks is None else (n, model.num_tasks)
@@ -320,11 +320,6 @@ def predict_latent(model: SVGPModel, x: Tensor, *, batch_size: int = 4096) -> tu
             mean[start : start + batch_size] = posterior.mean
             variance[start : start + batch_size] = posterior.variance.clamp_min(0.0)
     return mean, variance
-
-
-def _check_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class _progress:

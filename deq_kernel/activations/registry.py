@@ -159,6 +159,8 @@ def check_keywords(
     (a misspelled ``weight_varience`` used to be reported as an option the activation lacks,
     with an internal function's name).
     """
+    if not kwargs:  # the common case, on every kernel evaluation: no signature to read
+        return
     options = activation_options(activation)
     unknown = [name for name in kwargs if name not in options]
     if not unknown:
@@ -182,9 +184,9 @@ def get_activation(activation: str | Activation | Callable[[Tensor], Tensor] = "
     Keyword arguments are the activation's options (``negative_slope`` for
     ``leaky_relu``; those of :class:`QuadratureActivation` for a callable).
     """
-    if (isinstance(activation, str) and activation.lower() in _FACTORIES) or callable(activation):
-        if not isinstance(activation, Activation):
-            check_keywords(kwargs, activation, where="get_activation")
+    known = (isinstance(activation, str) and activation.lower() in _FACTORIES) or callable(activation)
+    if known and not isinstance(activation, Activation):
+        check_keywords(kwargs, activation, where="get_activation")
     if isinstance(activation, Activation):
         if kwargs:
             raise TypeError(f"activation options {sorted(kwargs)} cannot be applied to an Activation instance")
