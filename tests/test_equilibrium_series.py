@@ -31,10 +31,11 @@ def _spy_plans(monkeypatch):
     def spy(*args, **kwargs):
         plan = make(*args, **kwargs)
         exact = plan.exact
-        plan.handed = 0
+        plan.handed = plan.calls = 0
 
         def counted(i, *rest):
             plan.handed += i.numel()
+            plan.calls += 1
             return exact(i, *rest)
 
         plan.exact = counted
@@ -109,6 +110,24 @@ def test_gradients_match_the_general_solver(rng, monkeypatch, name, output, symm
     assert plans and (not symmetric or plans[0].handed > 0)
     for ours, general in zip(*grads, strict=True):
         assert torch.allclose(ours, general, rtol=0, atol=10 * _tol(name) * float(general.abs().max()))
+
+
+def test_backward_reuses_the_handed_pairs_of_the_forward_pass(rng, monkeypatch):
+    # The pairs handed to the general solver keep their graph from the forward pass: the
+    # backward pass does not solve them again, and a second backward pass gives the same.
+    x = torch.as_tensor(rng.normal(size=(30, 3)))
+    x[5] = x[2]
+    x.requires_grad_(True)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    plans = _spy_plans(monkeypatch)
+    k = equilibrium_covariance(x, activation="tanh", weight_variance=w, bias_variance=0.2)
+    assert plans[0].handed > 0 and plans[0].calls == 1
+    weights = torch.as_tensor(rng.normal(size=(30, 30)))
+    first = torch.autograd.grad((k * weights).sum(), [x, w], retain_graph=True)
+    second = torch.autograd.grad((k * weights).sum(), [x, w])
+    assert plans[0].calls == 1
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_compiled_blocks_agree_with_eager(rng, monkeypatch):
@@ -189,3 +208,27 @@ def test_interpolated_diagonal_matches_the_bracketed_solve(rng, name):
     assert torch.allclose(q, exact, rtol=1e-14, atol=0)
     assert torch.allclose(q, w * d + s, rtol=1e-14, atol=0)  # the fixed point itself
     assert torch.allclose(dd, act.diag_dual(q)[1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("pairs_shape", [(7,), (3, 5)])
+def test_hermite_series_power_table_agrees_with_horners_rule(rng, monkeypatch, pairs_shape):
+    # Small arrays are summed from a table of powers, large ones by Horner's rule: the same
+    # values, slopes and gradients to rounding; and the table's gradients are checked by gradcheck.
+    from deq_kernel.activations import hermite
+
+    terms = 40
+    rho = torch.as_tensor(rng.uniform(-0.99, 0.99, size=pairs_shape)).requires_grad_(True)
+    decay = np.arange(1, terms + 1, dtype=float).reshape(-1, *[1] * len(pairs_shape))
+    a1 = torch.as_tensor(rng.normal(size=(terms, *pairs_shape)) / decay).requires_grad_(True)
+    a2 = torch.as_tensor(rng.normal(size=(terms, *pairs_shape[-1:]))).requires_grad_(True)
+    results = []
+    for limit in (hermite.POWER_TABLE_ELEMENTS, 0):
+        monkeypatch.setattr(hermite, "POWER_TABLE_ELEMENTS", limit)
+        value, slope = hermite.HermiteSeries.apply(rho, a1, a2)
+        weights = torch.linspace(-1.0, 2.0, value.numel(), dtype=value.dtype).reshape(value.shape)
+        grads = torch.autograd.grad((value * weights).sum(), [rho, a1, a2])
+        results.append((value.detach(), slope, *grads))
+    for table, horner in zip(*results, strict=True):
+        assert torch.allclose(table, horner, rtol=1e-13, atol=1e-13 * float(horner.abs().max()))
+    monkeypatch.setattr(hermite, "POWER_TABLE_ELEMENTS", 1 << 16)
+    assert torch.autograd.gradcheck(lambda r, b, c: hermite.HermiteSeries.apply(r, b, c)[0], (rho, a1, a2))

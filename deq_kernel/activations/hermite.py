@@ -92,27 +92,65 @@ def hermite_expansion(fn: Callable[[Tensor], Tensor], q: Tensor, order: int, spa
     return coef, total
 
 
+#: Largest ``terms x pairs`` that :class:`HermiteSeries` evaluates from a table of powers (a few
+#: operations on one array) instead of by Horner's rule (a few operations per term): the
+#: handful of strongly correlated pairs that take hundreds of terms.
+POWER_TABLE_ELEMENTS = 1 << 16
+
+
+def _power_table(rho: Tensor, terms: int) -> Tensor:
+    """``rho ** k`` for ``k = 0..terms-1``, stacked in a new first dimension."""
+    k = torch.arange(terms, dtype=rho.dtype, device=rho.device).reshape(-1, *([1] * rho.dim()))
+    return rho.unsqueeze(0) ** k
+
+
+def _stacked(coef: Tensor, dims: int) -> Tensor:
+    """A coefficient stack ``(K+1, ...)`` whose entries broadcast against ``dims``-dimensional
+    arrays, with its per-entry dimensions aligned to theirs (size-1 dimensions prepended)."""
+    return coef.reshape(coef.shape[0], *([1] * (dims - coef.dim() + 1)), *coef.shape[1:])
+
+
 class HermiteSeries(torch.autograd.Function):
     r"""``V = sum_k A1[k] A2[k] rho^k`` (Mehler's formula) by Horner's rule, with ``dV/drho``.
 
     ``A1`` and ``A2`` are broadcast coefficient stacks ``(K+1, ...)``. The backward pass
-    recomputes powers of ``rho`` one at a time, so memory stays O(size of V) for any K.
+    recomputes powers of ``rho`` one at a time, so memory stays O(size of V) for any K;
+    arrays of at most :data:`POWER_TABLE_ELEMENTS` terms times pairs use a table of powers
+    in both directions instead (the same sums to rounding).
     """
 
     @staticmethod
     def forward(ctx: Any, rho: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
-        value, slope, _ = horner(rho, lambda k: a1[k] * a2[k], range(a1.shape[0]), 1)
-        shape = torch.broadcast_shapes(rho.shape, value.shape)
+        terms = a1.shape[0]
+        shape = torch.broadcast_shapes(rho.shape, a1.shape[1:], a2.shape[1:])
+        if terms * math.prod(shape) <= POWER_TABLE_ELEMENTS:
+            powers = _power_table(rho.expand(shape), terms)
+            coef = _stacked(a1, len(shape)) * _stacked(a2, len(shape))
+            value = (coef * powers).sum(0)
+            k = torch.arange(1, terms, dtype=rho.dtype, device=rho.device).reshape(-1, *([1] * len(shape)))
+            slope = (coef[1:] * k * powers[:-1]).sum(0) if terms > 1 else torch.zeros_like(value)
+        else:
+            powers = None
+            value, slope, _ = horner(rho, lambda k: a1[k] * a2[k], range(terms), 1)
         value, slope = value.expand(shape), slope.expand(shape)
-        ctx.save_for_backward(rho, a1, a2, slope)
+        ctx.save_for_backward(rho, a1, a2, slope, powers)
         ctx.mark_non_differentiable(slope)
         return value, slope
 
     @staticmethod
     @first_derivatives_only
     def backward(ctx: Any, grad_value: Tensor, _grad_slope: Tensor) -> tuple[Tensor | None, ...]:
-        rho, a1, a2, slope = ctx.saved_tensors
+        rho, a1, a2, slope, powers = ctx.saved_tensors
         grad_rho = grad_value * slope if ctx.needs_input_grad[0] else None
+        if powers is not None:
+            weighted = grad_value * powers
+            dims = powers.dim() - 1
+            grad_a1 = grad_a2 = None
+            if ctx.needs_input_grad[1]:
+                grad_a1 = (weighted * _stacked(a2, dims)).sum_to_size(_stacked(a1, dims).shape).reshape(a1.shape)
+            if ctx.needs_input_grad[2]:
+                grad_a2 = (weighted * _stacked(a1, dims)).sum_to_size(_stacked(a2, dims).shape).reshape(a2.shape)
+            return grad_rho.sum_to_size(rho.shape) if grad_rho is not None else None, grad_a1, grad_a2
         grad_a1 = torch.zeros_like(a1) if ctx.needs_input_grad[1] else None
         grad_a2 = torch.zeros_like(a2) if ctx.needs_input_grad[2] else None
         if grad_a1 is not None or grad_a2 is not None:

@@ -34,6 +34,7 @@ derivatives in ``q`` (:meth:`~deq_kernel.activations.Activation.hermite_slopes`)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -409,11 +410,19 @@ class _SeriesKernel(torch.autograd.Function):
                     result[cols, rows] = dest.mT
             if symmetric:
                 _symmetrise_square(result, rows)
+        ctx.exact = None
         if handed:
-            # All pairs for the general solver at once: it prepares its states per call.
+            # All pairs for the general solver at once: it prepares its states per call. Where a
+            # gradient will be asked for, its graph is kept for the backward pass (a handful of
+            # pairs), which then need not solve them again.
             gi, gj, c_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
-            exact = plan.exact(gi, gj, c_vals, q1.detach()[gi], q2.detach()[gj], w.detach(), value)
-            result[gi, gj] = exact * scale_d.reshape(())
+            keep = any(ctx.needs_input_grad[4:10])
+            with torch.enable_grad() if keep else contextlib.nullcontext():
+                leaves = tuple(t.detach().requires_grad_(keep) for t in (c_vals, q1.detach()[gi], q2.detach()[gj], w))
+                exact = plan.exact(gi, gj, *leaves, value)
+            if keep:
+                ctx.exact = (gi * m + gj, leaves, exact)
+            result[gi, gj] = exact.detach() * scale_d.reshape(())
             if symmetric:
                 result[gj, gi] = result[gi, gj]
         if diagonal is not None:
@@ -469,7 +478,9 @@ class _SeriesKernel(torch.autograd.Function):
                 _accumulate_product_grads(lam, lhs, rhs, g_lhs, g_rhs, rows, cols, two_sided)
         if handed:
             gi, gj, c_vals, g_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
-            g_c, g1, g2, gw, gs = _exact_gradient(plan, gi, gj, c_vals, q1, q2, w, g_vals, scale_d.reshape(()), value)
+            g_c, g1, g2, gw, gs = _exact_gradient(
+                plan, gi, gj, c_vals, q1, q2, w, g_vals, scale_d.reshape(()), value, ctx.exact, m
+            )
             g_q1.index_add_(0, gi, g1.unsqueeze(-1))
             g_q2.index_add_(1, gj, g2.unsqueeze(0))
             g_w += gw
@@ -519,8 +530,27 @@ def _exact_gradient(
     g: Tensor,
     scale: Tensor,
     value: bool,
+    saved: tuple[Tensor, tuple[Tensor, ...], Tensor] | None,
+    m: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by the general solver."""
+    """``(dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by the general solver.
+
+    ``saved`` is the forward pass's ``(i m + j, leaves, output)`` of the pairs it handed to the
+    general solver, with their graph: when it holds every pair asked for, one backward pass
+    through it gives their gradients (the others get a zero weight); else they are solved again.
+    """
+    if saved is not None:
+        keys, leaves, out = saved
+        wanted = i * m + j
+        order = torch.argsort(keys)
+        position = order[torch.searchsorted(keys[order], wanted).clamp_max(keys.numel() - 1)]
+        if bool((keys[position] == wanted).all()):
+            weights = torch.zeros_like(out).index_put_((position,), g * scale, accumulate=True)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(out, leaves, grad_outputs=weights, allow_unused=True, retain_graph=True)
+            grads = tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
+            picked = (grads[0][position], grads[1][position], grads[2][position])
+            return (*picked, grads[3].reshape(()), (g * out.detach()[position]).sum())
     with torch.enable_grad():
         c_ = c.detach().requires_grad_(True)
         q1_ = q1.detach()[i].requires_grad_(True)
