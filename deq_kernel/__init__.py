@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import activations, settings
 from .activations import ACTIVATIONS, Activation, get_activation
+from .convolutional import conv_equilibrium_covariance
 from .equilibrium.backend import OutputTooLargeError
 from .equilibrium.newton import ConvergenceError
 from .functional import equilibrium_covariance
@@ -24,6 +25,7 @@ __all__ = [
     "OutputTooLargeError",
     "__version__",
     "activations",
+    "conv_equilibrium_covariance",
     "equilibrium_covariance",
     "get_activation",
     "settings",

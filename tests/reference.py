@@ -169,3 +169,60 @@ def picard_kernel(
     out = k if output == "preactivation" else output_variance * dual(k)
     n1 = x1.shape[0]
     return out if x2 is None else out[:n1, n1:]
+
+
+# ----------------------------------------------------------------------- convolutional
+
+
+def conv_picard_kernel(
+    images: np.ndarray,
+    *,
+    kernel_size: int,
+    activation: str,
+    weight_variance: float,
+    input_variance: float = 1.0,
+    bias_variance: float = 0.0,
+    output_variance: float = 1.0,
+    tol: float = 1e-13,
+    max_iter: int = 5000,
+) -> np.ndarray:
+    """Flatten-readout kernel of a convolutional DEQ by plain iteration over every pixel pair.
+
+    ``images`` is ``(n, C, H, W)``. The covariance of every (image, pixel) with every (image,
+    pixel) is iterated whole, ``Sigma <- w A[V(Sigma)] + u A[<x_p, x'_p'> / C] + b``, with
+    ``A`` the patch average shifting both pixels by the same offset (zero outside the grid)
+    and ``V`` the closed-form dual, until the largest change is below ``tol`` times its
+    largest entry; the kernel is the output variance times the pixel average of the
+    same-pixel duals.
+    """
+    n, c, h, w = images.shape
+    r = kernel_size // 2
+
+    def average(m: np.ndarray) -> np.ndarray:  # m: (n, H, W, n, H, W)
+        pad = [(0, 0), (r, r), (r, r), (0, 0), (r, r), (r, r)]
+        mp = np.pad(m, pad)
+        out = np.zeros_like(m)
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                out += mp[:, r + dy : r + dy + h, r + dx : r + dx + w, :, r + dy : r + dy + h, r + dx : r + dx + w]
+        return out / kernel_size**2
+
+    gram = np.einsum("acyx,bcuv->ayxbuv", images, images) / c
+    s = input_variance * average(gram) + bias_variance
+    sigma = s.copy()
+    for _ in range(max_iter):
+        flat = sigma.reshape(n * h * w, n * h * w)
+        var = np.diag(flat)
+        dual = closed_form_dual(activation, var[:, None], var[None, :], flat).reshape(sigma.shape)
+        new = weight_variance * average(dual) + s
+        change = np.abs(new - sigma).max()
+        sigma = new
+        if change <= tol * np.abs(sigma).max():
+            break
+    else:
+        raise RuntimeError("the convolutional Picard iteration did not converge")
+    flat = sigma.reshape(n * h * w, n * h * w)
+    var = np.diag(flat)
+    dual = closed_form_dual(activation, var[:, None], var[None, :], flat).reshape(sigma.shape)
+    same = np.einsum("ayxbyx->ab", dual) / (h * w)
+    return output_variance * same

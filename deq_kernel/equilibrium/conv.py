@@ -1,0 +1,329 @@
+r"""Convolutional equilibrium kernels: the pixel fixed points of an infinitely wide convolutional DEQ.
+
+Images have ``C`` channels on an ``H x W`` grid (``P = H W`` pixels). ``A`` is the ``k x k`` patch
+average with zeros outside the grid, :math:`(A m)(p) = k^{-2} \sum_\delta m(p + \delta)` on a
+vector of pixels. The equilibrium pre-activation covariance between pixel ``p`` of an image
+``x`` and pixel ``p'`` of an image ``x'`` (:mod:`deq_kernel.convolutional` states the model)
+satisfies
+
+.. math:: \Sigma = w\,A[E\,\phi(u)\phi(v)] + \sigma_u^2 A[\langle x_p, x'_{p'}\rangle / C] + \sigma_b^2,
+
+and ``A`` keeps the offset ``p' - p``. The entries at equal pixels (offset 0) therefore form a
+closed system of ``P`` unknowns per pair of images, which is all the ``"flatten"`` readout reads:
+
+* per image, its variances :math:`q(p) = \Sigma_{xx}(p, p)`:
+  :math:`q = w A[D(q)] + s`, :math:`s = \sigma_u^2 A[|x_p|^2 / C] + \sigma_b^2`, solved by Newton's
+  method with the ``P x P`` Jacobian :math:`I - w A\,\mathrm{diag}(D'(q))` (one small linear
+  system per image and step) under the stopping rule of :mod:`.newton`;
+* per pair of images, the covariances :math:`c(p) = \Sigma_{xx'}(p, p)`:
+  :math:`c = w A[V(q_x, q_{x'}, c)] + s_{xx'}`, solved by the fixed-point iteration. It is a
+  contraction: the map's Jacobian :math:`w A\,\mathrm{diag}(V_c)` has infinity norm at most
+  :math:`w \sup |V_c| \le w / \text{bound} < 1`, because ``A``'s rows are non-negative and sum
+  to at most 1 and :math:`|V_c| = |E\,\phi'(u)\phi'(v)| \le \sup_q E\,\phi'(\sqrt q Z)^2`
+  (Cauchy-Schwarz), so the iteration converges geometrically from any start. It stops when
+  a step is at the rounding level of the map's terms (:func:`.newton.tolerance`), or raises
+  :class:`~.newton.ConvergenceError`.
+
+Pairs are solved in square tiles of images, whose size bounds the memory
+(:data:`TILE_ELEMENTS`); a symmetric matrix is computed on and above its diagonal
+and mirrored. Gradients are the implicit function theorem's: the adjoint of each pair tile,
+:math:`\lambda = g + J^\top \lambda`, is solved by the same (contracting) iteration and the
+adjoint of the variances by the transposed linear systems; one vector-Jacobian product of the
+map then gives the gradients of the inputs and hyperparameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import settings
+from .._autograd import first_derivatives_only
+from ..activations import Activation, safe_sqrt
+from .newton import tolerance, unconverged
+
+__all__ = ["conv_flatten_kernel", "patch_average"]
+
+
+def patch_average(m: Tensor, kernel_size: int) -> Tensor:
+    """``A m``: the ``k x k`` average of ``m`` (``(..., H, W)``) around each pixel, zeros outside the grid."""
+    shape = m.shape
+    flat = m.reshape(-1, 1, shape[-2], shape[-1])
+    out = F.avg_pool2d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    return out.reshape(shape)
+
+
+def _pair_value(act: Activation, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
+    """``V(q1, q2, c) = E[phi(u) phi(v)]`` at covariance ``c``, differentiable in ``q1``, ``q2`` and ``c``.
+
+    The activations' duals take the correlation and are differentiable in the variances at a
+    fixed correlation; the correlation's own derivative is ``V_c sqrt(q1 q2)`` (Price's theorem).
+    """
+    root = safe_sqrt(q1 * q2)
+    rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0)
+    fixed = rho.detach().clamp(-1.0, 1.0)
+    st1, st2 = act.prepare(q1, q2)
+    value, slope = act.pair_dual(st1, st2, fixed)
+    return value + (slope * root).detach() * (rho - rho.detach())
+
+
+class _Equilibrium(torch.autograd.Function):
+    """``z* = f(z*, *params)`` as a function of ``params``: ``solve`` finds it, the backward pass is implicit.
+
+    ``adjoint(out, z, grad, *params)`` returns the solution ``lambda`` of
+    ``lambda = grad + J^T lambda``, ``J`` the Jacobian of ``out = f(z, *params)`` in ``z`` (a
+    graph built at the fixed point).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, f: Callable[..., Tensor], solve: Callable[..., Tensor], adjoint: Callable, *params: Tensor
+    ) -> Tensor:
+        z = solve(*params)
+        ctx.f, ctx.adjoint = f, adjoint
+        ctx.save_for_backward(z, *params)
+        return z
+
+    @staticmethod
+    @first_derivatives_only
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        z, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            z_ = z.detach().requires_grad_(True)
+            leaves = [p.detach().requires_grad_(bool(n)) for p, n in zip(params, needs, strict=True)]
+            out = ctx.f(z_, *leaves)
+            lam = ctx.adjoint(out, z_, grad, *leaves)
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            found = torch.autograd.grad(out, wanted, lam, allow_unused=True) if wanted else ()
+        it = iter(found)
+        grads = [next(it) if leaf.requires_grad else None for leaf in leaves]
+        return (None, None, None, *grads)
+
+
+#: Past steps that Anderson mixing combines (see :func:`_anderson`): on the digits' pairs two
+#: took as few iterations as three to twelve, each cheaper.
+ANDERSON_MEMORY = 2
+
+
+def _anderson(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], z: Tensor, what: str) -> Tensor:
+    """The fixed point of ``step`` by Jacobi-preconditioned Anderson mixing, problem by problem.
+
+    ``step(z)`` returns the map's value ``F(z)``, the size of its terms (for the stopping rule)
+    and the diagonal of its Jacobian ``d``. The iteration is that of the map
+    ``G(z) = z + (F(z) - z) / (1 - d)``, each unknown's own Newton step, a contraction
+    whenever ``F`` is one (its Jacobian is the off-diagonal part of ``F``'s over ``1 - d``),
+    and exact when the unknowns decouple (``kernel_size=1``). Each problem (a row of
+    ``z.reshape(len(z), -1)``) extrapolates from its last :data:`ANDERSON_MEMORY` steps:
+    ``z <- G_k - dG gamma``, where ``gamma`` fits the latest step ``g_k = G_k - z_k`` by the
+    differences of consecutive steps (least squares, with a small ridge). It stops when
+    every entry of ``F(z) - z`` is at the rounding level of the map's terms
+    (:func:`.newton.tolerance` relative to the size ``step`` gives), and returns ``F`` of the
+    last iterate; else it raises :class:`~.newton.ConvergenceError` after
+    ``settings.max_iterations`` steps. Where a problem's step grows past ten times its smallest, its
+    extrapolation is replaced by the plain step of ``G``.
+    """
+    tol = tolerance(z.dtype)
+    max_iter = settings.max_iterations.value()
+    tiny = torch.finfo(z.dtype).tiny
+    batch = z.shape[0]
+    flat = z.reshape(batch, -1)
+    dfs: list[Tensor] = []
+    dgs: list[Tensor] = []
+    previous: tuple[Tensor, Tensor] | None = None
+    best = None
+    worst = math.inf
+    for _ in range(max_iter):
+        new, size, slope = step(flat.reshape(z.shape))
+        residual = new.reshape(batch, -1) - flat
+        worst = float((residual.abs() / size.reshape(batch, -1).clamp_min(tiny)).amax()) if flat.numel() else 0.0
+        if worst <= tol:
+            return new
+        g = residual / (1.0 - slope.reshape(batch, -1))  # the Newton step of each unknown alone
+        f = flat + g
+        norm = g.norm(dim=-1)
+        best = norm if best is None else torch.minimum(best, norm)
+        if previous is not None:
+            dfs.append(f - previous[0])
+            dgs.append(g - previous[1])
+            if len(dgs) > ANDERSON_MEMORY:
+                dfs.pop(0)
+                dgs.pop(0)
+        previous = (f, g)
+        if not dgs:
+            flat = f
+            continue
+        gram = torch.stack([torch.stack([(u * v).sum(-1) for v in dgs], -1) for u in dgs], -2)
+        ridge = 1e-12 * gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(tiny)
+        gram = gram + ridge.reshape(-1, 1, 1) * torch.eye(len(dgs), dtype=z.dtype, device=z.device)
+        rhs = torch.stack([(u * g).sum(-1) for u in dgs], -1)
+        gamma = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
+        mixed = f
+        for k, df in enumerate(dfs):
+            mixed = mixed - gamma[:, k : k + 1] * df
+        keep = (norm <= 10.0 * best) & torch.isfinite(mixed).all(-1)
+        flat = torch.where(keep.unsqueeze(-1), mixed, f)
+    raise unconverged(what, worst, tol, max_iter, measure="relative step")
+
+
+def _solve_variances(act: Activation, s: Tensor, w: Tensor, kernel_size: int) -> Tensor:
+    """The images' variances ``q = w A[D(q)] + s`` (``s``: ``(n, H, W)``), by Newton's method, without a graph."""
+    n, h, wd = s.shape
+    pixels = h * wd
+    eye = torch.eye(pixels, dtype=s.dtype, device=s.device)
+    average = patch_average(eye.reshape(pixels, h, wd), kernel_size).reshape(pixels, pixels).T  # (A m) = average @ m
+    tol = tolerance(s.dtype)
+    max_iter = settings.max_iterations.value()
+    q = s.clone()
+    worst = math.inf
+    for _ in range(max_iter + 1):
+        d, dd = act.diag_dual(q)
+        mapped = w * patch_average(d, kernel_size)
+        r = q - mapped - s
+        size = q.abs() + mapped.abs() + s.abs()
+        worst = float((r.abs() / size.clamp_min(torch.finfo(s.dtype).tiny)).amax()) if q.numel() else 0.0
+        jac = eye - w * average * dd.reshape(n, 1, pixels)
+        step = torch.linalg.solve(jac, r.reshape(n, pixels, 1)).reshape(n, h, wd)
+        q = torch.maximum(q - step, s)  # q >= s: D >= 0
+        if worst <= tol:
+            return q  # one more Newton step, as every solver takes
+    raise unconverged("image variance", worst, tol, max_iter)
+
+
+def image_variances(act: Activation, s: Tensor, w: Tensor, kernel_size: int) -> Tensor:
+    """``q = w A[D(q)] + s`` per image, differentiable in ``s`` and ``w`` (implicit function theorem)."""
+
+    def f(q: Tensor, s_: Tensor, w_: Tensor) -> Tensor:
+        d, dd = act.diag_dual(q)
+        d = d.detach() + dd.detach() * (q - q.detach())  # first derivatives, from D'
+        return w_ * patch_average(d, kernel_size) + s_
+
+    def adjoint(out: Tensor, q: Tensor, grad: Tensor, *_: Tensor) -> Tensor:
+        # lambda = grad + J^T lambda with J = w A diag(D'): the transposed Newton systems.
+        n, h, wd = q.shape
+        pixels = h * wd
+        eye = torch.eye(pixels, dtype=q.dtype, device=q.device)
+        rows = [
+            torch.autograd.grad(out, q, basis.expand_as(out), retain_graph=True)[0].reshape(n, pixels)
+            for basis in eye.reshape(pixels, 1, h, wd)
+        ]
+        jac = torch.stack(rows, dim=1)  # (n, pixels, pixels): row k is e_k^T J
+        lam = torch.linalg.solve((eye - jac).mT, grad.reshape(n, pixels, 1))
+        return lam.reshape(n, h, wd)
+
+    return _Equilibrium.apply(f, lambda s_, w_: _solve_variances(act, s_, w_, kernel_size), adjoint, s, w)
+
+
+def _pair_covariances(
+    act: Activation, q1: Tensor, q2: Tensor, s: Tensor, w: Tensor, kernel_size: int, same: bool
+) -> Tensor:
+    """``c = w A[V(q1, q2, c)] + s`` for a tile of pairs (``s``: ``(n, m, H, W)``), differentiable.
+
+    ``same``: the tile is on the diagonal of a symmetric matrix, and the pair of an image with
+    itself starts at its solution, ``c = q`` (where the dual is least smooth, at correlation 1).
+    """
+
+    def f(c: Tensor, q1_: Tensor, q2_: Tensor, s_: Tensor, w_: Tensor) -> Tensor:
+        return w_ * patch_average(_pair_value(act, q1_, q2_, c), kernel_size) + s_
+
+    def solve(q1_: Tensor, q2_: Tensor, s_: Tensor, w_: Tensor) -> Tensor:
+        # Without a graph: the states and 1 / sqrt(q1 q2) once, then the map alone.
+        st1, st2 = act.prepare(q1_, q2_)
+        root = safe_sqrt(q1_ * q2_)
+        inv_root = torch.where(root > 0, 1.0 / torch.where(root > 0, root, 1.0), 0.0)
+        scale = 1.0 + s_.abs()
+
+        centre = w_ / kernel_size**2  # A's diagonal: the centre of every patch is on the grid
+
+        def step(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            value, slope = act.pair_dual(st1, st2, (c * inv_root).clamp_(-1.0, 1.0))
+            mapped = patch_average(value, kernel_size).mul_(w_)
+            return mapped + s_, mapped.abs().add_(scale), slope.mul(centre)
+
+        start = s_.clone()
+        if same:
+            start.diagonal(dim1=0, dim2=1).copy_(q1_.squeeze(1).movedim(0, -1))
+        return _anderson(step, start, "pair")
+
+    def adjoint(out: Tensor, c: Tensor, grad: Tensor, q1_: Tensor, q2_: Tensor, *_: Tensor) -> Tensor:
+        # The map's Jacobian has the same diagonal in either direction: w A_pp V_c.
+        with torch.no_grad():
+            st1, st2 = act.prepare(q1_, q2_)
+            root = safe_sqrt(q1_ * q2_)
+            rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0).clamp(-1.0, 1.0)
+            diagonal = act.pair_dual(st1, st2, rho)[1] * (w.detach() / kernel_size**2)
+
+        def step(lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            back = torch.autograd.grad(out, c, lam, retain_graph=True)[0]
+            return grad + back, 1.0 + back.abs() + grad.abs(), diagonal
+
+        return _anderson(step, grad.clone(), "adjoint pair")
+
+    return _Equilibrium.apply(f, solve, adjoint, q1, q2, s, w)
+
+
+#: Pixel pairs per tile (``settings.max_block_size`` overrides it): the iteration holds about
+#: a dozen arrays of a tile, which should stay near the cache.
+TILE_ELEMENTS = 1 << 16
+
+
+def conv_flatten_kernel(
+    act: Activation,
+    x1: Tensor,
+    x2: Tensor | None,
+    w: Tensor,
+    iv: Tensor,
+    b: Tensor,
+    ov: Tensor,
+    kernel_size: int,
+) -> Tensor:
+    """The flatten-readout NNGP kernel of images ``(n, C, H, W)`` and ``(m, C, H, W)`` (``x2=None``: ``x1``)."""
+    symmetric = x2 is None
+    x2 = x1 if symmetric else x2
+    channels = x1.shape[1]
+    s1 = iv * patch_average((x1 * x1).sum(1) / channels, kernel_size) + b
+    q1 = image_variances(act, s1, w, kernel_size)
+    if symmetric:
+        q2 = q1
+    else:
+        s2 = iv * patch_average((x2 * x2).sum(1) / channels, kernel_size) + b
+        q2 = image_variances(act, s2, w, kernel_size)
+    n, m = x1.shape[0], x2.shape[0]
+    pixels = x1.shape[-2] * x1.shape[-1]
+    budget = settings.max_block_size.value() or TILE_ELEMENTS
+    side = max(1, math.isqrt(max(1, budget // pixels)))
+    starts1, starts2 = range(0, n, side), range(0, m, side)
+    tiles: dict[tuple[int, int], Tensor] = {}
+    for i in starts1:
+        for j in starts2:
+            if symmetric and j < i:
+                continue
+            a, bb = x1[i : i + side], x2[j : j + side]
+            gram = torch.einsum("ichw,jchw->ijhw", a, bb) / channels
+            s12 = iv * patch_average(gram, kernel_size) + b
+            qa, qb = q1[i : i + side].unsqueeze(1), q2[j : j + side].unsqueeze(0)
+            c = _pair_covariances(act, qa, qb, s12, w, kernel_size, symmetric and i == j)
+            tiles[i, j] = ov * _pair_value(act, qa, qb, c).mean((-2, -1))
+    rows = []
+    for i in starts1:
+        row = []
+        for j in starts2:
+            if symmetric and j < i:
+                row.append(tiles[j, i].mT)
+            elif symmetric and j == i:
+                t = tiles[i, j]
+                row.append(t.triu() + t.triu(1).mT)
+            else:
+                row.append(tiles[i, j])
+        rows.append(torch.cat(row, dim=1))
+    out = torch.cat(rows, dim=0)
+    if symmetric:
+        # The pair of an image with itself is its own variance: V = D(q) exactly.
+        diagonal = ov * act.diag_dual(q1)[0].mean((-2, -1))
+        out = out - torch.diag_embed(out.diagonal()) + torch.diag_embed(diagonal)
+    return out

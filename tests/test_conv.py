@@ -1,0 +1,210 @@
+"""The convolutional DEQ kernel (flatten readout): against an independent recursion over every
+pixel pair, the fully connected kernel (kernel_size=1), finite convolutional DEQs, gradients
+and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import conv_picard_kernel
+
+from deq_kernel import ConvergenceError, conv_equilibrium_covariance, equilibrium_covariance, settings
+from deq_kernel.equilibrium import conv
+
+HYPERS = dict(input_variance=1.3, bias_variance=0.2, output_variance=0.7)
+
+
+@pytest.fixture
+def images(rng):
+    return rng.normal(size=(3, 2, 4, 5))
+
+
+@pytest.mark.parametrize(("activation", "weight_variance"), [("relu", 1.0), ("erf", 0.5), ("relu", 1.9)])
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_matches_plain_iteration_over_every_pixel_pair(images, activation, weight_variance, kernel_size):
+    # relu at 1.9 is near its bound (2): the plain iteration's rate is about 0.95 there.
+    ref = conv_picard_kernel(
+        images, kernel_size=kernel_size, activation=activation, weight_variance=weight_variance, tol=1e-15, **HYPERS
+    )
+    ours = conv_equilibrium_covariance(
+        images, kernel_size=kernel_size, activation=activation, weight_variance=weight_variance, **HYPERS
+    )
+    assert ours.dtype == torch.float64
+    assert np.allclose(ours.numpy(), ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+    assert torch.equal(ours, ours.mT)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_kernel_size_one_is_the_fully_connected_kernel_averaged_over_pixels(rng, activation):
+    x = torch.as_tensor(rng.normal(size=(4, 3, 3, 2)))
+    w = 0.8 if activation == "relu" else 0.4
+    ours = conv_equilibrium_covariance(x, kernel_size=1, activation=activation, weight_variance=w, **HYPERS)
+    pixels = x.permute(2, 3, 0, 1).reshape(6, 4, 3)  # (pixel, image, channel)
+    fc = equilibrium_covariance(pixels, activation=activation, weight_variance=w, **HYPERS).mean(0)
+    assert torch.allclose(ours, fc, rtol=0, atol=1e-12 * float(fc.abs().max()))
+
+
+def test_cross_matrix_is_the_block_of_the_joint_matrix_and_layouts_agree(rng):
+    x = torch.as_tensor(rng.normal(size=(4, 2, 3, 3)))
+    z = torch.as_tensor(rng.normal(size=(2, 2, 3, 3)))
+    joint = conv_equilibrium_covariance(torch.cat([x, z]), **HYPERS)
+    cross = conv_equilibrium_covariance(x, z, **HYPERS)
+    assert torch.allclose(cross, joint[:4, 4:], rtol=0, atol=1e-14)
+    flat = conv_equilibrium_covariance(x.reshape(4, -1), z.reshape(2, -1), image_shape=(2, 3, 3), **HYPERS)
+    assert torch.equal(flat, cross)
+    one = torch.as_tensor(rng.normal(size=(3, 1, 3, 4)))
+    both = conv_equilibrium_covariance(one.reshape(3, -1), image_shape=(3, 4), **HYPERS)
+    assert torch.equal(both, conv_equilibrium_covariance(one, **HYPERS))
+
+
+def test_tiles_do_not_change_the_matrix(rng):
+    x = torch.as_tensor(rng.normal(size=(7, 1, 4, 4)))
+    whole = conv_equilibrium_covariance(x, **HYPERS)
+    with settings.max_block_size(3 * 3 * 16):  # tiles of 3 x 3 images
+        tiled = conv_equilibrium_covariance(x, **HYPERS)
+    assert torch.allclose(tiled, whole, rtol=0, atol=1e-14)
+    assert torch.equal(tiled, tiled.mT)
+
+
+def test_the_diagonal_is_the_images_own_variance(rng):
+    # k(x, x) = output_variance * mean_p D(q(p)): for relu D(q) = q / 2, with q the solution
+    # of the linear system q = (w / 2) A q + s.
+    x = torch.as_tensor(rng.normal(size=(2, 1, 3, 3)))
+    k = conv_equilibrium_covariance(x, weight_variance=1.2, **HYPERS)
+    average = conv.patch_average(torch.eye(9, dtype=torch.float64).reshape(9, 3, 3), 3).reshape(9, 9).T
+    s = 1.3 * conv.patch_average((x * x).sum(1), 3).reshape(2, 9) + 0.2
+    q = torch.linalg.solve(torch.eye(9, dtype=torch.float64) - 0.6 * average, s.T).T
+    assert torch.allclose(k.diagonal(), 0.7 * (q / 2).mean(-1), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "erf", "tanh"])
+def test_gradients_are_the_implicit_function_theorems(rng, activation):
+    x = torch.as_tensor(rng.normal(size=(3, 1, 3, 3))).requires_grad_(True)
+    z = torch.as_tensor(rng.normal(size=(2, 1, 3, 3))).requires_grad_(True)
+    hypers = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.5, 1.2, 0.3, 0.8)]
+
+    def kernel(x, z, w, iv, b, ov):
+        return conv_equilibrium_covariance(
+            x, z, activation=activation, weight_variance=w, input_variance=iv, bias_variance=b, output_variance=ov
+        )
+
+    assert torch.autograd.gradcheck(kernel, (x, z, *hypers))
+    symmetric = lambda x, w, b: kernel(x, None, w, hypers[1], b, hypers[3])  # noqa: E731
+    assert torch.autograd.gradcheck(symmetric, (x, hypers[0], hypers[2]))
+
+
+def test_gradients_near_the_weight_variance_bound(rng):
+    # relu at weight_variance 1.9 (bound 2): the adjoint iteration contracts at about 0.95.
+    x = torch.as_tensor(rng.normal(size=(2, 1, 3, 3))).requires_grad_(True)
+    w = torch.tensor(1.9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: conv_equilibrium_covariance(x, weight_variance=w, **HYPERS), (x, w))
+
+
+def _finite_network_kernels(x: torch.Tensor, width: int, networks: int, kernel_size: int, gen) -> torch.Tensor:
+    """Flatten-readout covariances of finite weight-tied convolutional relu DEQs, one per network."""
+    n, c = x.shape[:2]
+    w, u, b = 0.5, HYPERS["input_variance"], HYPERS["bias_variance"]
+    pad = kernel_size // 2
+    out = []
+    for _ in range(networks):
+        weights = torch.randn(width, width, kernel_size, kernel_size, generator=gen, dtype=x.dtype)
+        weights *= math.sqrt(w / (width * kernel_size**2))
+        inputs = torch.randn(width, c, kernel_size, kernel_size, generator=gen, dtype=x.dtype)
+        inputs *= math.sqrt(u / (c * kernel_size**2))
+        bias = torch.randn(width, generator=gen, dtype=x.dtype) * math.sqrt(b)
+        drive = F.conv2d(x, inputs, padding=pad) + bias.reshape(1, -1, 1, 1)
+        h = torch.zeros(n, width, *x.shape[2:], dtype=x.dtype)
+        for _ in range(500):
+            new = torch.relu(F.conv2d(h, weights, padding=pad) + drive)
+            done = bool((new - h).abs().max() < 1e-12)
+            h = new
+            if done:
+                break
+        else:
+            raise AssertionError("the finite network's fixed point was not reached")
+        features = h.reshape(n, -1)
+        out.append(features @ features.T / features.shape[1])
+    return torch.stack(out)
+
+
+def test_finite_convolutional_deqs_approach_the_kernel(rng):
+    # The readout's covariance averaged over random networks: within its Monte Carlo error of
+    # the kernel at width 128, and its spread across networks falls with width (like
+    # width^-1/2; weight sharing across pixels keeps it large at small width).
+    x = torch.as_tensor(rng.normal(size=(2, 1, 4, 4)))
+    kernel = conv_equilibrium_covariance(x, weight_variance=0.5, **{**HYPERS, "output_variance": 1.0})
+    gen = torch.Generator().manual_seed(0)
+    narrow = _finite_network_kernels(x, 16, 60, 3, gen)
+    wide = _finite_network_kernels(x, 128, 60, 3, gen)
+    z = (wide.mean(0) - kernel) / (wide.std(0) / math.sqrt(len(wide)))
+    assert float(z.abs().max()) < 4.5
+    assert float((wide.std(0) / kernel).max()) < 0.6 * float((narrow.std(0) / kernel).max())
+
+
+def test_float32_images_are_solved_in_float64(rng):
+    x = rng.normal(size=(3, 1, 3, 3))
+    k64 = conv_equilibrium_covariance(x, **HYPERS)
+    k32 = conv_equilibrium_covariance(torch.as_tensor(x, dtype=torch.float32), **HYPERS)
+    assert k32.dtype == torch.float32
+    assert torch.allclose(k32.double(), k64, rtol=1e-6, atol=0)
+
+
+def test_an_iteration_cap_too_low_raises(images):
+    with settings.max_iterations(3), pytest.raises(ConvergenceError, match="pair fixed point did not converge"):
+        conv_equilibrium_covariance(images, activation="erf", **HYPERS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(kernel_size=2), ValueError, "kernel_size must be a positive odd integer, got 2"),
+        (dict(kernel_size=0), ValueError, "kernel_size must be a positive odd integer"),
+        (dict(kernel_size=-3), ValueError, "kernel_size must be a positive odd integer"),
+        (dict(kernel_size=True), ValueError, "kernel_size must be a positive odd integer"),
+        (dict(kernel_size=3.0), ValueError, "kernel_size must be a positive odd integer"),
+        (dict(readout="max"), ValueError, "readout must be one of 'flatten', got 'max'"),
+        (dict(output="ntk"), ValueError, "output must be 'nngp' for the convolutional kernel"),
+        (dict(image_shape=(2, 4, 4)), ValueError, r"x1 has images of shape \(2, 4, 5\), but image_shape is"),
+        (dict(image_shape=(2, 0, 5)), ValueError, "image_shape must be"),
+        (dict(image_shape=5), TypeError, "image_shape must be a tuple"),
+        (dict(weight_variance=2.5), ValueError, "weight_variance must be < 2"),
+        (dict(bias_variance=-1.0), ValueError, "bias_variance must be finite and non-negative"),
+        (dict(input_variance=[1.0, 2.0]), ValueError, "input_variance must be a scalar for the convolutional kernel"),
+        (dict(negative_slop=0.1), TypeError, "negative_slop"),
+    ],
+)
+def test_bad_arguments_are_named(images, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        conv_equilibrium_covariance(images, **kwargs)
+
+
+def test_flat_rows_need_a_matching_image_shape(images):
+    flat = images.reshape(3, -1)
+    with pytest.raises(ValueError, match=r"pass image_shape=\(C, H, W\) or \(H, W\)"):
+        conv_equilibrium_covariance(flat)
+    with pytest.raises(ValueError, match="image_shape \\(1, 4, 4\\) has 16 values per image, but x1 has 40 features"):
+        conv_equilibrium_covariance(flat, image_shape=(4, 4))
+    with pytest.raises(ValueError, match="x2 has images of shape"):
+        conv_equilibrium_covariance(images, images[:, :1])
+    with pytest.raises(ValueError, match="x1 must be images"):
+        conv_equilibrium_covariance(images[0])
+
+
+def test_threads_get_the_serial_result(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.as_tensor(rng.normal(size=(5, 1, 3, 3)))
+    serial = conv_equilibrium_covariance(x, activation="erf", **HYPERS)
+
+    def run(factor: float) -> torch.Tensor:
+        with settings.max_block_size(9 * 4):  # each thread its own setting: tiles of 2 x 2 images
+            return conv_equilibrium_covariance(x, activation="erf", **HYPERS) * factor
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, [1.0] * 8))
+    for out in results:
+        assert torch.allclose(out, serial, rtol=0, atol=1e-14)
