@@ -63,6 +63,7 @@ _ARGUMENTS = (
     "bias_variance",
     "output_variance",
     "output",
+    "diag",
 )
 
 
@@ -79,6 +80,7 @@ def conv_equilibrium_covariance(
     bias_variance: float | Tensor = 0.0,
     output_variance: float | Tensor = 1.0,
     output: str = "nngp",
+    diag: bool = False,
     **activation_kwargs: Any,
 ) -> Tensor:
     r"""Kernel of an infinitely wide convolutional deep equilibrium model (see the module docstring).
@@ -103,13 +105,15 @@ def conv_equilibrium_covariance(
         point of the model a contraction; its default is half the bound.
     output : {"nngp"}
         The output kernel.
+    diag : bool
+        Return only ``k(x1_i, x2_i)``, shape ``(n,)``, in O(n).
     **activation_kwargs
         Activation options, e.g. ``negative_slope`` for ``leaky_relu``.
 
     Returns
     -------
     Tensor
-        Shape ``(n, m)``, differentiable in the images and every variance (implicit function
+        Shape ``(n, m)`` (``(n,)`` with ``diag``), differentiable in the images and every variance (implicit function
         theorem).
 
     Raises
@@ -133,6 +137,8 @@ def conv_equilibrium_covariance(
         raise ValueError(f"output must be 'nngp' for the convolutional kernel, got {output!r}")
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
+    if not isinstance(diag, bool):
+        raise TypeError(f"diag must be a bool, got {diag!r}")
     if activation_kwargs:
         check_keywords(activation_kwargs, activation, where="conv_equilibrium_covariance", own=_ARGUMENTS)
     act = get_activation(activation, **activation_kwargs)
@@ -160,7 +166,10 @@ def conv_equilibrium_covariance(
     check_hypers(**hypers)
     act.check_weight_variance(hypers["weight_variance"])
     m = x1.shape[0] if x2 is None else x2.shape[0]
-    check_output_fits((x1.shape[0], m), x1.dtype, x1.device)
+    if diag and m != x1.shape[0]:
+        raise ValueError(f"with diag=True, x2 must have as many images as x1 ({x1.shape[0]}), got {m}")
+    if not diag:
+        check_output_fits((x1.shape[0], m), x1.dtype, x1.device)
     wide = x1.dtype == torch.float32
     if wide:
         # As for the fully connected kernel: float32 images are solved in float64.
@@ -175,6 +184,7 @@ def conv_equilibrium_covariance(
         hypers["bias_variance"],
         hypers["output_variance"],
         kernel_size,
+        diag,
     )
     return out.float() if wide else out
 

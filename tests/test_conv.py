@@ -208,3 +208,17 @@ def test_threads_get_the_serial_result(rng):
         results = list(pool.map(run, [1.0] * 8))
     for out in results:
         assert torch.allclose(out, serial, rtol=0, atol=1e-14)
+
+
+def test_diag_is_the_matrix_diagonal(rng):
+    x = torch.as_tensor(rng.normal(size=(4, 2, 3, 3)))
+    z = torch.as_tensor(rng.normal(size=(4, 2, 3, 3)))
+    for second in (None, z):
+        full = conv_equilibrium_covariance(x, second, activation="erf", **HYPERS)
+        diag = conv_equilibrium_covariance(x, second, activation="erf", diag=True, **HYPERS)
+        assert diag.shape == (4,)
+        assert torch.allclose(diag, full.diagonal(), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="with diag=True, x2 must have as many images as x1"):
+        conv_equilibrium_covariance(x, z[:2], diag=True)
+    with pytest.raises(TypeError, match="diag must be a bool"):
+        conv_equilibrium_covariance(x, diag=1)

@@ -281,8 +281,12 @@ def conv_flatten_kernel(
     b: Tensor,
     ov: Tensor,
     kernel_size: int,
+    diag: bool = False,
 ) -> Tensor:
-    """The flatten-readout NNGP kernel of images ``(n, C, H, W)`` and ``(m, C, H, W)`` (``x2=None``: ``x1``)."""
+    """The flatten-readout NNGP kernel of images ``(n, C, H, W)`` and ``(m, C, H, W)`` (``x2=None``: ``x1``).
+
+    ``diag``: only ``k(x1_i, x2_i)`` (``x2`` with as many images as ``x1``), in O(n).
+    """
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
     channels = x1.shape[1]
@@ -293,6 +297,13 @@ def conv_flatten_kernel(
     else:
         s2 = iv * patch_average((x2 * x2).sum(1) / channels, kernel_size) + b
         q2 = image_variances(act, s2, w, kernel_size)
+    if diag and symmetric:
+        # The pair of an image with itself is its own variance: V = D(q) exactly.
+        return ov * act.diag_dual(q1)[0].mean((-2, -1))
+    if diag:
+        s12 = iv * patch_average((x1 * x2).sum(1) / channels, kernel_size) + b
+        c = _pair_covariances(act, q1, q2, s12, w, kernel_size, False)
+        return ov * _pair_value(act, q1, q2, c).mean((-2, -1))
     n, m = x1.shape[0], x2.shape[0]
     pixels = x1.shape[-2] * x1.shape[-1]
     budget = settings.max_block_size.value() or TILE_ELEMENTS
