@@ -46,7 +46,7 @@ from .equilibrium.backend import check_output_fits
 from .equilibrium.conv import conv_flatten_kernel
 from .equilibrium.plan import as_hyper, as_input, check_hypers
 
-__all__ = ["READOUTS", "conv_equilibrium_covariance"]
+__all__ = ["READOUTS", "check_conv_options", "conv_equilibrium_covariance"]
 
 ArrayLike = Any
 
@@ -131,18 +131,14 @@ def conv_equilibrium_covariance(
     >>> k.shape, bool(torch.allclose(k, k.mT))
     (torch.Size([2, 2]), True)
     """
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
+    shape, kernel_size, readout = check_conv_options(image_shape, kernel_size, readout)
     if output != "nngp":
         raise ValueError(f"output must be 'nngp' for the convolutional kernel, got {output!r}")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
     if not isinstance(diag, bool):
         raise TypeError(f"diag must be a bool, got {diag!r}")
     if activation_kwargs:
         check_keywords(activation_kwargs, activation, where="conv_equilibrium_covariance", own=_ARGUMENTS)
     act = get_activation(activation, **activation_kwargs)
-    shape = _image_shape(image_shape)
     x1 = _images(x1, "x1", shape)
     symmetric = x2 is None or x2 is x1
     x2 = None if symmetric else _images(x2, "x2", tuple(x1.shape[1:]), like=x1)
@@ -189,7 +185,18 @@ def conv_equilibrium_covariance(
     return out.float() if wide else out
 
 
-def _image_shape(image_shape: Sequence[int] | None) -> tuple[int, ...] | None:
+def check_conv_options(
+    image_shape: Sequence[int] | None, kernel_size: int, readout: str
+) -> tuple[tuple[int, int, int] | None, int, str]:
+    """``(image_shape as (C, H, W) or None, kernel_size, readout)``, validated, naming the bad argument."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
+    return _image_shape(image_shape), kernel_size, readout
+
+
+def _image_shape(image_shape: Sequence[int] | None) -> tuple[int, int, int] | None:
     if image_shape is None:
         return None
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import numbers
 import warnings
@@ -35,6 +36,7 @@ from torch import Tensor
 from ._autograd import first_derivatives_only
 from .activations import Activation, get_activation
 from .activations.registry import check_keywords
+from .convolutional import check_conv_options, conv_equilibrium_covariance
 from .equilibrium.newton import ConvergenceError
 from .functional import equilibrium_covariance
 from .settings import positive_int
@@ -43,6 +45,7 @@ __all__ = [
     "KERNELS",
     "WEIGHT_VARIANCE_MARGIN",
     "CholeskyMarginalLogLikelihood",
+    "ConvDEQKernel",
     "DEQKernel",
     "ExactGPModel",
     "ExactPosterior",
@@ -336,14 +339,7 @@ class DEQKernel(Kernel):
                 f"DEQKernel was built with ard_num_dims={self.ard_num_dims}, got inputs with "
                 f"{x1.shape[-1]} features (after active_dims)"
             )
-        w, iv, b = self.weight_variance, self.input_variance, self.bias_variance
-        if not all(bool(torch.isfinite(t).all()) for t in (w, iv, b)):
-            raise NonFiniteHyperparameterError(
-                f"DEQKernel's hyperparameters must be finite: weight_variance={_describe(w.detach())}, "
-                f"input_variance={_describe(iv.detach())}, bias_variance={_describe(b.detach())} "
-                "(an optimiser step left the range; fitting routines such as BoTorch's fit_gpytorch_mll catch this "
-                "error and retry)"
-            )
+        w, iv, b = self._finite_hyperparameters()
         # Parameters are (*batch, 1) and (*batch, 1, d); the core wants (*batch) and (*batch, d).
         return equilibrium_covariance(
             x1,
@@ -355,6 +351,114 @@ class DEQKernel(Kernel):
             diag=diag,
             output=self.kernel,
         )
+
+    def _finite_hyperparameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(weight_variance, input_variance, bias_variance)``, or :class:`NonFiniteHyperparameterError`."""
+        w, iv, b = self.weight_variance, self.input_variance, self.bias_variance
+        if not all(bool(torch.isfinite(t).all()) for t in (w, iv, b)):
+            raise NonFiniteHyperparameterError(
+                f"{type(self).__name__}'s hyperparameters must be finite: weight_variance={_describe(w.detach())}, "
+                f"input_variance={_describe(iv.detach())}, bias_variance={_describe(b.detach())} "
+                "(an optimiser step left the range; fitting routines such as BoTorch's fit_gpytorch_mll catch this "
+                "error and retry)"
+            )
+        return w, iv, b
+
+
+class ConvDEQKernel(DEQKernel):
+    r"""The kernel of an infinitely wide convolutional DEQ (flatten readout), for GPyTorch.
+
+    The model and its limit are those of :func:`deq_kernel.conv_equilibrium_covariance`:
+    :math:`h^* = \phi(W \ast h^* + U \ast x + b)` with ``kernel_size x kernel_size``
+    convolutions and a linear readout of every channel at every pixel. Inputs are images as
+    flat rows, ``(..., n, C*H*W)`` (``images.reshape(n, -1)``), of shape ``image_shape``. The
+    hyperparameters are :class:`DEQKernel`'s, with one input variance (no ARD) and no output
+    scale (wrap it in :class:`gpytorch.kernels.ScaleKernel`); batches of inputs or of
+    hyperparameters are computed entry by entry.
+
+    Parameters
+    ----------
+    activation : str, Activation or callable, default "relu"
+        As for :class:`DEQKernel`.
+    image_shape : (C, H, W) or (H, W)
+        The shape of one image; ``(H, W)`` means one channel.
+    kernel_size : int, default 3
+        The convolutions' size, odd and positive.
+    readout : {"flatten"}, default "flatten"
+    **kwargs
+        :class:`DEQKernel`'s other arguments (``batch_shape``, ``active_dims``, priors,
+        constraints, activation options); ``kernel`` must be ``"nngp"``, ``ard_num_dims`` ``None``.
+
+    Examples
+    --------
+    >>> import torch, gpytorch
+    >>> from deq_kernel.gpytorch import ConvDEQKernel
+    >>> covar_module = gpytorch.kernels.ScaleKernel(ConvDEQKernel("relu", image_shape=(4, 4)))
+    >>> x = torch.rand(6, 16, dtype=torch.float64)
+    >>> covar_module.double()(x).shape
+    torch.Size([6, 6])
+    """
+
+    def __init__(
+        self,
+        activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
+        *,
+        image_shape: tuple[int, ...],
+        kernel_size: int = 3,
+        readout: str = "flatten",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("kernel", "nngp") != "nngp":
+            raise ValueError(f"ConvDEQKernel computes kernel='nngp' only, got kernel={kwargs['kernel']!r}")
+        if kwargs.get("ard_num_dims") is not None:
+            raise ValueError("ConvDEQKernel has one input variance; ard_num_dims must be None")
+        if image_shape is None:
+            raise ValueError("ConvDEQKernel needs image_shape=(C, H, W) or (H, W): its inputs are images as flat rows")
+        super().__init__(activation, **kwargs)
+        self.image_shape, self.kernel_size, self.readout = check_conv_options(image_shape, kernel_size, readout)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, image_shape={self.image_shape}, kernel_size={self.kernel_size}, "
+            f"readout={self.readout!r}"
+        )
+
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
+    ) -> Tensor:
+        if last_dim_is_batch:
+            raise ValueError(_NO_LAST_DIM_IS_BATCH)
+        self._check_batch(x1, x2)
+        w, iv, b = self._finite_hyperparameters()
+        same = _same_points(x1, x2)
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
+        options = dict(image_shape=self.image_shape, kernel_size=self.kernel_size, readout=self.readout, diag=diag)
+        if not batch:
+            return conv_equilibrium_covariance(
+                x1,
+                None if same else x2,
+                activation=self.activation,
+                weight_variance=w.reshape(()),
+                input_variance=iv.reshape(()),
+                bias_variance=b.reshape(()),
+                **options,
+            )
+        entries = []
+        x1s, x2s = x1.expand(*batch, *x1.shape[-2:]), x2.expand(*batch, *x2.shape[-2:])
+        ws, ivs, bs = w.expand(*batch, 1), iv.expand(*batch, 1, 1), b.expand(*batch, 1)
+        for index in itertools.product(*(range(size) for size in batch)):
+            entries.append(
+                conv_equilibrium_covariance(
+                    x1s[index],
+                    None if same else x2s[index],
+                    activation=self.activation,
+                    weight_variance=ws[index].reshape(()),
+                    input_variance=ivs[index].reshape(()),
+                    bias_variance=bs[index].reshape(()),
+                    **options,
+                )
+            )
+        return torch.stack(entries).reshape(*batch, *entries[0].shape)
 
 
 class NonFiniteHyperparameterError(ValueError, NotPSDError):

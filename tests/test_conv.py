@@ -222,3 +222,95 @@ def test_diag_is_the_matrix_diagonal(rng):
         conv_equilibrium_covariance(x, z[:2], diag=True)
     with pytest.raises(TypeError, match="diag must be a bool"):
         conv_equilibrium_covariance(x, diag=1)
+
+
+# --------------------------------------------------------------------------- GPyTorch
+
+
+def test_gpytorch_kernel_is_the_function_on_flat_rows(rng):
+    import gpytorch
+
+    from deq_kernel.gpytorch import ConvDEQKernel
+
+    x = torch.as_tensor(rng.normal(size=(5, 2 * 3 * 3)))
+    z = torch.as_tensor(rng.normal(size=(3, 2 * 3 * 3)))
+    kernel = ConvDEQKernel("erf", image_shape=(2, 3, 3)).double()
+    kernel.weight_variance, kernel.input_variance, kernel.bias_variance = 0.4, 1.3, 0.2
+    covar = gpytorch.kernels.ScaleKernel(kernel).double()
+    covar.outputscale = 0.7
+    # The values the constraints give back (the setters round through float32 raw values).
+    hypers = dict(
+        weight_variance=float(kernel.weight_variance),
+        input_variance=float(kernel.input_variance),
+        bias_variance=float(kernel.bias_variance),
+        output_variance=float(covar.outputscale),
+    )
+    expected = conv_equilibrium_covariance(x, z, image_shape=(2, 3, 3), activation="erf", **hypers)
+    assert torch.allclose(covar(x, z).to_dense(), expected, rtol=1e-12, atol=0)
+    own = conv_equilibrium_covariance(x, image_shape=(2, 3, 3), activation="erf", **hypers)
+    assert torch.allclose(covar(x).to_dense(), own, rtol=1e-12, atol=0)
+    assert torch.allclose(covar(x, diag=True), own.diagonal(), rtol=1e-12, atol=0)
+    assert "image_shape=(2, 3, 3), kernel_size=3, readout='flatten'" in repr(kernel)
+
+
+def test_gpytorch_kernel_batches_entry_by_entry(rng):
+    from deq_kernel.gpytorch import ConvDEQKernel
+
+    x = torch.as_tensor(rng.normal(size=(2, 4, 9)))
+    kernel = ConvDEQKernel("relu", image_shape=(3, 3), batch_shape=torch.Size([2])).double()
+    kernel.weight_variance = torch.tensor([[0.5], [1.5]], dtype=torch.float64)
+    out = kernel(x).to_dense()
+    assert out.shape == (2, 4, 4)
+    for entry in range(2):
+        hypers = dict(
+            weight_variance=float(kernel.weight_variance[entry]),
+            input_variance=float(kernel.input_variance[entry]),
+            bias_variance=float(kernel.bias_variance[entry]),
+        )
+        one = conv_equilibrium_covariance(x[entry], image_shape=(3, 3), **hypers)
+        assert torch.allclose(out[entry], one, rtol=1e-12, atol=0)
+
+
+def test_gpytorch_kernel_fits_by_marginal_likelihood_and_pickles(rng):
+    import pickle
+
+    import gpytorch
+
+    from deq_kernel.gpytorch import ConvDEQKernel, ExactGPModel, fit_exact_gp
+
+    x = torch.as_tensor(rng.uniform(size=(24, 9)))
+    y = torch.sin(3 * x[:, 4]) + x.mean(-1)
+    covar = gpytorch.kernels.ScaleKernel(ConvDEQKernel("relu", image_shape=(3, 3)))
+    model = ExactGPModel(x, y, gpytorch.likelihoods.GaussianLikelihood(), covar_module=covar).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = fit_exact_gp(model, max_iter=15)
+    assert math.isfinite(result.log_marginal_likelihood)
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(), strict=True))
+    kernel = model.covar_module.base_kernel
+    again = pickle.loads(pickle.dumps(kernel))
+    assert torch.equal(again(x).to_dense(), kernel(x).to_dense())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(image_shape=(3, 3), kernel="ntk"), "ConvDEQKernel computes kernel='nngp' only"),
+        (dict(image_shape=(3, 3), ard_num_dims=9), "ConvDEQKernel has one input variance"),
+        (dict(image_shape=None), "ConvDEQKernel needs image_shape"),
+        (dict(image_shape=(3, 3), kernel_size=4), "kernel_size must be a positive odd integer"),
+        (dict(image_shape=(3, 3), readout="gap"), "readout must be one of 'flatten'"),
+    ],
+)
+def test_gpytorch_kernel_bad_arguments(kwargs, match):
+    from deq_kernel.gpytorch import ConvDEQKernel
+
+    with pytest.raises(ValueError, match=match):
+        ConvDEQKernel("relu", **kwargs)
+
+
+def test_gpytorch_kernel_names_a_feature_count_that_does_not_fit(rng):
+    from deq_kernel.gpytorch import ConvDEQKernel
+
+    kernel = ConvDEQKernel("relu", image_shape=(3, 3)).double()
+    with pytest.raises(ValueError, match=r"image_shape \(1, 3, 3\) has 9 values per image, but x1 has 8 features"):
+        kernel(torch.as_tensor(rng.normal(size=(4, 8)))).to_dense()
