@@ -10,8 +10,9 @@ convolutions are :math:`k \times k` (``k`` odd), stride 1, zero padding ("same")
     U \sim N\!\left(0, \tfrac{\sigma_u^2}{C k^2}\right),\;
     b_c \sim N(0, \sigma_b^2),
 
-read out by ``"flatten"``: :math:`f(x) = \sum_{c,p} v_{cp} h^*_{cp}`,
-:math:`v \sim N(0, \sigma_v^2 / (nP))`.
+read out by ``"flatten"``, :math:`f(x) = \sum_{c,p} v_{cp} h^*_{cp}` with
+:math:`v \sim N(0, \sigma_v^2 / (nP))`, or by global average pooling, ``"gap"``,
+:math:`f(x) = \sum_c v_c \frac1P \sum_p h^*_{cp}` with :math:`v \sim N(0, \sigma_v^2 / n)`.
 
 **The limit.** As :math:`n \to \infty` the pre-activations of a channel are jointly Gaussian
 across pixels and images. With :math:`\Sigma(p, p')` their covariance between pixel ``p`` of
@@ -27,7 +28,10 @@ point). The flatten readout's kernel is the average over pixels of the same-pixe
 .. math:: k(x, x') = \sigma_v^2 \frac1P \sum_p E[\phi(u_p)\phi(v_p)],
 
 and since ``A`` keeps the offset :math:`p' - p`, the same-pixel entries solve a closed system
-of ``P`` unknowns per pair of images (:mod:`deq_kernel.equilibrium.conv`). With
+of ``P`` unknowns per pair of images (:mod:`deq_kernel.equilibrium.conv`). The pooled
+readout's kernel averages over all pixel pairs,
+:math:`k(x, x') = \sigma_v^2 P^{-2} \sum_{p, p'} E[\phi(u_p)\phi(v_{p'})]`, and needs all
+:math:`P^2` of them: a system of :math:`P^2` unknowns per pair of images. With
 ``kernel_size=1`` every pixel is an independent fully connected DEQ of its ``C`` channels, and
 the kernel is the pixel average of :func:`~deq_kernel.equilibrium_covariance`.
 """
@@ -43,7 +47,7 @@ from torch import Tensor
 from .activations import Activation, get_activation
 from .activations.registry import check_keywords
 from .equilibrium.backend import check_output_fits
-from .equilibrium.conv import conv_flatten_kernel
+from .equilibrium.conv import conv_kernel
 from .equilibrium.plan import as_hyper, as_input, check_hypers
 
 __all__ = ["READOUTS", "check_conv_options", "conv_equilibrium_covariance"]
@@ -51,7 +55,7 @@ __all__ = ["READOUTS", "check_conv_options", "conv_equilibrium_covariance"]
 ArrayLike = Any
 
 #: The readouts :func:`conv_equilibrium_covariance` computes.
-READOUTS = ("flatten",)
+READOUTS = ("flatten", "gap")
 
 _ARGUMENTS = (
     "image_shape",
@@ -97,8 +101,9 @@ def conv_equilibrium_covariance(
         ``(H, W)`` means one channel.
     kernel_size : int
         The convolutions' size ``k``, odd and positive (3 by default).
-    readout : {"flatten"}
-        ``"flatten"``: a linear readout of every channel at every pixel.
+    readout : {"flatten", "gap"}
+        ``"flatten"``: a linear readout of every channel at every pixel; ``"gap"``: of every
+        channel's average over the pixels (``P`` times the work per pair).
     activation, weight_variance, input_variance, bias_variance, output_variance
         As for :func:`~deq_kernel.equilibrium_covariance`; the variances are scalars here.
         ``weight_variance`` must be below the activation's bound, which makes every fixed
@@ -171,7 +176,7 @@ def conv_equilibrium_covariance(
         # As for the fully connected kernel: float32 images are solved in float64.
         x1, x2 = x1.double(), (None if x2 is None else x2.double())
         hypers = {k: v.double() for k, v in hypers.items()}
-    out = conv_flatten_kernel(
+    out = conv_kernel(
         act,
         x1,
         x2,
@@ -180,6 +185,7 @@ def conv_equilibrium_covariance(
         hypers["bias_variance"],
         hypers["output_variance"],
         kernel_size,
+        readout,
         diag,
     )
     return out.float() if wide else out

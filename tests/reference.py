@@ -183,17 +183,18 @@ def conv_picard_kernel(
     input_variance: float = 1.0,
     bias_variance: float = 0.0,
     output_variance: float = 1.0,
+    readout: str = "flatten",
     tol: float = 1e-13,
     max_iter: int = 5000,
 ) -> np.ndarray:
-    """Flatten-readout kernel of a convolutional DEQ by plain iteration over every pixel pair.
+    """Kernel of a convolutional DEQ by plain iteration over every pixel pair.
 
     ``images`` is ``(n, C, H, W)``. The covariance of every (image, pixel) with every (image,
     pixel) is iterated whole, ``Sigma <- w A[V(Sigma)] + u A[<x_p, x'_p'> / C] + b``, with
     ``A`` the patch average shifting both pixels by the same offset (zero outside the grid)
     and ``V`` the closed-form dual, until the largest change is below ``tol`` times its
     largest entry; the kernel is the output variance times the pixel average of the
-    same-pixel duals.
+    same-pixel duals (``readout="flatten"``) or of all pixel pairs' duals (``"gap"``).
     """
     n, c, h, w = images.shape
     r = kernel_size // 2
@@ -224,5 +225,7 @@ def conv_picard_kernel(
     flat = sigma.reshape(n * h * w, n * h * w)
     var = np.diag(flat)
     dual = closed_form_dual(activation, var[:, None], var[None, :], flat).reshape(sigma.shape)
+    if readout == "gap":
+        return output_variance * dual.mean((1, 2, 4, 5))
     same = np.einsum("ayxbyx->ab", dual) / (h * w)
     return output_variance * same

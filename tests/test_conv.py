@@ -38,6 +38,32 @@ def test_matches_plain_iteration_over_every_pixel_pair(images, activation, weigh
     assert torch.equal(ours, ours.mT)
 
 
+@pytest.mark.parametrize(("activation", "weight_variance"), [("relu", 1.0), ("erf", 0.5)])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_pooled_readout_matches_plain_iteration(images, activation, weight_variance, kernel_size):
+    kw = dict(kernel_size=kernel_size, activation=activation, weight_variance=weight_variance, **HYPERS)
+    ref = conv_picard_kernel(images, readout="gap", tol=1e-15, **kw)
+    ours = conv_equilibrium_covariance(images, readout="gap", **kw)
+    assert np.allclose(ours.numpy(), ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+    assert torch.equal(ours, ours.mT)
+    z = torch.as_tensor(images[:2] * 0.5)
+    joint = conv_equilibrium_covariance(np.concatenate([images, z.numpy()]), readout="gap", **kw)
+    cross = conv_equilibrium_covariance(images, z, readout="gap", **kw)
+    assert torch.allclose(cross, joint[:3, 3:], rtol=0, atol=1e-13)
+    for second in (None, z[:1].expand(3, -1, -1, -1)):
+        full = conv_equilibrium_covariance(images, second, readout="gap", **kw)
+        diag = conv_equilibrium_covariance(images, second, readout="gap", diag=True, **kw)
+        assert torch.allclose(diag, full.diagonal(), rtol=0, atol=1e-13)
+
+
+def test_pooled_readout_gradients(rng):
+    x = torch.as_tensor(rng.normal(size=(2, 1, 3, 3))).requires_grad_(True)
+    w = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    kernel = lambda x, w, b: conv_equilibrium_covariance(x, readout="gap", weight_variance=w, bias_variance=b)  # noqa: E731
+    assert torch.autograd.gradcheck(kernel, (x, w, b))
+
+
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_kernel_size_one_is_the_fully_connected_kernel_averaged_over_pixels(rng, activation):
     x = torch.as_tensor(rng.normal(size=(4, 3, 3, 2)))
@@ -166,7 +192,7 @@ def test_an_iteration_cap_too_low_raises(images):
         (dict(kernel_size=-3), ValueError, "kernel_size must be a positive odd integer"),
         (dict(kernel_size=True), ValueError, "kernel_size must be a positive odd integer"),
         (dict(kernel_size=3.0), ValueError, "kernel_size must be a positive odd integer"),
-        (dict(readout="max"), ValueError, "readout must be one of 'flatten', got 'max'"),
+        (dict(readout="max"), ValueError, "readout must be one of 'flatten', 'gap', got 'max'"),
         (dict(output="ntk"), ValueError, "output must be 'nngp' for the convolutional kernel"),
         (dict(image_shape=(2, 4, 4)), ValueError, r"x1 has images of shape \(2, 4, 5\), but image_shape is"),
         (dict(image_shape=(2, 0, 5)), ValueError, "image_shape must be"),
@@ -251,6 +277,13 @@ def test_gpytorch_kernel_is_the_function_on_flat_rows(rng):
     assert torch.allclose(covar(x).to_dense(), own, rtol=1e-12, atol=0)
     assert torch.allclose(covar(x, diag=True), own.diagonal(), rtol=1e-12, atol=0)
     assert "image_shape=(2, 3, 3), kernel_size=3, readout='flatten'" in repr(kernel)
+    pooled = ConvDEQKernel("erf", image_shape=(2, 3, 3), readout="gap").double()
+    pooled.weight_variance = 0.4
+    hypers["weight_variance"] = float(pooled.weight_variance)
+    hypers.update(input_variance=float(pooled.input_variance), bias_variance=float(pooled.bias_variance))
+    hypers.pop("output_variance")
+    expected = conv_equilibrium_covariance(x, z, image_shape=(2, 3, 3), activation="erf", readout="gap", **hypers)
+    assert torch.allclose(pooled(x, z).to_dense(), expected, rtol=1e-12, atol=0)
 
 
 def test_gpytorch_kernel_batches_entry_by_entry(rng):
@@ -298,7 +331,7 @@ def test_gpytorch_kernel_fits_by_marginal_likelihood_and_pickles(rng):
         (dict(image_shape=(3, 3), ard_num_dims=9), "ConvDEQKernel has one input variance"),
         (dict(image_shape=None), "ConvDEQKernel needs image_shape"),
         (dict(image_shape=(3, 3), kernel_size=4), "kernel_size must be a positive odd integer"),
-        (dict(image_shape=(3, 3), readout="gap"), "readout must be one of 'flatten'"),
+        (dict(image_shape=(3, 3), readout="max"), "readout must be one of 'flatten', 'gap'"),
     ],
 )
 def test_gpytorch_kernel_bad_arguments(kwargs, match):

@@ -16,13 +16,18 @@ closed system of ``P`` unknowns per pair of images, which is all the ``"flatten"
   method with the ``P x P`` Jacobian :math:`I - w A\,\mathrm{diag}(D'(q))` (one small linear
   system per image and step) under the stopping rule of :mod:`.newton`;
 * per pair of images, the covariances :math:`c(p) = \Sigma_{xx'}(p, p)`:
-  :math:`c = w A[V(q_x, q_{x'}, c)] + s_{xx'}`, solved by the fixed-point iteration. It is a
-  contraction: the map's Jacobian :math:`w A\,\mathrm{diag}(V_c)` has infinity norm at most
+  :math:`c = w A[V(q_x, q_{x'}, c)] + s_{xx'}`. The map is a contraction: its Jacobian
+  :math:`w A\,\mathrm{diag}(V_c)` has infinity norm at most
   :math:`w \sup |V_c| \le w / \text{bound} < 1`, because ``A``'s rows are non-negative and sum
   to at most 1 and :math:`|V_c| = |E\,\phi'(u)\phi'(v)| \le \sup_q E\,\phi'(\sqrt q Z)^2`
-  (Cauchy-Schwarz), so the iteration converges geometrically from any start. It stops when
-  a step is at the rounding level of the map's terms (:func:`.newton.tolerance`), or raises
+  (Cauchy-Schwarz). It is solved by the iteration of each unknown's own Newton step,
+  accelerated by Anderson mixing per pair (:func:`_anderson`), which stops when a step is at
+  the rounding level of the map's terms (:func:`.newton.tolerance`) or raises
   :class:`~.newton.ConvergenceError`.
+
+The ``"gap"`` readout needs every pixel pair, :math:`\Sigma_{xx'}(p, p')`: the same equation
+with ``A`` moving both pixels by the same offset (:func:`pair_average`), ``P^2`` unknowns per
+pair of images, the variances again from the same-pixel system.
 
 Pairs are solved in square tiles of images, whose size bounds the memory
 (:data:`TILE_ELEMENTS`); a symmetric matrix is computed on and above its diagonal
@@ -47,7 +52,7 @@ from .._autograd import first_derivatives_only
 from ..activations import Activation, safe_sqrt
 from .newton import tolerance, unconverged
 
-__all__ = ["conv_flatten_kernel", "patch_average"]
+__all__ = ["conv_kernel", "pair_average", "patch_average"]
 
 
 def patch_average(m: Tensor, kernel_size: int) -> Tensor:
@@ -111,27 +116,29 @@ class _Equilibrium(torch.autograd.Function):
 ANDERSON_MEMORY = 2
 
 
-def _anderson(step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], z: Tensor, what: str) -> Tensor:
+def _anderson(
+    step: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], z: Tensor, what: str, problems: int = 1
+) -> Tensor:
     """The fixed point of ``step`` by Jacobi-preconditioned Anderson mixing, problem by problem.
 
     ``step(z)`` returns the map's value ``F(z)``, the size of its terms (for the stopping rule)
     and the diagonal of its Jacobian ``d``. The iteration is that of the map
     ``G(z) = z + (F(z) - z) / (1 - d)``, each unknown's own Newton step, a contraction
     whenever ``F`` is one (its Jacobian is the off-diagonal part of ``F``'s over ``1 - d``),
-    and exact when the unknowns decouple (``kernel_size=1``). Each problem (a row of
-    ``z.reshape(len(z), -1)``) extrapolates from its last :data:`ANDERSON_MEMORY` steps:
-    ``z <- G_k - dG gamma``, where ``gamma`` fits the latest step ``g_k = G_k - z_k`` by the
-    differences of consecutive steps (least squares, with a small ridge). It stops when
-    every entry of ``F(z) - z`` is at the rounding level of the map's terms
-    (:func:`.newton.tolerance` relative to the size ``step`` gives), and returns ``F`` of the
-    last iterate; else it raises :class:`~.newton.ConvergenceError` after
-    ``settings.max_iterations`` steps. Where a problem's step grows past ten times its smallest, its
-    extrapolation is replaced by the plain step of ``G``.
+    and exact when the unknowns decouple (``kernel_size=1``). Each problem (the entries of
+    ``z`` that share its first ``problems`` indices: one pair of images) extrapolates from
+    its last :data:`ANDERSON_MEMORY` steps: ``z <- G_k - dG gamma``, where ``gamma`` fits the
+    latest step ``g_k = G_k - z_k`` by the differences of consecutive steps (least squares,
+    with a small ridge). Where a problem's step grows past ten times its smallest, its
+    extrapolation is replaced by the plain step of ``G``. It stops when every entry of
+    ``F(z) - z`` is at the rounding level of the map's terms (:func:`.newton.tolerance`,
+    relative to the size ``step`` gives) and returns ``F`` of the last iterate; else it
+    raises :class:`~.newton.ConvergenceError` after ``settings.max_iterations`` steps.
     """
     tol = tolerance(z.dtype)
     max_iter = settings.max_iterations.value()
     tiny = torch.finfo(z.dtype).tiny
-    batch = z.shape[0]
+    batch = math.prod(z.shape[:problems])
     flat = z.reshape(batch, -1)
     dfs: list[Tensor] = []
     dgs: list[Tensor] = []
@@ -219,17 +226,41 @@ def image_variances(act: Activation, s: Tensor, w: Tensor, kernel_size: int) -> 
     return _Equilibrium.apply(f, lambda s_, w_: _solve_variances(act, s_, w_, kernel_size), adjoint, s, w)
 
 
-def _pair_covariances(
-    act: Activation, q1: Tensor, q2: Tensor, s: Tensor, w: Tensor, kernel_size: int, same: bool
-) -> Tensor:
-    """``c = w A[V(q1, q2, c)] + s`` for a tile of pairs (``s``: ``(n, m, H, W)``), differentiable.
+def pair_average(m: Tensor, kernel_size: int) -> Tensor:
+    """``A M`` on pixel pairs: ``(A M)(p, p') = k^-2 sum_delta M(p + delta, p' + delta)``, ``m``: ``(..., H, W, H, W)``.
 
-    ``same``: the tile is on the diagonal of a symmetric matrix, and the pair of an image with
-    itself starts at its solution, ``c = q`` (where the dual is least smooth, at correlation 1).
+    Both pixels move by the same offset; a pixel outside the grid contributes zero.
+    """
+    r = kernel_size // 2
+    h, w = m.shape[-4], m.shape[-3]
+    padded = F.pad(m, (r, r, r, r, r, r, r, r))
+    out = torch.zeros_like(m)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            ys, xs = slice(r + dy, r + dy + h), slice(r + dx, r + dx + w)
+            out += padded[..., ys, xs, ys, xs]
+    return out / kernel_size**2
+
+
+def _pair_covariances(
+    act: Activation,
+    q1: Tensor,
+    q2: Tensor,
+    s: Tensor,
+    w: Tensor,
+    kernel_size: int,
+    average: Callable[[Tensor, int], Tensor],
+    problems: int,
+    start: Tensor | None = None,
+) -> Tensor:
+    """``c = w A[V(q1, q2, c)] + s`` for a tile of pairs, differentiable; ``A`` is ``average``.
+
+    The first ``problems`` dimensions of ``s`` index the pairs (each its own problem for the
+    mixing); ``start`` (default ``s``) is where the iteration starts.
     """
 
     def f(c: Tensor, q1_: Tensor, q2_: Tensor, s_: Tensor, w_: Tensor) -> Tensor:
-        return w_ * patch_average(_pair_value(act, q1_, q2_, c), kernel_size) + s_
+        return w_ * average(_pair_value(act, q1_, q2_, c), kernel_size) + s_
 
     def solve(q1_: Tensor, q2_: Tensor, s_: Tensor, w_: Tensor) -> Tensor:
         # Without a graph: the states and 1 / sqrt(q1 q2) once, then the map alone.
@@ -237,18 +268,14 @@ def _pair_covariances(
         root = safe_sqrt(q1_ * q2_)
         inv_root = torch.where(root > 0, 1.0 / torch.where(root > 0, root, 1.0), 0.0)
         scale = 1.0 + s_.abs()
-
         centre = w_ / kernel_size**2  # A's diagonal: the centre of every patch is on the grid
 
         def step(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             value, slope = act.pair_dual(st1, st2, (c * inv_root).clamp_(-1.0, 1.0))
-            mapped = patch_average(value, kernel_size).mul_(w_)
+            mapped = average(value, kernel_size).mul_(w_)
             return mapped + s_, mapped.abs().add_(scale), slope.mul(centre)
 
-        start = s_.clone()
-        if same:
-            start.diagonal(dim1=0, dim2=1).copy_(q1_.squeeze(1).movedim(0, -1))
-        return _anderson(step, start, "pair")
+        return _anderson(step, (s_ if start is None else start).clone(), "pair", problems=problems)
 
     def adjoint(out: Tensor, c: Tensor, grad: Tensor, q1_: Tensor, q2_: Tensor, *_: Tensor) -> Tensor:
         # The map's Jacobian has the same diagonal in either direction: w A_pp V_c.
@@ -262,17 +289,48 @@ def _pair_covariances(
             back = torch.autograd.grad(out, c, lam, retain_graph=True)[0]
             return grad + back, 1.0 + back.abs() + grad.abs(), diagonal
 
-        return _anderson(step, grad.clone(), "adjoint pair")
+        return _anderson(step, grad.clone(), "adjoint pair", problems=problems)
 
     return _Equilibrium.apply(f, solve, adjoint, q1, q2, s, w)
 
 
 #: Pixel pairs per tile (``settings.max_block_size`` overrides it): the iteration holds about
-#: a dozen arrays of a tile, which should stay near the cache.
-TILE_ELEMENTS = 1 << 16
+#: a dozen arrays of a tile, which should stay near the cache; the pooled readout's pairs
+#: hold ``P^2`` entries each, and larger tiles keep their count (and overhead) down.
+TILE_ELEMENTS = {"flatten": 1 << 16, "gap": 1 << 18}
 
 
-def conv_flatten_kernel(
+class _Readout:
+    """What a readout reads: the same-pixel entries (``"flatten"``) or all pixel pairs (``"gap"``)."""
+
+    def __init__(self, name: str, height: int, width: int) -> None:
+        self.name, self.h, self.w = name, height, width
+        self.pooled = name == "gap"
+        self.entries = (height * width) ** (2 if self.pooled else 1)
+        self.average = pair_average if self.pooled else patch_average
+        self.dims = 4 if self.pooled else 2  # trailing pixel dimensions of a pair's unknowns
+
+    def gram(self, a: Tensor, b: Tensor, elementwise: bool) -> Tensor:
+        """``<x_p, x'_p'> / C`` of the images ``a`` and ``b``: all pairs, or ``a_i`` with ``b_i``."""
+        c = a.shape[1]
+        if self.pooled:
+            spec = "ncyx,ncuv->nyxuv" if elementwise else "icyx,jcuv->ijyxuv"
+        else:
+            spec = "ncyx,ncyx->nyx" if elementwise else "icyx,jcyx->ijyx"
+        return torch.einsum(spec, a, b) / c
+
+    def sides(self, q1: Tensor, q2: Tensor, elementwise: bool) -> tuple[Tensor, Tensor]:
+        """The two images' variances, shaped to broadcast against a tile of pair unknowns."""
+        lead1, lead2 = ((slice(None),), (slice(None),)) if elementwise else ((slice(None), None), (None, slice(None)))
+        if self.pooled:
+            return q1[(*lead1, ..., None, None)], q2[(*lead2, ..., None, None, slice(None), slice(None))]
+        return q1[lead1], q2[lead2]
+
+    def mean(self, value: Tensor) -> Tensor:
+        return value.mean(tuple(range(-self.dims, 0)))
+
+
+def conv_kernel(
     act: Activation,
     x1: Tensor,
     x2: Tensor | None,
@@ -281,14 +339,16 @@ def conv_flatten_kernel(
     b: Tensor,
     ov: Tensor,
     kernel_size: int,
+    readout: str = "flatten",
     diag: bool = False,
 ) -> Tensor:
-    """The flatten-readout NNGP kernel of images ``(n, C, H, W)`` and ``(m, C, H, W)`` (``x2=None``: ``x1``).
+    """The NNGP kernel of images ``(n, C, H, W)`` and ``(m, C, H, W)`` (``x2=None``: ``x1``) for ``readout``.
 
     ``diag``: only ``k(x1_i, x2_i)`` (``x2`` with as many images as ``x1``), in O(n).
     """
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
+    read = _Readout(readout, x1.shape[-2], x1.shape[-1])
     channels = x1.shape[1]
     s1 = iv * patch_average((x1 * x1).sum(1) / channels, kernel_size) + b
     q1 = image_variances(act, s1, w, kernel_size)
@@ -297,29 +357,33 @@ def conv_flatten_kernel(
     else:
         s2 = iv * patch_average((x2 * x2).sum(1) / channels, kernel_size) + b
         q2 = image_variances(act, s2, w, kernel_size)
-    if diag and symmetric:
+    if diag and symmetric and not read.pooled:
         # The pair of an image with itself is its own variance: V = D(q) exactly.
         return ov * act.diag_dual(q1)[0].mean((-2, -1))
     if diag:
-        s12 = iv * patch_average((x1 * x2).sum(1) / channels, kernel_size) + b
-        c = _pair_covariances(act, q1, q2, s12, w, kernel_size, False)
-        return ov * _pair_value(act, q1, q2, c).mean((-2, -1))
+        s12 = iv * read.average(read.gram(x1, x2, True), kernel_size) + b
+        qa, qb = read.sides(q1, q2, True)
+        c = _pair_covariances(act, qa, qb, s12, w, kernel_size, read.average, 1)
+        return ov * read.mean(_pair_value(act, qa, qb, c))
     n, m = x1.shape[0], x2.shape[0]
-    pixels = x1.shape[-2] * x1.shape[-1]
-    budget = settings.max_block_size.value() or TILE_ELEMENTS
-    side = max(1, math.isqrt(max(1, budget // pixels)))
+    budget = settings.max_block_size.value() or TILE_ELEMENTS[readout]
+    side = max(1, math.isqrt(max(1, budget // read.entries)))
     starts1, starts2 = range(0, n, side), range(0, m, side)
     tiles: dict[tuple[int, int], Tensor] = {}
     for i in starts1:
         for j in starts2:
             if symmetric and j < i:
                 continue
-            a, bb = x1[i : i + side], x2[j : j + side]
-            gram = torch.einsum("ichw,jchw->ijhw", a, bb) / channels
-            s12 = iv * patch_average(gram, kernel_size) + b
-            qa, qb = q1[i : i + side].unsqueeze(1), q2[j : j + side].unsqueeze(0)
-            c = _pair_covariances(act, qa, qb, s12, w, kernel_size, symmetric and i == j)
-            tiles[i, j] = ov * _pair_value(act, qa, qb, c).mean((-2, -1))
+            s12 = iv * read.average(read.gram(x1[i : i + side], x2[j : j + side], False), kernel_size) + b
+            qa, qb = read.sides(q1[i : i + side], q2[j : j + side], False)
+            start = None
+            if symmetric and i == j and not read.pooled:
+                # The pair of an image with itself starts at its solution, c = q (where the
+                # dual is least smooth, at correlation 1).
+                start = s12.detach().clone()
+                start.diagonal(dim1=0, dim2=1).copy_(q1[i : i + side].detach().movedim(0, -1))
+            c = _pair_covariances(act, qa, qb, s12, w, kernel_size, read.average, 2, start)
+            tiles[i, j] = ov * read.mean(_pair_value(act, qa, qb, c))
     rows = []
     for i in starts1:
         row = []
@@ -333,7 +397,7 @@ def conv_flatten_kernel(
                 row.append(tiles[i, j])
         rows.append(torch.cat(row, dim=1))
     out = torch.cat(rows, dim=0)
-    if symmetric:
+    if symmetric and not read.pooled:
         # The pair of an image with itself is its own variance: V = D(q) exactly.
         diagonal = ov * act.diag_dual(q1)[0].mean((-2, -1))
         out = out - torch.diag_embed(out.diagonal()) + torch.diag_embed(diagonal)
