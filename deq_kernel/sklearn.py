@@ -39,6 +39,8 @@ from torch import Tensor
 
 from . import settings
 from .activations import Activation, get_activation
+from .convolutional import check_conv_options, conv_equilibrium_covariance
+from .equilibrium.conv import conv_kernel_tangents
 from .functional import equilibrium_covariance
 from .gpytorch import (
     KERNELS,
@@ -54,7 +56,7 @@ from .gpytorch import (
 )
 from .variational import SVGPModel, fit_svgp, predict_latent
 
-__all__ = ["DEQ", "DEQGPClassifier", "DEQGPRegressor"]
+__all__ = ["DEQ", "ConvDEQ", "DEQGPClassifier", "DEQGPRegressor"]
 
 #: Pairs handled at once when the kernel's gradient is assembled pair by pair: by the dense
 #: solver (a few arrays of the pairs) and by the others (which hold more per pair).
@@ -355,6 +357,105 @@ class DEQ(Kernel):
                 jacobian[i, j] = block
                 jacobian[j, i] = block
         return K, jacobian
+
+
+class ConvDEQ(DEQ):
+    r"""The kernel of an infinitely wide convolutional DEQ, for scikit-learn.
+
+    The model and its limit are those of :func:`deq_kernel.conv_equilibrium_covariance`:
+    :math:`h^* = \phi(W \ast h^* + U \ast x + b)` with ``kernel_size x kernel_size``
+    convolutions, read out at every pixel (``readout="flatten"``) or after global average
+    pooling (``"gap"``). ``X`` holds images as flat rows, ``(n_samples, C*H*W)``, of shape
+    ``image_shape``. The hyperparameters are :class:`DEQ`'s, with one input variance; multiply
+    by a :class:`~sklearn.gaussian_process.kernels.ConstantKernel` for the output scale. The
+    gradient (``eval_gradient=True``) comes from the tangent equations of the fixed points
+    (:func:`deq_kernel.equilibrium.conv.conv_kernel_tangents`), exact to the solver's tolerance.
+
+    Parameters
+    ----------
+    image_shape : (C, H, W) or (H, W)
+        The shape of one image; ``(H, W)`` means one channel.
+    kernel_size : int, default 3
+        The convolutions' size, odd and positive.
+    readout : {"flatten", "gap"}, default "flatten"
+    activation, weight_variance, input_variance, bias_variance, *_bounds, activation_kwargs
+        As for :class:`DEQ`; ``input_variance`` is a scalar.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from deq_kernel.sklearn import ConvDEQ
+    >>> X = np.random.default_rng(0).uniform(size=(5, 16))
+    >>> K, K_gradient = ConvDEQ(image_shape=(4, 4))(X, eval_gradient=True)
+    >>> K.shape, K_gradient.shape
+    ((5, 5), (5, 5, 3))
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, ...] = (1, 1),
+        kernel_size: int = 3,
+        readout: str = "flatten",
+        activation: str | Activation | Callable[[Tensor], Tensor] = "relu",
+        weight_variance: float | None = None,
+        input_variance: float = 1.0,
+        bias_variance: float = 0.1,
+        weight_variance_bounds: tuple[float, float] | str = "auto",
+        input_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
+        bias_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
+        activation_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            activation=activation,
+            weight_variance=weight_variance,
+            input_variance=input_variance,
+            bias_variance=bias_variance,
+            weight_variance_bounds=weight_variance_bounds,
+            input_variance_bounds=input_variance_bounds,
+            bias_variance_bounds=bias_variance_bounds,
+            activation_kwargs=activation_kwargs,
+        )
+        self.image_shape = image_shape
+        self.kernel_size = kernel_size
+        self.readout = readout
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        params = super().get_params(deep)
+        params.pop("kernel", None)
+        return params
+
+    @property
+    def anisotropic(self) -> bool:
+        if np.iterable(self.input_variance) and len(self.input_variance) > 1:
+            raise ValueError("ConvDEQ has one input variance; input_variance must be a scalar")
+        return False
+
+    def _options(self) -> dict[str, Any]:
+        shape, kernel_size, readout = check_conv_options(self.image_shape, self.kernel_size, self.readout)
+        return dict(image_shape=shape, kernel_size=kernel_size, readout=readout)
+
+    def _covariance(self, x: Tensor, y: Tensor | None, diag: bool = False, **hypers: Tensor) -> Tensor:
+        return conv_equilibrium_covariance(x, y, activation=self._activation(), diag=diag, **self._options(), **hypers)
+
+    def _jacobian(self, x: Tensor, hypers: dict[str, Tensor], free: list[str]) -> tuple[Tensor, Tensor]:
+        options = self._options()
+        act = self._activation()
+        images = x.reshape(x.shape[0], *options["image_shape"])
+        w, iv, b = (hypers[name] for name in ("weight_variance", "input_variance", "bias_variance"))
+        act.check_weight_variance(w)
+        K, tangents = conv_kernel_tangents(
+            act, images, w, iv.reshape(()), b, options["kernel_size"], options["readout"]
+        )
+        order = {"weight_variance": 0, "input_variance": 1, "bias_variance": 2}
+        return K, tangents[..., [order[name] for name in free]]
+
+    def __repr__(self) -> str:
+        name = self.activation if isinstance(self.activation, str) else self._activation().name
+        return (
+            f"ConvDEQ(image_shape={tuple(self.image_shape)}, kernel_size={self.kernel_size}, "
+            f"readout={self.readout!r}, activation={name!r}, weight_variance={self._weight_variance():.3g}, "
+            f"input_variance={float(np.ravel(self.input_variance)[0]):.3g}, bias_variance={self.bias_variance:.3g})"
+        )
 
 
 # --------------------------------------------------------------------------- estimators

@@ -347,3 +347,87 @@ def test_gpytorch_kernel_names_a_feature_count_that_does_not_fit(rng):
     kernel = ConvDEQKernel("relu", image_shape=(3, 3)).double()
     with pytest.raises(ValueError, match=r"image_shape \(1, 3, 3\) has 9 values per image, but x1 has 8 features"):
         kernel(torch.as_tensor(rng.normal(size=(4, 8)))).to_dense()
+
+
+# --------------------------------------------------------------------------- scikit-learn
+
+
+@pytest.mark.parametrize("readout", ["flatten", "gap"])
+@pytest.mark.parametrize("activation", ["relu", "erf"])
+def test_tangents_are_the_reverse_mode_gradients(rng, readout, activation):
+    # dK/dtheta from the tangent equations, contracted with a weight matrix, against the
+    # reverse-mode gradient of the same contraction (implicit function theorem both ways).
+    from deq_kernel import get_activation
+
+    x = torch.as_tensor(rng.normal(size=(5, 2, 3, 3)))
+    hypers = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.6, 1.3, 0.2)]
+    weights = torch.as_tensor(rng.normal(size=(5, 5)))
+    kernel = conv_equilibrium_covariance(
+        x,
+        activation=activation,
+        readout=readout,
+        weight_variance=hypers[0],
+        input_variance=hypers[1],
+        bias_variance=hypers[2],
+    )
+    reverse = torch.autograd.grad((kernel * weights).sum(), hypers)
+    with settings.max_block_size(2 * 2 * 9 * (9 if readout == "gap" else 1) * 3):  # several tiles
+        value, tangents = conv.conv_kernel_tangents(get_activation(activation), x, *hypers, 3, readout)
+    assert torch.allclose(value, kernel.detach(), rtol=0, atol=1e-13)
+    for k in range(3):
+        forward = (tangents[..., k] * weights).sum()
+        assert torch.allclose(forward, reverse[k], rtol=1e-10, atol=1e-13)
+
+
+def test_scikit_learn_kernel_values_gradients_and_api(rng):
+    from sklearn.base import clone
+
+    from deq_kernel.sklearn import ConvDEQ
+
+    X = rng.uniform(size=(6, 2 * 3 * 3))
+    kernel = ConvDEQ(image_shape=(2, 3, 3), activation="erf", weight_variance=0.5, input_variance=1.3)
+    K, gradient = kernel(X, eval_gradient=True)
+    expected = conv_equilibrium_covariance(
+        X, image_shape=(2, 3, 3), activation="erf", weight_variance=0.5, input_variance=1.3, bias_variance=0.1
+    )
+    np.testing.assert_allclose(K, expected.numpy(), rtol=0, atol=1e-14)
+    assert gradient.shape == (6, 6, 3)
+    # d K / d log(theta), theta in alphabetical order (bias, input, weight), by central differences.
+    for k, name in enumerate(("bias_variance", "input_variance", "weight_variance")):
+        h = 1e-5
+        up = kernel.clone_with_theta(kernel.theta + h * np.eye(3)[k])(X)
+        down = kernel.clone_with_theta(kernel.theta - h * np.eye(3)[k])(X)
+        np.testing.assert_allclose(gradient[..., k], (up - down) / (2 * h), rtol=0, atol=1e-8, err_msg=name)
+    np.testing.assert_allclose(kernel.diag(X), np.diag(K), rtol=0, atol=1e-14)
+    Y = rng.uniform(size=(3, 18))
+    np.testing.assert_allclose(kernel(X, Y), kernel(np.vstack([X, Y]))[:6, 6:], rtol=0, atol=1e-13)
+    again = clone(kernel)
+    assert again.get_params() == kernel.get_params() and "kernel" not in kernel.get_params()
+    assert repr(again).startswith("ConvDEQ(image_shape=(2, 3, 3), kernel_size=3, readout='flatten'")
+    fixed = ConvDEQ(image_shape=(2, 3, 3), bias_variance_bounds="fixed")
+    assert fixed(X, eval_gradient=True)[1].shape == (6, 6, 2)
+
+
+def test_scikit_learn_regression_fits_by_marginal_likelihood(rng):
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, WhiteKernel
+
+    from deq_kernel.sklearn import ConvDEQ
+
+    X = rng.uniform(size=(20, 9))
+    y = np.sin(3 * X[:, 4]) + X.mean(-1)
+    kernel = ConstantKernel() * ConvDEQ(image_shape=(3, 3), weight_variance_bounds=(1e-3, 1.5)) + WhiteKernel()
+    gp = GaussianProcessRegressor(kernel, normalize_y=True, random_state=0).fit(X, y)
+    assert gp.log_marginal_likelihood_value_ > gp.log_marginal_likelihood(gp.kernel.theta)
+
+
+def test_scikit_learn_kernel_errors(rng):
+    from deq_kernel.sklearn import ConvDEQ
+
+    X = rng.uniform(size=(4, 9))
+    with pytest.raises(ValueError, match="ConvDEQ has one input variance"):
+        ConvDEQ(image_shape=(3, 3), input_variance=np.ones(9))(X)
+    with pytest.raises(ValueError, match=r"image_shape \(1, 4, 4\) has 16 values per image, but x1 has 9"):
+        ConvDEQ(image_shape=(4, 4))(X)
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd integer"):
+        ConvDEQ(image_shape=(3, 3), kernel_size=2)(X, eval_gradient=True)
