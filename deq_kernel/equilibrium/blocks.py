@@ -17,7 +17,9 @@ This module runs them in row blocks (fused by ``torch.compile`` where
 :mod:`.backend` allows): no array of the size of the result other than the result
 exists, in either direction. A symmetric result is computed on and above the diagonal and
 mirrored, which halves the work and makes it bitwise symmetric. The
-backward pass recomputes each block from the operands of the product.
+backward pass recomputes each block from the operands of the product, except where the
+forward pass ran eagerly and kept each block's derivatives (families with
+``forward_saving``, within :data:`SAVE_BYTES`): then it multiplies them out.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class Family(Protocol):
     forward_block: Callable[..., Tensor | None]
     backward_block: Callable[..., tuple[Tensor, ...]]
     # A family whose forward block returns an error estimate also has
-    # ``check(miss, out, c, r1, r2, scale, value)``.
+    # ``check(miss, out, c, r1, r2, scale, value)``. A family may also have
+    # ``forward_saving`` (the forward block, returning the arrays its backward needs) and
+    # ``backward_saved(saved, grad, grad_t, r1, r2, scale, params, value, matrix)``.
 
 
 def _c_block(lhs: Tensor, rhs: Tensor, rows: slice, cols: slice, matrix: bool, two_sided: bool) -> Tensor:
@@ -128,14 +132,24 @@ class _ProductKernel(torch.autograd.Function):
         flat = result.reshape(len(parts), *shape[len(shape) - (2 if matrix else 1) :]) if len(parts) > 1 else result
         kernel = backend.fused(parts[0].forward_block, total, lhs.device)
         n = shape[-2] if matrix else 0
+        # Eager blocks keep what the backward pass needs, where a gradient is wanted and memory
+        # allows: the backward pass is then a few products instead of a second solve.
+        saving = _saves(parts[0], kernel, ctx, total, (2 if value else 3) * lhs.element_size(), lhs.device)
+        saved: list[tuple[Tensor, ...]] = []
+        row_blocks = _row_blocks(flat[0].shape if len(parts) > 1 else shape, matrix, total, lhs.device, symmetric)
         for part, (a, b, s1, s2, sc), out in _parts(parts, (lhs, rhs, r1, r2, scale), matrix):
             target = flat[out]
-            for rows in _row_blocks(target.shape, matrix, total, lhs.device, symmetric):
+            for rows in row_blocks:
                 for cols, mirrored in _pieces(rows, n, symmetric):
                     dest = target[..., rows, cols] if matrix else target
                     c = _c_block(a, b, rows, cols, matrix, two_sided)
                     s1_b, s2_b = _rows(s1, rows, matrix), _cols(s2, cols, matrix)
-                    miss = kernel(dest, c, s1_b, s2_b, sc, part.params, *part.coefs, value)
+                    if saving:
+                        # A family that saves has no error bound to check (its blocks are exact).
+                        saved.append(part.forward_saving(dest, c, s1_b, s2_b, sc, part.params, *part.coefs, value))
+                        miss = None
+                    else:
+                        miss = kernel(dest, c, s1_b, s2_b, sc, part.params, *part.coefs, value)
                     if miss is not None:
                         part.check(miss, dest, c, s1_b, s2_b, sc, value)
                     if mirrored:
@@ -146,6 +160,8 @@ class _ProductKernel(torch.autograd.Function):
         if diagonal is not None:
             result.diagonal(dim1=-2, dim2=-1).copy_(diagonal)
         ctx.parts, ctx.flags = parts, (value, matrix, two_sided, symmetric)
+        # The saved arrays belong to these row blocks (the settings may differ in the backward pass).
+        ctx.saved_blocks = (row_blocks, saved) if saving else None
         ctx.has_diagonal = diagonal is not None
         ctx.save_for_backward(lhs, rhs, w, r1, r2, scale)
         return result
@@ -179,10 +195,15 @@ class _ProductKernel(torch.autograd.Function):
         grad_w = torch.zeros(len(parts), dtype=w.dtype, device=w.device)
         kernel = backend.fused(parts[0].backward_block, total, lhs.device)
         n = shape[-2] if matrix else 0
+        saved = None if ctx.saved_blocks is None else iter(ctx.saved_blocks[1])
         for k, (part, (a, b, s1, s2, sc), out) in enumerate(_parts(parts, (lhs, rhs, r1, r2, scale), matrix)):
             g_all = flat_grad[out]
             ga, gb, gs1, gs2, gsc = (flat[name][out] for name in ("lhs", "rhs", "r1", "r2", "scale"))
-            for rows in _row_blocks(g_all.shape, matrix, total, lhs.device, symmetric):
+            if saved is not None:
+                row_blocks = ctx.saved_blocks[0]
+            else:
+                row_blocks = _row_blocks(g_all.shape, matrix, total, lhs.device, symmetric)
+            for rows in row_blocks:
                 for cols, mirrored in _pieces(rows, n, symmetric):
                     if not matrix:
                         g, g_t = g_all, None
@@ -191,9 +212,14 @@ class _ProductKernel(torch.autograd.Function):
                     else:
                         g = g_all[..., rows, cols]
                         g_t = g_all[..., cols, rows].mT if mirrored else None
-                    c = _c_block(a, b, rows, cols, matrix, two_sided)
                     s1_b, s2_b = _rows(s1, rows, matrix), _cols(s2, cols, matrix)
-                    lam, gw, g1, g2, g3 = kernel(c, g, g_t, s1_b, s2_b, sc, part.params, *part.coefs, value, matrix)
+                    if saved is not None:
+                        lam, gw, g1, g2, g3 = part.backward_saved(
+                            next(saved), g, g_t, s1_b, s2_b, sc, part.params, value, matrix
+                        )
+                    else:
+                        c = _c_block(a, b, rows, cols, matrix, two_sided)
+                        lam, gw, g1, g2, g3 = kernel(c, g, g_t, s1_b, s2_b, sc, part.params, *part.coefs, value, matrix)
                     grad_w[k] += gw
                     gsc += g3
                     if matrix:
@@ -221,6 +247,25 @@ class _ProductKernel(torch.autograd.Function):
             grads["scale"] if need_scale else None,
             grad_diag,
         )
+
+
+#: Largest memory, in bytes, the blocks' saved arrays may take (and at most a quarter of what
+#: is available): beyond it the backward pass solves the blocks again.
+SAVE_BYTES = 1 << 30
+
+
+def _saves(family: Family, kernel: Callable[..., Any], ctx: Any, total: int, per_pair: int, device: Any) -> bool:
+    """Whether the forward pass keeps the backward pass's arrays: an eager family that can (one
+    whose blocks need no error check: the relu family's tables), a gradient wanted, and room
+    for about ``per_pair`` bytes per pair (half the pairs of a symmetric result are enough, but
+    the budget assumes all)."""
+    if not hasattr(family, "forward_saving") or kernel is not family.forward_block or not any(ctx.needs_input_grad):
+        return False
+    needed = total * per_pair
+    if needed > SAVE_BYTES:
+        return False
+    free = backend.available_memory(device) if needed > backend.SMALL_OUTPUT_BYTES else None
+    return free is None or needed <= free // 4
 
 
 def _accumulate_product_grads(

@@ -69,6 +69,16 @@ class CorrelationTable:
         """The block function of :mod:`.blocks`."""
         return _backward_block(*args)
 
+    @staticmethod
+    def forward_saving(*args: Any) -> tuple[Tensor, ...]:
+        """:meth:`forward_block` that also returns what the backward pass needs (see :mod:`.blocks`)."""
+        return _forward_saving(*args)
+
+    @staticmethod
+    def backward_saved(*args: Any) -> tuple[Tensor, ...]:
+        """:meth:`backward_block` from the arrays :meth:`forward_saving` returned."""
+        return _backward_saved(*args)
+
 
 @functools.lru_cache(maxsize=64)
 def _build_table(negative_slope: float, name: str, w: float) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -216,6 +226,62 @@ def _forward_block(
     rho, kappa, _, _ = _solve(c_tilde, params, c0, c1, c2, c3)
     # (r1 r2) first: for a symmetric block with r1 = r2 the product is bitwise symmetric.
     out.copy_((r1 * r2) * (kappa if value else rho) * scale)
+
+
+def _forward_saving(
+    out: Tensor,
+    c_tilde: Tensor,
+    r1: Tensor,
+    r2: Tensor,
+    scale: Tensor,
+    params: Tensor,
+    c0: Tensor,
+    c1: Tensor,
+    c2: Tensor,
+    c3: Tensor,
+    value: bool,
+) -> tuple[Tensor, ...]:
+    """:func:`_forward_block`, returning ``(d out / d c_tilde, kappa[, rho])`` for the backward pass."""
+    rho, kappa, kappa_prime, _ = _solve(c_tilde, params, c0, c1, c2, c3)
+    out.copy_((r1 * r2) * (kappa if value else rho) * scale)
+    w = params[2]
+    slope = 1.0 / (1.0 - w * kappa_prime)  # d rho = (d c_tilde + kappa dw) / (1 - w kappa')
+    if value:
+        return slope.mul_(kappa_prime), kappa  # d kappa = kappa' d rho
+    return slope, kappa, rho
+
+
+def _backward_saved(
+    saved: tuple[Tensor, ...],
+    grad: Tensor,
+    grad_t: Tensor | None,
+    r1: Tensor,
+    r2: Tensor,
+    scale: Tensor,
+    params: Tensor,
+    value: bool,
+    matrix: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_backward_block` from :func:`_forward_saving`'s arrays: no second solve."""
+    slope, kappa = saved[0], saved[1]
+    out = kappa if value else saved[2]
+    if grad_t is not None:
+        grad = grad + grad_t
+    root = r1 * r2
+    g = grad * scale
+    lam = root * g * slope
+    g_root = g * out
+    dims = (-2, -1) if matrix else (-1,)
+    g_scale = (grad * root * out).sum(dims, keepdim=True)
+    if matrix:
+        return (
+            lam,
+            (lam * kappa).sum(),
+            (g_root * r2).sum(-1, keepdim=True),
+            (g_root * r1).sum(-2, keepdim=True),
+            g_scale,
+        )
+    return lam, (lam * kappa).sum(), g_root * r2, g_root * r1, g_scale
 
 
 def _backward_block(
