@@ -228,6 +228,15 @@ def _forward_block(
     out.copy_((r1 * r2) * (kappa if value else rho) * scale)
 
 
+def _derivative(kappa_prime: Tensor, w: Tensor, value: bool) -> Tensor:
+    """``d out / d c_tilde`` at the root.
+
+    ``d rho = (d c_tilde + kappa dw) / (1 - w kappa')`` and ``d kappa = kappa' d rho``.
+    """
+    slope = 1.0 / (1.0 - w * kappa_prime)
+    return slope * kappa_prime if value else slope
+
+
 def _forward_saving(
     out: Tensor,
     c_tilde: Tensor,
@@ -244,11 +253,34 @@ def _forward_saving(
     """:func:`_forward_block`, returning ``(d out / d c_tilde, kappa[, rho])`` for the backward pass."""
     rho, kappa, kappa_prime, _ = _solve(c_tilde, params, c0, c1, c2, c3)
     out.copy_((r1 * r2) * (kappa if value else rho) * scale)
-    w = params[2]
-    slope = 1.0 / (1.0 - w * kappa_prime)  # d rho = (d c_tilde + kappa dw) / (1 - w kappa')
-    if value:
-        return slope.mul_(kappa_prime), kappa  # d kappa = kappa' d rho
-    return slope, kappa, rho
+    derivative = _derivative(kappa_prime, params[2], value)
+    return (derivative, kappa) if value else (derivative, kappa, rho)
+
+
+def _gradients(
+    grad: Tensor,
+    grad_t: Tensor | None,
+    r1: Tensor,
+    r2: Tensor,
+    scale: Tensor,
+    derivative: Tensor,
+    kappa: Tensor,
+    out: Tensor,
+    matrix: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dL/dc_tilde, dL/dw, dL/dr1, dL/dr2, dL/dscale)`` of a block, reduced over it where shared."""
+    if grad_t is not None:
+        grad = grad + grad_t
+    root = r1 * r2
+    g = grad * scale
+    lam = root * g * derivative
+    g_root = g * out
+    dims = (-2, -1) if matrix else (-1,)
+    g_scale = (grad * root * out).sum(dims, keepdim=True)
+    if matrix:
+        g1, g2 = (g_root * r2).sum(-1, keepdim=True), (g_root * r1).sum(-2, keepdim=True)
+        return lam, (lam * kappa).sum(), g1, g2, g_scale
+    return lam, (lam * kappa).sum(), g_root * r2, g_root * r1, g_scale
 
 
 def _backward_saved(
@@ -263,25 +295,8 @@ def _backward_saved(
     matrix: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_backward_block` from :func:`_forward_saving`'s arrays: no second solve."""
-    slope, kappa = saved[0], saved[1]
-    out = kappa if value else saved[2]
-    if grad_t is not None:
-        grad = grad + grad_t
-    root = r1 * r2
-    g = grad * scale
-    lam = root * g * slope
-    g_root = g * out
-    dims = (-2, -1) if matrix else (-1,)
-    g_scale = (grad * root * out).sum(dims, keepdim=True)
-    if matrix:
-        return (
-            lam,
-            (lam * kappa).sum(),
-            (g_root * r2).sum(-1, keepdim=True),
-            (g_root * r1).sum(-2, keepdim=True),
-            g_scale,
-        )
-    return lam, (lam * kappa).sum(), g_root * r2, g_root * r1, g_scale
+    derivative, kappa = saved[0], saved[1]
+    return _gradients(grad, grad_t, r1, r2, scale, derivative, kappa, kappa if value else saved[2], matrix)
 
 
 def _backward_block(
@@ -301,27 +316,8 @@ def _backward_block(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dL/dc_tilde, dL/dw, dL/dr1, dL/dr2, dL/dscale)``, reduced over the block where shared."""
     rho, kappa, kappa_prime, _ = _solve(c_tilde, params, c0, c1, c2, c3)
-    if grad_t is not None:
-        grad = grad + grad_t
-    w = params[2]
-    out = kappa if value else rho
-    root = r1 * r2
-    g = grad * scale
-    lam = root * g / (1.0 - w * kappa_prime)  # d rho = (d c_tilde + kappa dw) / (1 - w kappa')
-    if value:
-        lam = lam * kappa_prime  # d kappa = kappa' d rho
-    g_root = g * out
-    dims = (-2, -1) if matrix else (-1,)
-    g_scale = (grad * root * out).sum(dims, keepdim=True)
-    if matrix:
-        return (
-            lam,
-            (lam * kappa).sum(),
-            (g_root * r2).sum(-1, keepdim=True),
-            (g_root * r1).sum(-2, keepdim=True),
-            g_scale,
-        )
-    return lam, (lam * kappa).sum(), g_root * r2, g_root * r1, g_scale
+    derivative = _derivative(kappa_prime, params[2], value)
+    return _gradients(grad, grad_t, r1, r2, scale, derivative, kappa, kappa if value else rho, matrix)
 
 
 def homogeneous_kernel(
