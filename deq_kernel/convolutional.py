@@ -108,8 +108,9 @@ def conv_equilibrium_covariance(
         As for :func:`~deq_kernel.equilibrium_covariance`; the variances are scalars here.
         ``weight_variance`` must be below the activation's bound, which makes every fixed
         point of the model a contraction; its default is half the bound.
-    output : {"nngp"}
-        The output kernel.
+    output : {"nngp", "ntk"}
+        The output kernel, or the neural tangent kernel of the same network with all of
+        ``U, W, b, v`` trained (derived in :func:`deq_kernel.equilibrium.conv.conv_kernel`).
     diag : bool
         Return only ``k(x1_i, x2_i)``, shape ``(n,)``, in O(n).
     **activation_kwargs
@@ -137,13 +138,15 @@ def conv_equilibrium_covariance(
     (torch.Size([2, 2]), True)
     """
     shape, kernel_size, readout = check_conv_options(image_shape, kernel_size, readout)
-    if output != "nngp":
-        raise ValueError(f"output must be 'nngp' for the convolutional kernel, got {output!r}")
+    if output not in ("nngp", "ntk"):
+        raise ValueError(f"output must be 'nngp' or 'ntk' for the convolutional kernel, got {output!r}")
     if not isinstance(diag, bool):
         raise TypeError(f"diag must be a bool, got {diag!r}")
     if activation_kwargs:
         check_keywords(activation_kwargs, activation, where="conv_equilibrium_covariance", own=_ARGUMENTS)
     act = get_activation(activation, **activation_kwargs)
+    if output == "ntk":
+        act.derivative_activation()  # raises for an activation without one (the step)
     x1 = _images(x1, "x1", shape)
     symmetric = x2 is None or x2 is x1
     x2 = None if symmetric else _images(x2, "x2", tuple(x1.shape[1:]), like=x1)
@@ -187,6 +190,7 @@ def conv_equilibrium_covariance(
         kernel_size,
         readout,
         diag,
+        output,
     )
     return out.float() if wide else out
 

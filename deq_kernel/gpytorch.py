@@ -384,10 +384,11 @@ class ConvDEQKernel(DEQKernel):
         The shape of one image; ``(H, W)`` means one channel.
     kernel_size : int, default 3
         The convolutions' size, odd and positive.
-    readout : {"flatten"}, default "flatten"
+    readout : {"flatten", "gap"}, default "flatten"
     **kwargs
-        :class:`DEQKernel`'s other arguments (``batch_shape``, ``active_dims``, priors,
-        constraints, activation options); ``kernel`` must be ``"nngp"``, ``ard_num_dims`` ``None``.
+        :class:`DEQKernel`'s other arguments (``kernel``: ``"nngp"`` or ``"ntk"``,
+        ``batch_shape``, ``active_dims``, priors, constraints, activation options);
+        ``ard_num_dims`` must be ``None``.
 
     Examples
     --------
@@ -408,8 +409,6 @@ class ConvDEQKernel(DEQKernel):
         readout: str = "flatten",
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("kernel", "nngp") != "nngp":
-            raise ValueError(f"ConvDEQKernel computes kernel='nngp' only, got kernel={kwargs['kernel']!r}")
         if kwargs.get("ard_num_dims") is not None:
             raise ValueError("ConvDEQKernel has one input variance; ard_num_dims must be None")
         if image_shape is None:
@@ -432,7 +431,13 @@ class ConvDEQKernel(DEQKernel):
         w, iv, b = self._finite_hyperparameters()
         same = _same_points(x1, x2)
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
-        options = dict(image_shape=self.image_shape, kernel_size=self.kernel_size, readout=self.readout, diag=diag)
+        options = dict(
+            image_shape=self.image_shape,
+            kernel_size=self.kernel_size,
+            readout=self.readout,
+            diag=diag,
+            output=self.kernel,
+        )
         if not batch:
             return conv_equilibrium_covariance(
                 x1,

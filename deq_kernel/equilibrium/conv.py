@@ -50,6 +50,7 @@ from torch import Tensor
 from .. import settings
 from .._autograd import first_derivatives_only
 from ..activations import Activation, safe_sqrt
+from .general import snap_correlation
 from .newton import tolerance, unconverged
 
 __all__ = ["conv_kernel", "pair_average", "patch_average"]
@@ -71,7 +72,9 @@ def _pair_value(act: Activation, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
     """
     root = safe_sqrt(q1 * q2)
     rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0)
-    fixed = rho.detach().clamp(-1.0, 1.0)
+    # Correlation 1 to rounding (a pixel with itself) is 1: the derivative activations' duals
+    # (the tangent kernel's E') have an infinite slope there, which would turn eps into sqrt(eps).
+    fixed = snap_correlation(rho.detach(), torch.finfo(rho.dtype).eps)
     st1, st2 = act.prepare(q1, q2)
     value, slope = act.pair_dual(st1, st2, fixed)
     return value + (slope * root).detach() * (rho - rho.detach())
@@ -303,14 +306,54 @@ def _pair_covariances(
             root = safe_sqrt(q1_ * q2_)
             rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0).clamp(-1.0, 1.0)
             diagonal = act.pair_dual(st1, st2, rho)[1] * (w.detach() / kernel_size**2)
-
-        def step(lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            back = torch.autograd.grad(out, c, lam, retain_graph=True)[0]
-            return grad + back, 1.0 + back.abs() + grad.abs(), diagonal
-
-        return _anderson(step, grad.clone(), "adjoint pair", problems=problems, memory=LINEAR_MEMORY)
+        return _solve_adjoint(out, c, grad, diagonal, problems)
 
     return _Equilibrium.apply(f, solve, adjoint, q1, q2, s, w)
+
+
+def _solve_adjoint(out: Tensor, z: Tensor, grad: Tensor, diagonal: Tensor, problems: int) -> Tensor:
+    """``lambda = grad + J^T lambda`` for the graph ``out = f(z)``, whose Jacobian has ``diagonal``, by mixing."""
+
+    def step(lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        back = torch.autograd.grad(out, z, lam, retain_graph=True)[0]
+        return grad + back, 1.0 + back.abs() + grad.abs(), diagonal
+
+    return _anderson(step, grad.clone(), "adjoint pair", problems=problems, memory=LINEAR_MEMORY)
+
+
+def _tangent_terms(
+    derivative: Activation,
+    qa: Tensor,
+    qb: Tensor,
+    c: Tensor,
+    w: Tensor,
+    kernel_size: int,
+    average: Callable[[Tensor, int], Tensor],
+    problems: int,
+) -> Tensor:
+    """``E' T`` of a tile of pairs, ``T = w A[E' T] + c``, ``E' = E[phi'(u) phi'(v)]`` at covariance ``c``.
+
+    ``T`` is the covariance of the pre-activations' parameter gradients (see
+    :func:`conv_kernel`); a linear fixed point with the pair map's contraction, differentiable.
+    """
+    slope = _pair_value(derivative, qa, qb, c)
+
+    def f(t: Tensor, slope_: Tensor, c_: Tensor, w_: Tensor) -> Tensor:
+        return w_ * average(slope_ * t, kernel_size) + c_
+
+    def solve(slope_: Tensor, c_: Tensor, w_: Tensor) -> Tensor:
+        diagonal = slope_ * (w_ / kernel_size**2)
+
+        def step(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            mapped = w_ * average(slope_ * t, kernel_size)
+            return mapped + c_, 1.0 + mapped.abs() + c_.abs(), diagonal
+
+        return _anderson(step, c_.clone(), "tangent pair", problems=problems, memory=LINEAR_MEMORY)
+
+    def adjoint(out: Tensor, t: Tensor, grad: Tensor, slope_: Tensor, *_: Tensor) -> Tensor:
+        return _solve_adjoint(out, t, grad, slope_.detach() * (w.detach() / kernel_size**2), problems)
+
+    return slope * _Equilibrium.apply(f, solve, adjoint, slope.expand_as(c), c, w)
 
 
 #: Pixel pairs per tile (``settings.max_block_size`` overrides it): the iteration holds about
@@ -360,10 +403,21 @@ def conv_kernel(
     kernel_size: int,
     readout: str = "flatten",
     diag: bool = False,
+    output: str = "nngp",
 ) -> Tensor:
-    """The NNGP kernel of images ``(n, C, H, W)`` and ``(m, C, H, W)`` (``x2=None``: ``x1``) for ``readout``.
+    """The kernel of images ``(n, C, H, W)`` and ``(m, C, H, W)`` (``x2=None``: ``x1``) for ``readout``.
 
     ``diag``: only ``k(x1_i, x2_i)`` (``x2`` with as many images as ``x1``), in O(n).
+
+    ``output="ntk"``: the neural tangent kernel, all of ``U, W, b, v`` trained (NTK
+    parameterisation). The gradient of ``f`` in ``v`` gives the NNGP kernel. In ``U``, ``W``
+    and ``b`` it runs through the fixed point, ``dz = (I - W \ast \\mathrm{diag}\\,\\phi'(z))^{-1}``
+    applied to the direct terms; in the limit the covariance ``T`` of the pre-activations'
+    gradients between two pixels obeys the unrolled series of that inverse,
+    ``T = w A[E' T] + Sigma`` with ``E' = E[phi'(u) phi'(v)]`` (the direct terms' covariance is
+    ``Sigma`` itself: ``w A[E phi phi]``, ``iv A[G]`` and ``b`` from ``W``, ``U`` and ``b``), and
+    the readout adds ``ov E' T`` at the pixel pairs it reads. With ``kernel_size=1`` this is the
+    fully connected DEQ's ``k + ov E' K* / (1 - w E')`` of each pixel, averaged.
     """
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
@@ -376,14 +430,23 @@ def conv_kernel(
     else:
         s2 = iv * patch_average((x2 * x2).sum(1) / channels, kernel_size) + b
         q2 = image_variances(act, s2, w, kernel_size)
-    if diag and symmetric and not read.pooled:
+    ntk = output == "ntk"
+    derivative = act.derivative_activation() if ntk else None
+
+    def readout_of(qa: Tensor, qb: Tensor, c: Tensor, problems: int) -> Tensor:
+        out = _pair_value(act, qa, qb, c)
+        if ntk:
+            out = out + _tangent_terms(derivative, qa, qb, c, w, kernel_size, read.average, problems)
+        return ov * read.mean(out)
+
+    if diag and symmetric and not read.pooled and not ntk:
         # The pair of an image with itself is its own variance: V = D(q) exactly.
         return ov * act.diag_dual(q1)[0].mean((-2, -1))
     if diag:
         s12 = iv * read.average(read.gram(x1, x2, True), kernel_size) + b
         qa, qb = read.sides(q1, q2, True)
         c = _pair_covariances(act, qa, qb, s12, w, kernel_size, read.average, 1)
-        return ov * read.mean(_pair_value(act, qa, qb, c))
+        return readout_of(qa, qb, c, 1)
     n, m = x1.shape[0], x2.shape[0]
     budget = settings.max_block_size.value() or TILE_ELEMENTS[readout]
     side = max(1, math.isqrt(max(1, budget // read.entries)))
@@ -402,7 +465,7 @@ def conv_kernel(
                 start = s12.detach().clone()
                 start.diagonal(dim1=0, dim2=1).copy_(q1[i : i + side].detach().movedim(0, -1))
             c = _pair_covariances(act, qa, qb, s12, w, kernel_size, read.average, 2, start)
-            tiles[i, j] = ov * read.mean(_pair_value(act, qa, qb, c))
+            tiles[i, j] = readout_of(qa, qb, c, 2)
     rows = []
     for i in starts1:
         row = []
@@ -417,10 +480,26 @@ def conv_kernel(
         rows.append(torch.cat(row, dim=1))
     out = torch.cat(rows, dim=0)
     if symmetric and not read.pooled:
-        # The pair of an image with itself is its own variance: V = D(q) exactly.
-        diagonal = ov * act.diag_dual(q1)[0].mean((-2, -1))
+        # The pair of an image with itself is its own variance: V = D(q) exactly (and E' is
+        # the derivative's diagonal dual: at correlation 1 the pair dual loses half the digits).
+        diagonal = act.diag_dual(q1)[0]
+        if ntk:
+            diagonal = diagonal + _own_tangent_terms(derivative, q1, w, kernel_size)
+        diagonal = ov * diagonal.mean((-2, -1))
         out = out - torch.diag_embed(out.diagonal()) + torch.diag_embed(diagonal)
     return out
+
+
+def _own_tangent_terms(derivative: Activation, q: Tensor, w: Tensor, kernel_size: int) -> Tensor:
+    """``E' T`` of each image with itself: ``(I - w A diag(E')) T = q``, solved exactly (``P x P``)."""
+    n, h, wd = q.shape
+    pixels = h * wd
+    slope = derivative.diag_dual(q)[0]
+    eye = torch.eye(pixels, dtype=q.dtype, device=q.device)
+    average = patch_average(eye.reshape(pixels, h, wd), kernel_size).reshape(pixels, pixels).T
+    system = eye - w * average * slope.reshape(n, 1, pixels)
+    t = torch.linalg.solve(system, q.reshape(n, pixels, 1)).reshape(n, h, wd)
+    return slope * t
 
 
 def _partials(act: Activation, qa: Tensor, qb: Tensor, c: Tensor) -> tuple[Tensor, ...]:
