@@ -331,15 +331,12 @@ class DEQKernel(Kernel):
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor:
-        if last_dim_is_batch:
-            raise ValueError(_NO_LAST_DIM_IS_BATCH)
-        self._check_batch(x1, x2)
+        w, iv, b = self._checked(x1, x2, last_dim_is_batch)
         if self.ard_num_dims is not None and x1.shape[-1] != self.ard_num_dims:
             raise ValueError(
                 f"DEQKernel was built with ard_num_dims={self.ard_num_dims}, got inputs with "
                 f"{x1.shape[-1]} features (after active_dims)"
             )
-        w, iv, b = self._finite_hyperparameters()
         # Parameters are (*batch, 1) and (*batch, 1, d); the core wants (*batch) and (*batch, d).
         return equilibrium_covariance(
             x1,
@@ -352,8 +349,16 @@ class DEQKernel(Kernel):
             output=self.kernel,
         )
 
-    def _finite_hyperparameters(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(weight_variance, input_variance, bias_variance)``, or :class:`NonFiniteHyperparameterError`."""
+    def _checked(self, x1: Tensor, x2: Tensor, last_dim_is_batch: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(weight_variance, input_variance, bias_variance)`` for :meth:`forward`, after its checks.
+
+        ``last_dim_is_batch`` is refused, the inputs' batch dimensions must broadcast with
+        :attr:`batch_shape`, and non-finite hyperparameters raise
+        :class:`NonFiniteHyperparameterError`.
+        """
+        if last_dim_is_batch:
+            raise ValueError(_NO_LAST_DIM_IS_BATCH)
+        self._check_batch(x1, x2)
         w, iv, b = self.weight_variance, self.input_variance, self.bias_variance
         if not all(bool(torch.isfinite(t).all()) for t in (w, iv, b)):
             raise NonFiniteHyperparameterError(
@@ -425,10 +430,7 @@ class ConvDEQKernel(DEQKernel):
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor:
-        if last_dim_is_batch:
-            raise ValueError(_NO_LAST_DIM_IS_BATCH)
-        self._check_batch(x1, x2)
-        w, iv, b = self._finite_hyperparameters()
+        w, iv, b = self._checked(x1, x2, last_dim_is_batch)
         same = _same_points(x1, x2)
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
         options = dict(
