@@ -534,3 +534,32 @@ def test_finite_convolutional_deqs_have_the_tangent_kernel(rng):
     assert float(((empirical.mean(0) - ntk) / error).abs().max()) < 4.5
     wrong = nngp + 1.1 * (ntk - nngp)
     assert float(((empirical.mean(0) - wrong) / error).abs().max()) > 4.5
+
+
+def test_saved_and_reloaded_kernels_give_the_same_matrices(rng, tmp_path):
+    import pickle
+
+    import joblib
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, WhiteKernel
+
+    from deq_kernel.gpytorch import ConvDEQKernel
+    from deq_kernel.sklearn import ConvDEQ
+
+    X = rng.uniform(size=(12, 9))
+    y = X.sum(-1)
+    kernel = ConstantKernel(0.5) * ConvDEQ(image_shape=(3, 3), readout="gap", activation="erf") + WhiteKernel(0.1)
+    gp = GaussianProcessRegressor(kernel, optimizer=None).fit(X, y)
+    joblib.dump(gp, tmp_path / "gp.joblib")
+    again = joblib.load(tmp_path / "gp.joblib")
+    mean, std = gp.predict(X[:4], return_std=True)
+    mean2, std2 = again.predict(X[:4], return_std=True)
+    assert np.array_equal(mean, mean2) and np.array_equal(std, std2)
+    assert repr(pickle.loads(pickle.dumps(kernel))) == repr(kernel)
+
+    x = torch.as_tensor(X)
+    module = ConvDEQKernel("erf", image_shape=(3, 3), kernel="ntk").double()
+    module.weight_variance = 0.6
+    fresh = ConvDEQKernel("erf", image_shape=(3, 3), kernel="ntk").double()
+    fresh.load_state_dict(module.state_dict())
+    assert torch.equal(fresh(x).to_dense(), module(x).to_dense())
