@@ -563,3 +563,19 @@ def test_saved_and_reloaded_kernels_give_the_same_matrices(rng, tmp_path):
     fresh = ConvDEQKernel("erf", image_shape=(3, 3), kernel="ntk").double()
     fresh.load_state_dict(module.state_dict())
     assert torch.equal(fresh(x).to_dense(), module(x).to_dense())
+
+
+def test_finite_convolutional_deqs_at_widths_64_to_512(rng):
+    # At each width the networks' mean covariance is within its Monte Carlo error of the
+    # kernel, and one network's spread falls with width like width^-1/2 (within 30%).
+    x = torch.as_tensor(rng.normal(size=(2, 1, 4, 4)))
+    kernel = conv_equilibrium_covariance(x, weight_variance=0.5, **{**HYPERS, "output_variance": 1.0})
+    gen = torch.Generator().manual_seed(1)
+    spreads = []
+    for width, networks in ((64, 100), (256, 50), (512, 25)):
+        draws = _finite_network_kernels(x, width, networks, 3, gen)
+        z = (draws.mean(0) - kernel) / (draws.std(0) / math.sqrt(networks))
+        assert float(z.abs().max()) < 4.5, width
+        spreads.append(float((draws.std(0) / kernel).max()))
+    slope = np.polyfit(np.log([64, 256, 512]), np.log(spreads), 1)[0]
+    assert -0.65 < slope < -0.35, (slope, spreads)
