@@ -80,6 +80,24 @@ def _pair_value(act: Activation, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
     return value + (slope * root).detach() * (rho - rho.detach())
 
 
+def _pixel_solve(slope: Tensor, w: Tensor, rhs: Tensor, kernel_size: int, transpose: bool = False) -> Tensor:
+    """``x`` of ``(I - w A diag(slope)) x = rhs`` per image (its transpose with ``transpose``).
+
+    ``slope`` is ``(n, H, W)``; ``rhs`` is ``(n, H, W)`` or ``(n, H, W, k)`` (``k`` right-hand sides).
+    The ``P x P`` system of an image's pixels: the Newton step of its variances, their
+    tangents and adjoint, and the tangent kernel of an image with itself.
+    """
+    n, h, wd = slope.shape
+    pixels = h * wd
+    eye = torch.eye(pixels, dtype=slope.dtype, device=slope.device)
+    average = patch_average(eye.reshape(pixels, h, wd), kernel_size).reshape(pixels, pixels).T  # A m = average @ m
+    system = eye - w * average * slope.reshape(n, 1, pixels)
+    if transpose:
+        system = system.mT
+    out = torch.linalg.solve(system, rhs.reshape(n, pixels, -1))
+    return out.reshape(rhs.shape)
+
+
 class _Equilibrium(torch.autograd.Function):
     """``z* = f(z*, *params)`` as a function of ``params``: ``solve`` finds it, the backward pass is implicit.
 
@@ -202,10 +220,6 @@ def _anderson(
 
 def _solve_variances(act: Activation, s: Tensor, w: Tensor, kernel_size: int) -> Tensor:
     """The images' variances ``q = w A[D(q)] + s`` (``s``: ``(n, H, W)``), by Newton's method, without a graph."""
-    n, h, wd = s.shape
-    pixels = h * wd
-    eye = torch.eye(pixels, dtype=s.dtype, device=s.device)
-    average = patch_average(eye.reshape(pixels, h, wd), kernel_size).reshape(pixels, pixels).T  # (A m) = average @ m
     tol = tolerance(s.dtype)
     max_iter = settings.max_iterations.value()
     q = s.clone()
@@ -216,9 +230,7 @@ def _solve_variances(act: Activation, s: Tensor, w: Tensor, kernel_size: int) ->
         r = q - mapped - s
         size = q.abs() + mapped.abs() + s.abs()
         worst = float((r.abs() / size.clamp_min(torch.finfo(s.dtype).tiny)).amax()) if q.numel() else 0.0
-        jac = eye - w * average * dd.reshape(n, 1, pixels)
-        step = torch.linalg.solve(jac, r.reshape(n, pixels, 1)).reshape(n, h, wd)
-        q = torch.maximum(q - step, s)  # q >= s: D >= 0
+        q = torch.maximum(q - _pixel_solve(dd, w, r, kernel_size), s)  # q >= s: D >= 0
         if worst <= tol:
             return q  # one more Newton step, as every solver takes
     raise unconverged("image variance", worst, tol, max_iter)
@@ -232,18 +244,10 @@ def image_variances(act: Activation, s: Tensor, w: Tensor, kernel_size: int) -> 
         d = d.detach() + dd.detach() * (q - q.detach())  # first derivatives, from D'
         return w_ * patch_average(d, kernel_size) + s_
 
-    def adjoint(out: Tensor, q: Tensor, grad: Tensor, *_: Tensor) -> Tensor:
+    def adjoint(out: Tensor, q: Tensor, grad: Tensor, _s: Tensor, w_: Tensor) -> Tensor:
         # lambda = grad + J^T lambda with J = w A diag(D'): the transposed Newton systems.
-        n, h, wd = q.shape
-        pixels = h * wd
-        eye = torch.eye(pixels, dtype=q.dtype, device=q.device)
-        rows = [
-            torch.autograd.grad(out, q, basis.expand_as(out), retain_graph=True)[0].reshape(n, pixels)
-            for basis in eye.reshape(pixels, 1, h, wd)
-        ]
-        jac = torch.stack(rows, dim=1)  # (n, pixels, pixels): row k is e_k^T J
-        lam = torch.linalg.solve((eye - jac).mT, grad.reshape(n, pixels, 1))
-        return lam.reshape(n, h, wd)
+        with torch.no_grad():
+            return _pixel_solve(act.diag_dual(q)[1], w_, grad, kernel_size, transpose=True)
 
     return _Equilibrium.apply(f, lambda s_, w_: _solve_variances(act, s_, w_, kernel_size), adjoint, s, w)
 
@@ -492,14 +496,8 @@ def conv_kernel(
 
 def _own_tangent_terms(derivative: Activation, q: Tensor, w: Tensor, kernel_size: int) -> Tensor:
     """``E' T`` of each image with itself: ``(I - w A diag(E')) T = q``, solved exactly (``P x P``)."""
-    n, h, wd = q.shape
-    pixels = h * wd
     slope = derivative.diag_dual(q)[0]
-    eye = torch.eye(pixels, dtype=q.dtype, device=q.device)
-    average = patch_average(eye.reshape(pixels, h, wd), kernel_size).reshape(pixels, pixels).T
-    system = eye - w * average * slope.reshape(n, 1, pixels)
-    t = torch.linalg.solve(system, q.reshape(n, pixels, 1)).reshape(n, h, wd)
-    return slope * t
+    return slope * _pixel_solve(slope, w, q, kernel_size)
 
 
 def _partials(act: Activation, qa: Tensor, qb: Tensor, c: Tensor) -> tuple[Tensor, ...]:
@@ -524,18 +522,14 @@ def conv_kernel_tangents(
     scikit-learn kernel's ``eval_gradient`` needs, in the time of a few kernel evaluations.
     """
     read = _Readout(readout, x.shape[-2], x.shape[-1])
-    n, channels, h, wd = x.shape
-    pixels = h * wd
+    n, channels = x.shape[:2]
     with torch.no_grad():
         g1 = patch_average((x * x).sum(1) / channels, kernel_size)
         s1 = iv * g1 + b
         q = _solve_variances(act, s1, w, kernel_size)
         d, dd = act.diag_dual(q)
-        eye = torch.eye(pixels, dtype=x.dtype, device=x.device)
-        average = patch_average(eye.reshape(pixels, h, wd), kernel_size).reshape(pixels, pixels).T
-        jac = eye - w * average * dd.reshape(n, 1, pixels)
-        rhs = torch.stack([patch_average(d, kernel_size), g1, torch.ones_like(g1)], -1).reshape(n, pixels, 3)
-        dq = torch.linalg.solve(jac, rhs).reshape(n, h, wd, 3).movedim(-1, 0)  # (3, n, H, W)
+        rhs = torch.stack([patch_average(d, kernel_size), g1, torch.ones_like(g1)], -1)
+        dq = _pixel_solve(dd, w, rhs, kernel_size).movedim(-1, 0)  # (3, n, H, W)
         budget = settings.max_block_size.value() or TILE_ELEMENTS[readout]
         side = max(1, math.isqrt(max(1, budget // (3 * read.entries))))
         value = x.new_empty(n, n)
