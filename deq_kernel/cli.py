@@ -35,10 +35,12 @@ import numpy as np
 
 from . import __version__
 from .model_io import (
+    DELIMITERS,
     MODEL_FILE,
     InputError,
     SavedModel,
     check_no_missing,
+    describe_delimiter,
     fitted_hyperparameters,
     load_model,
     missing_rows,
@@ -140,34 +142,75 @@ class TrainingData:
     dropped: int
 
 
-def load_training_data(path: str, target: str, task: str, drop_missing: bool) -> TrainingData:
+def load_training_data(
+    path: str,
+    target: str,
+    task: str,
+    drop_missing: bool,
+    *,
+    features: Sequence[str] | None = None,
+    drop: Sequence[str] = (),
+    delimiter: str | None = None,
+    decimal: str = ".",
+) -> TrainingData:
     """Read ``path``, check it, and split it into standardisable features and a target.
+
+    ``features`` (default: every column but the target and ``drop``) are the feature columns;
+    ``drop`` names columns to leave out (an identifier, say). Only the target and the features
+    are checked for missing and non-numeric cells. ``delimiter`` and ``decimal`` are
+    :func:`~deq_kernel.model_io.read_csv`'s.
 
     Raises
     ------
     InputError
         For every problem the user can fix: see :mod:`deq_kernel.model_io`, plus a missing
-        target column, no feature column, fewer than two rows, a constant target, or one class.
+        target, feature or dropped column, no feature column, fewer than two rows, a constant
+        target, or one class.
     """
-    table = read_csv(path)
-    if target not in table.header:
-        raise InputError(f"target column {target!r} is not in {path!r} (columns: {', '.join(table.header)})")
-    features = [name for name in table.header if name != target]
+    table = read_csv(path, delimiter=delimiter, decimal=decimal)
+    table.check_columns([target], "target column")
+    table.check_columns(drop, "--drop column")
+    if features is not None:
+        table.check_columns(features, "--features column")
+        repeated = sorted({f for f in features if list(features).count(f) > 1})
+        if repeated:
+            raise InputError(f"--features names {', '.join(map(repr, repeated))} more than once")
+        if target in features:
+            raise InputError(f"--features names the target column {target!r}; a model cannot use it as a feature")
+        clash = [f for f in features if f in drop]
+        if clash:
+            raise InputError(f"--features and --drop both name {', '.join(map(repr, clash))}")
+        features = list(features)
+    else:
+        if target in drop:
+            raise InputError(f"--drop names the target column {target!r}")
+        features = [name for name in table.header if name != target and name not in drop]
     if not features:
-        raise InputError(f"{path!r} has no feature columns besides the target {target!r}")
+        raise InputError(f"{path!r} has no feature columns besides the target {target!r} (and --drop)")
+    used = [*features, target]
     dropped = 0
     if drop_missing:
-        mask = missing_rows(table, table.header)
+        mask = missing_rows(table, used)
         dropped = int(mask.sum())
         table = table.select(~mask)
         if not table.rows:
             raise InputError(f"every row of {path!r} has a missing value; nothing is left to fit")
     else:
-        check_no_missing(table, table.header, hint=" (use --drop-missing to drop such rows)")
+        check_no_missing(table, used, hint=" (use --drop-missing to drop such rows)")
     X = numeric_columns(table, features)
     if len(table.rows) < 2:
         raise InputError(f"{path!r} has {len(table.rows)} usable data row; fitting needs at least 2")
+    for j, name in enumerate(features):
+        if len(table.rows) >= ROW_NUMBER_ROWS and _is_row_number(X[:, j]):
+            warnings.warn(
+                f"feature column {name!r} counts the rows ({_format_value(X[0, j])}, {_format_value(X[1, j])}, ...): "
+                f"an identifier? give --drop {name} to leave it out",
+                UserWarning,
+                stacklevel=2,
+            )
     cells = table.column(target)
+    if table.decimal == ",":
+        cells = [cell.replace(",", ".") for cell in cells]  # numbers as the rest of the code reads them
     task = _resolve_task(task, cells)
     if task == "regression":
         y = numeric_columns(table, [target], kind="target")[:, 0]
@@ -176,9 +219,45 @@ def load_training_data(path: str, target: str, task: str, drop_missing: bool) ->
         return TrainingData(features, X, target, task, y, None, dropped)
     labels = _class_labels(cells)
     classes, y = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    classes = [str(c) for c in classes]
     if len(classes) < 2:
-        raise InputError(f"target column {target!r} has a single class ({classes[0]!r}); classification needs 2")
-    return TrainingData(features, X, target, task, y.astype(np.int64), [str(c) for c in classes], dropped)
+        raise InputError(f"target column {target!r} has a single class ({classes[0]}); classification needs 2")
+    _warn_if_not_classes(target, cells, classes)
+    return TrainingData(features, X, target, task, y.astype(np.int64), classes, dropped)
+
+
+#: Fewest rows for which a feature counting the rows draws a warning (an identifier column).
+ROW_NUMBER_ROWS = 10
+#: More distinct classes than this draws a warning under ``--task classification``.
+MANY_CLASSES = 30
+
+
+def _warn_if_not_classes(target: str, cells: Sequence[str], classes: Sequence[str]) -> None:
+    """Warn when a classification target looks continuous or has very many classes."""
+    try:
+        values = np.array([float(c) for c in cells])
+    except ValueError:
+        values = None
+    if values is not None and np.all(np.isfinite(values)) and np.any(values != np.round(values)):
+        warnings.warn(
+            f"target column {target!r} has non-integer numbers ({len(classes)} distinct values, e.g. "
+            f"{', '.join(classes[:3])}): each is a class of its own; --task regression fits it as a number",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif len(classes) > MANY_CLASSES:
+        warnings.warn(
+            f"target column {target!r} has {len(classes)} classes, more than {MANY_CLASSES}: most will have few "
+            "rows each; --task regression fits a numeric target as a number",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _is_row_number(column: np.ndarray) -> bool:
+    """Whether a column counts the rows by one (``0, 1, 2, ...`` or ``1, 2, 3, ...``, either way)."""
+    steps = np.diff(column)
+    return bool(column[0] in (0.0, 1.0, len(column) - 1.0, float(len(column))) and np.all(np.abs(steps) == 1.0))
 
 
 def _resolve_task(task: str, cells: Sequence[str]) -> str:
@@ -351,7 +430,16 @@ def _check_parent(target: Path, out: str) -> None:
 def command_fit(args: argparse.Namespace) -> int:
     """``deq-kernel fit``: read, standardise, fit with progress, report, cross-validate, save."""
     _check_model_out(args.out)
-    data = load_training_data(args.data, args.target, args.task, args.drop_missing)
+    data = load_training_data(
+        args.data,
+        args.target,
+        args.task,
+        args.drop_missing,
+        features=args.features,
+        drop=args.drop or (),
+        delimiter=args.delimiter,
+        decimal=args.decimal,
+    )
     Z, mean, scale = standardise(data.X)
     estimator = make_estimator(data.task, args)
     described = f"{len(data.y)} rows, {len(data.features)} features"
@@ -404,16 +492,33 @@ def command_predict(args: argparse.Namespace) -> int:
     """``deq-kernel predict``: a saved model applied to the columns of a CSV file, by name."""
     _check_file_out(args.out)
     model = load_model(args.model)
-    table = read_csv(args.data)
+    table = read_csv(args.data, delimiter=args.delimiter, decimal=args.decimal)
     lacking = [name for name in model.features if name not in table.header]
     if lacking:
         raise InputError(
             f"{args.data!r} lacks the training column(s) {', '.join(repr(n) for n in lacking)} of model {args.model!r}"
         )
-    check_no_missing(table, model.features)
+    skipped: list[int] = []
+    if args.drop_missing:
+        mask = missing_rows(table, model.features)
+        skipped = [line for line, m in zip(table.lines, mask, strict=True) if m]
+        table = table.select(~mask)
+        if not table.rows:
+            raise InputError(f"every row of {args.data!r} has a missing value; nothing is left to predict")
+    else:
+        check_no_missing(table, model.features, hint=" (use --drop-missing to skip such rows)")
     X = numeric_columns(table, model.features)
     columns = model.predict(X, return_std=args.std or args.latent, latent=args.latent)
+    if args.drop_missing:
+        columns = {"line": np.asarray(table.lines), **columns}
     write_csv(columns, args.out)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:20])) + (", ..." if len(skipped) > 20 else "")
+        print(
+            f"skipped {len(skipped)} row(s) with missing values at line(s) {shown}; the 'line' column names "
+            "the file line of each prediction",
+            file=sys.stderr,
+        )
     if args.out is not None:
         print(f"wrote {len(X)} predictions to {args.out!r}", file=sys.stderr)
     return 0
@@ -902,6 +1007,34 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _column_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names such as age,bmi, got {text!r}")
+    return names
+
+
+def _delimiter(text: str) -> str:
+    named = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+    value = named.get(text.lower(), text)
+    if len(value) != 1 or value in '"\r\n':
+        raise argparse.ArgumentTypeError(
+            f"expected one character (or tab, comma, semicolon, pipe, space), got {text!r}"
+        )
+    return value
+
+
+def _add_table_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--delimiter",
+        type=_delimiter,
+        metavar="SEP",
+        help="field separator: one character, or tab, comma, semicolon, pipe, space "
+        f"(default: detected among {', '.join(describe_delimiter(d) for d in DELIMITERS)})",
+    )
+    parser.add_argument("--decimal", choices=(".", ","), default=".", help="decimal mark of the numbers (default: '.')")
+
+
 def _widths(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",")]
@@ -999,7 +1132,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="folds of the cross-validated score, each refitted; 0 skips it (default: 5)",
     )
-    fit.add_argument("--drop-missing", action="store_true", help="drop rows with empty or NaN cells")
+    fit.add_argument(
+        "--features",
+        type=_column_names,
+        metavar="COLS",
+        help="comma-separated feature columns (default: every column but the target and --drop)",
+    )
+    fit.add_argument(
+        "--drop", type=_column_names, metavar="COLS", help="comma-separated columns to leave out, e.g. an identifier"
+    )
+    _add_table_options(fit)
+    fit.add_argument(
+        "--drop-missing", action="store_true", help="drop rows with empty or NaN cells in the target or a feature"
+    )
     fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     fit.add_argument("--out", default="deq-model", metavar="MODEL_DIR", help="model directory (default: deq-model)")
     fit.set_defaults(handler=command_fit)
@@ -1023,6 +1168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--latent",
         action="store_true",
         help="regression: write the latent function's standard deviation, without the noise (column 'latent_std')",
+    )
+    _add_table_options(predict)
+    predict.add_argument(
+        "--drop-missing",
+        action="store_true",
+        help="skip rows with empty or NaN cells in a feature, name them on stderr, and add a 'line' column "
+        "(the file line of each prediction)",
     )
     predict.add_argument("--out", metavar="PRED.csv", help="output file (default: standard output)")
     predict.set_defaults(handler=command_predict)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import difflib
 import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
@@ -38,6 +40,7 @@ from .activations import ACTIVATIONS, Activation, activation_spec, get_activatio
 from .sklearn import DEQGPClassifier, DEQGPRegressor
 
 __all__ = [
+    "DELIMITERS",
     "FORMAT_VERSION",
     "InputError",
     "SavedModel",
@@ -56,6 +59,8 @@ _FORMAT_NAME = "deq-kernel model"
 _ESTIMATORS = {cls.__name__: cls for cls in (DEQGPRegressor, DEQGPClassifier)}
 #: Cells read as missing values (besides those that parse as NaN).
 _MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})
+#: A number written with a decimal comma (``-1,5``, ``2,0e3``).
+_DECIMAL_COMMA = re.compile(r"[+-]?\d*,\d+([eE][+-]?\d+)?")
 
 Estimator = DEQGPRegressor | DEQGPClassifier
 
@@ -65,6 +70,12 @@ class InputError(ValueError):
 
 
 # --------------------------------------------------------------------------- CSV tables
+
+
+#: Field separators that :func:`read_csv` tries when none is given, in order of preference.
+DELIMITERS = (",", ";", "\t", "|")
+#: Rows read to detect the separator.
+_SNIFF_ROWS = 50
 
 
 @dataclass
@@ -81,12 +92,18 @@ class Table:
         Data rows, each as long as the header.
     lines : list of int
         The file line of each data row (the header is line 1), for messages.
+    delimiter : str
+        The field separator the file was read with.
+    decimal : str
+        The decimal mark of its numbers (``"."`` or ``","``).
     """
 
     path: str
     header: list[str]
     rows: list[list[str]]
     lines: list[int]
+    delimiter: str = ","
+    decimal: str = "."
 
     def column(self, name: str) -> list[str]:
         """The cells of column ``name``."""
@@ -97,11 +114,63 @@ class Table:
         """The table restricted to the rows where ``keep`` is true."""
         rows = [row for row, k in zip(self.rows, keep, strict=True) if k]
         lines = [line for line, k in zip(self.lines, keep, strict=True) if k]
-        return Table(self.path, self.header, rows, lines)
+        return Table(self.path, self.header, rows, lines, self.delimiter, self.decimal)
+
+    def check_columns(self, names: Sequence[str], what: str, hint: str = "") -> None:
+        """Raise :class:`InputError` for the first of ``names`` that is not a column, with the closest one."""
+        for name in names:
+            if name not in self.header:
+                close = difflib.get_close_matches(name, self.header, n=1)
+                suggestion = f"did you mean {close[0]!r}? " if close else ""
+                separator = ""
+                if len(self.header) == 1:
+                    separator = (
+                        f"; the header has one column when split at {describe_delimiter(self.delimiter)}: "
+                        "give --delimiter if the file uses another separator"
+                    )
+                raise InputError(
+                    f"{what} {name!r} is not in {self.path!r} ({suggestion}columns: {', '.join(self.header)}"
+                    f"{separator}){hint}"
+                )
 
 
-def read_csv(path: str | os.PathLike) -> Table:
-    """Read a comma-separated file whose first line names the columns.
+def describe_delimiter(delimiter: str) -> str:
+    """A separator as a message names it (a tab is invisible)."""
+    return "tabs" if delimiter == "\t" else repr(delimiter)
+
+
+def _detect_delimiter(lines: Sequence[str]) -> str:
+    """The separator of :data:`DELIMITERS` that splits the first rows into the most, equally many, fields.
+
+    A separator that gives rows of different lengths is passed over (a decimal comma inside
+    semicolon-separated fields makes ``,`` such a separator); if none splits the header at
+    all, or none is consistent, ``,`` is used and the reader reports what it finds.
+    """
+    sample = [line for line in lines[: 4 * _SNIFF_ROWS] if line.strip()][:_SNIFF_ROWS]
+    best, best_fields = ",", 1
+    for delimiter in DELIMITERS:
+        try:
+            counts = {len(row) for row in csv.reader(sample, delimiter=delimiter)}
+        except csv.Error:
+            continue
+        if len(counts) == 1 and (fields := counts.pop()) > best_fields:
+            best, best_fields = delimiter, fields
+    return best
+
+
+def read_csv(path: str | os.PathLike, *, delimiter: str | None = None, decimal: str = ".") -> Table:
+    """Read a delimited text file whose first line names the columns.
+
+    Parameters
+    ----------
+    path : str or path
+        The file (UTF-8, with or without a byte-order mark; any line ending).
+    delimiter : str, optional
+        The field separator. Default: detected from the first rows among ``,``, ``;``, tab
+        and ``|`` (the one that splits them into the most, equally many, fields).
+    decimal : {".", ","}
+        The decimal mark of the numbers (``","`` for files written with a decimal comma;
+        then the separator cannot be ``,``).
 
     Raises
     ------
@@ -110,6 +179,10 @@ def read_csv(path: str | os.PathLike) -> Table:
         names, or a row whose number of fields differs from the header's.
     """
     name = str(path)
+    if decimal not in (".", ","):
+        raise InputError(f"the decimal mark must be '.' or ',', got {decimal!r}")
+    if delimiter is not None and (len(delimiter) != 1 or delimiter in '"\r\n'):
+        raise InputError(f"the delimiter must be one character other than a quote or a line break, got {delimiter!r}")
     file = Path(path)
     if not file.exists():
         raise InputError(f"data file {name!r} does not exist")
@@ -121,7 +194,15 @@ def read_csv(path: str | os.PathLike) -> Table:
         raise InputError(f"{name!r} is not a text (UTF-8 CSV) file") from None
     except OSError as exc:
         raise InputError(f"cannot read {name!r}: {exc.strerror}") from None
-    reader = csv.reader(text.splitlines())
+    lines = text.splitlines()
+    given = delimiter is not None
+    if delimiter is None:
+        delimiter = _detect_delimiter(lines)
+        if decimal == "," and delimiter == ",":
+            delimiter = ";"  # with decimal commas, the usual separator
+    if delimiter == decimal:
+        raise InputError(f"the delimiter and the decimal mark of {name!r} cannot both be {delimiter!r}")
+    reader = csv.reader(lines, delimiter=delimiter)
     records: list[tuple[int, list[str]]] = []
     try:
         for row in reader:
@@ -141,8 +222,14 @@ def read_csv(path: str | os.PathLike) -> Table:
         raise InputError(f"data file {name!r} has a header but no data rows")
     for line, row in records[1:]:
         if len(row) != len(header):
-            raise InputError(f"{name!r}: line {line} has {len(row)} fields, the header has {len(header)}")
-    return Table(name, header, [[c.strip() for c in row] for _, row in records[1:]], [line for line, _ in records[1:]])
+            how = "given" if given else "detected"
+            raise InputError(
+                f"{name!r}: line {line} has {len(row)} fields, the header has {len(header)} (fields split at "
+                f"{describe_delimiter(delimiter)}, {how}; give --delimiter for another separator, or quote "
+                "fields that contain it)"
+            )
+    rows = [[c.strip() for c in row] for _, row in records[1:]]
+    return Table(name, header, rows, [line for line, _ in records[1:]], delimiter, decimal)
 
 
 def is_missing(cell: str) -> bool:
@@ -182,13 +269,17 @@ def numeric_columns(table: Table, columns: Sequence[str], kind: str = "feature")
         For a cell that is not a finite number, naming its column and line.
     """
     out = np.empty((len(table.rows), len(columns)), dtype=np.float64)
+    comma = table.decimal == ","
     for j, name in enumerate(columns):
         for i, (cell, line) in enumerate(zip(table.column(name), table.lines, strict=True)):
             try:
-                value = float(cell)
+                value = float(cell.replace(",", ".") if comma else cell)
             except ValueError:
+                hint = ""
+                if not comma and _DECIMAL_COMMA.fullmatch(cell):
+                    hint = "; a decimal comma? give --decimal ,"
                 raise InputError(
-                    f"{table.path!r}: {kind} column {name!r} is not numeric ({cell!r} at line {line})"
+                    f"{table.path!r}: {kind} column {name!r} is not numeric ({cell!r} at line {line}{hint})"
                 ) from None
             if not math.isfinite(value):
                 raise InputError(

@@ -79,7 +79,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "empty_cell": write_csv(d / "empty_cell.csv", ["a", "b", "y"], [[1, 2, 0.5], [2, "", 0.7], [3, 5, 0.1]]),
         "lacking": write_csv(d / "lacking.csv", ["a", "c", "extra"], [[1, 2, 3]]),
         "header_only": write_csv(d / "header_only.csv", ["a", "y"], []),
+        "decimal_comma": d / "decimal_comma.csv",
+        "holes": write_csv(d / "holes.csv", ["a", "b", "c"], [[1, 2, 3], [1, "", 3]]),
     }
+    paths["decimal_comma"].write_text("a;b;y\n1,5;2,0;0,25\n2,5;1,0;0,5\n0,5;3,0;1,5\n")
     paths["empty"] = d / "empty.csv"
     paths["empty"].write_text("")
     return paths
@@ -277,6 +280,79 @@ def test_drop_missing_drops_the_rows(files, tmp_path, capsys):
     assert torch.load(out / "tensors.pt", weights_only=True)["train_inputs"].shape == (3, 2)
 
 
+def test_separators_and_decimal_marks_are_detected_or_given(files, tmp_path):
+    rows = regression_rows(12)
+    reference = cli.load_training_data(str(files["reg"]), "y", "auto", False)
+    text = {
+        "semicolon": "a;b;c;y\n" + "".join(";".join(repr(v) for v in r) + "\n" for r in regression_rows(30)),
+        "tab": "a\tb\tc\ty\n" + "".join("\t".join(repr(v) for v in r) + "\n" for r in regression_rows(30)),
+        "comma_decimal": "a;b;c;y\n"
+        + "".join(";".join(repr(v).replace(".", ",") for v in r) + "\n" for r in regression_rows(30)),
+    }
+    for name, content in text.items():
+        path = tmp_path / f"{name}.csv"
+        path.write_text(content)
+        decimal = "," if name == "comma_decimal" else "."
+        data = cli.load_training_data(str(path), "y", "auto", False, decimal=decimal)
+        assert data.features == reference.features and data.task == "regression", name
+        np.testing.assert_array_equal(data.X, reference.X)
+        np.testing.assert_array_equal(data.y, reference.y)
+    # Detection counts fields outside quotes: a quoted comma does not split a semicolon file.
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('name;a;y\n"Smith, J";1;0.5\n"Doe, A";2;0.7\n"Roe, B";3;0.1\n')
+    data = cli.load_training_data(str(quoted), "y", "auto", False, drop=["name"])
+    assert data.features == ["a"] and data.X[:, 0].tolist() == [1.0, 2.0, 3.0]
+    # A separator given is used as given (pipe), and named ones are understood.
+    piped = tmp_path / "piped.csv"
+    piped.write_text("a|y\n" + "".join(f"{r[0]!r}|{r[-1]!r}\n" for r in rows))
+    args = cli.build_parser().parse_args(["fit", str(piped), "--target", "y", "--delimiter", "pipe"])
+    assert args.delimiter == "|"
+    assert cli.load_training_data(str(piped), "y", "auto", False, delimiter="|").X.shape == (12, 1)
+    assert cli.build_parser().parse_args(["fit", "x.csv", "--target", "y", "--delimiter", "tab"]).delimiter == "\t"
+
+
+def test_feature_selection_and_an_identifier_column(tmp_path):
+    rows = regression_rows(20)
+    path = write_csv(tmp_path / "ids.csv", ["id", "a", "b", "c", "y"], [[i + 1, *r] for i, r in enumerate(rows)])
+    with pytest.warns(UserWarning, match="feature column 'id' counts the rows .*--drop id"):
+        data = cli.load_training_data(str(path), "y", "auto", False)
+    assert data.features == ["id", "a", "b", "c"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.load_training_data(str(path), "y", "auto", False, drop=["id"]).features == ["a", "b", "c"]
+        picked = cli.load_training_data(str(path), "y", "auto", False, features=["c", "a"])
+    assert picked.features == ["c", "a"]
+    np.testing.assert_array_equal(picked.X, np.array(rows)[:, [2, 0]])
+    # Only the columns used are checked: an empty cell in a dropped column does not stop the fit.
+    holes = write_csv(tmp_path / "holes.csv", ["note", "a", "y"], [["", r[0], r[-1]] for r in rows])
+    assert cli.load_training_data(str(holes), "y", "auto", False, drop=["note"]).X.shape == (20, 1)
+
+
+def test_classification_targets_that_look_continuous_or_have_many_classes_are_warned_about(files, tmp_path):
+    with pytest.warns(UserWarning, match="non-integer numbers .* --task regression"):
+        cli.load_training_data(str(files["reg"]), "y", "classification", False)
+    many = write_csv(tmp_path / "many.csv", ["a", "y"], [[float(i % 7), i] for i in range(80)])
+    with pytest.warns(UserWarning, match="has 80 classes, more than 30"):
+        cli.load_training_data(str(many), "y", "classification", False)
+    with pytest.raises(InputError, match=r"has a single class \(2\.5\); classification needs 2") as info:
+        cli.load_training_data(str(files["constant"]), "y", "classification", False)
+    assert "np." not in str(info.value)
+
+
+def test_predict_drop_missing_skips_and_names_the_rows(model_dir, files, forked, tmp_path):
+    out = tmp_path / "pred.csv"
+    holes = write_csv(tmp_path / "holes.csv", ["a", "b", "c"], [[1, 2, 3], [1, "", 3], [0.5, 0.1, 0.2], ["NaN", 1, 1]])
+    result = forked("predict", str(model_dir), str(holes), "--drop-missing", "--std", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 row(s) with missing values at line(s) 3, 5" in result.stderr
+    table = list(csv.DictReader(out.open()))
+    assert [row["line"] for row in table] == ["2", "4"]
+    full = load_model(model_dir).predict(np.array([[1.0, 2, 3], [0.5, 0.1, 0.2]]), return_std=True)
+    assert [float(row["mean"]) for row in table] == full["mean"].tolist()
+
+
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -421,6 +497,19 @@ BAD_INPUT = {
     "verify --out a file": (["verify", "--out", "{reg}"], "is a file, not a directory"),
     "predict --out a directory": (["predict", "{model}", "{reg}", "--out", "{tmp}"], "is a directory"),
     "one fold": (["fit", "{reg}", "--target", "y", "--cv", "1"], "a number of folds >= 2"),
+    # Columns and separators: named, with the closest valid name or what to give instead.
+    "misspelled target": (["fit", "{reg}", "--target", "yy"], "did you mean 'y'?"),
+    "unknown feature": (["fit", "{reg}", "--target", "y", "--features", "a,bb"], "'bb' is not in"),
+    "feature is the target": (["fit", "{reg}", "--target", "y", "--features", "a,y"], "names the target column 'y'"),
+    "dropping the target": (["fit", "{reg}", "--target", "y", "--drop", "y"], "--drop names the target column"),
+    "unknown dropped column": (["fit", "{reg}", "--target", "y", "--drop", "id"], "--drop column 'id' is not in"),
+    "wrong delimiter": (
+        ["fit", "{reg}", "--target", "y", "--delimiter", "semicolon"],
+        "the header has one column when split at ';': give --delimiter",
+    ),
+    "decimal commas": (["fit", "{decimal_comma}", "--target", "y"], "a decimal comma? give --decimal ,"),
+    "bad delimiter": (["fit", "{reg}", "--target", "y", "--delimiter", "ab"], "--delimiter"),
+    "missing cell in predict": (["predict", "{model}", "{holes}"], "use --drop-missing to skip such rows"),
 }
 #: Cases refused before any work: nothing is printed on standard output.
 BEFORE_ANY_WORK = (
