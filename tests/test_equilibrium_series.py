@@ -210,6 +210,21 @@ def test_interpolated_diagonal_matches_the_bracketed_solve(rng, name):
     assert torch.allclose(dd, act.diag_dual(q)[1], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("name", ["tanh", "softplus", "erf"])
+def test_diagonal_of_points_whose_variances_differ_by_rounding(name):
+    # Points on a sphere (an input embedding of constant norm) have s equal up to an ulp:
+    # the interpolation nodes then sat within rounding of each other and their barycentric
+    # weights cancelled to inf - inf (erf: NaN variances, then a ConvergenceError in a BoTorch
+    # loop; tanh: a ZeroDivisionError in its quadrature).
+    act = get_activation(name)
+    w = torch.tensor([0.4], dtype=torch.float64)
+    for base in np.linspace(0.01, 5.0, 20):
+        s = torch.tensor([base] * 70 + [np.nextafter(base, 0.0)] * 30, dtype=torch.float64)
+        q, _ = diagonal.solve_diagonal(act, s, w)
+        exact = diagonal.bracketed_diagonal(act, s, w)
+        assert torch.allclose(q, exact, rtol=1e-14, atol=0), base
+
+
 @pytest.mark.parametrize("pairs_shape", [(7,), (3, 5)])
 def test_hermite_series_power_table_agrees_with_horners_rule(rng, monkeypatch, pairs_shape):
     # Small arrays are summed from a table of powers, large ones by Horner's rule: the same

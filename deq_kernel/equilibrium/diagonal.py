@@ -61,7 +61,10 @@ def interpolated_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor
     nodes = (torch.exp(u_nodes) - delta).clamp_min(0.0) if logarithmic else u_nodes
     w64 = w.detach().to(torch.float64).reshape(())
     q_nodes = bracketed_diagonal(act, nodes, w64)
-    if u_hi > u_lo:
+    # Values spanning a few ulps (points on a sphere, whose s differ by rounding only) put the
+    # nodes within rounding of each other: the barycentric weights 1/(u - u_k) then cancel to
+    # inf - inf. One node's value, polished by Newton's method below, is then the start.
+    if u_hi - u_lo > 64.0 * torch.finfo(torch.float64).eps * max(abs(u_lo), abs(u_hi)):
         weights = torch.where(k % 2 == 0, 1.0, -1.0)
         weights[0] *= 0.5
         weights[-1] *= 0.5
@@ -79,6 +82,8 @@ def interpolated_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor
         d, dd = act.diag_dual(q)
         r = q - wd * d - sd
         step = r / (1.0 - wd * dd)
+        if not bool(torch.isfinite(r).all()):
+            return None
         if bool((r.abs() <= tol * (q.abs() + (wd * d).abs() + sd)).all()):
             # One more Newton step, as the bracketed method takes, with D updated linearly.
             return q - step, d - dd * step, dd
