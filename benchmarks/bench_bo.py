@@ -9,10 +9,11 @@ there (noise-free, maximisation of the negated test function). Models:
   lengthscale prior, ``Normalize``-free unit cube, ``Standardize``);
 * ``iwbnn``: ``SingleTaskGP(X, Y, covar_module=InfiniteWidthBNNKernel(depth=3))``, BoTorch's
   infinite-width network kernel, as its tutorial builds it;
-* ``deq-relu``, ``deq-erf``, ``deq-tanh``, ``deq-relu-ntk``: the candidate DEQ construction
-  of :func:`deq_surrogate` below (``ScaleKernel(DEQKernel(..., ard_num_dims=d))`` on inputs
-  centred by ``Normalize(d, bounds, center=0)``), which this benchmark exists to evaluate and
-  improve before the library recommends one.
+* ``deq-relu``, ``deq-erf``, ``deq-tanh``, ``deq-relu-ntk``: the library's recommended DEQ
+  surrogate, :func:`deq_kernel.botorch.deq_surrogate` (the DEQ kernel of harmonic features of
+  the unit-cube inputs, stationary and of unit variance, with priors on its variances);
+* ``centred-relu``: the first candidate, ``ScaleKernel(DEQKernel("relu", ard_num_dims=d))`` on
+  inputs centred by ``Normalize(d, bounds, center=0)``, kept for comparison.
 
 Problems (``--problems``): ``hartmann6``, ``branin``, ``ackley10`` and ``hartmann6in50`` (Hartmann-6
 on 6 of 50 dimensions, the other 44 ignored), all from ``botorch.test_functions``.
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("default", "iwbnn", "deq-relu", "deq-erf", "deq-tanh", "deq-relu-ntk")
+MODELS = ("default", "iwbnn", "deq-relu", "deq-erf", "deq-tanh", "deq-relu-ntk", "centred-relu")
 PROBLEMS = ("hartmann6", "branin", "ackley10", "hartmann6in50")
 
 
@@ -80,11 +81,19 @@ def build(model: str, X: torch.Tensor, Y: torch.Tensor):
         return SingleTaskGP(X, Y, covar_module=InfiniteWidthBNNKernel(3, device=X.device))
     parts = model.split("-")
     activation, kernel = parts[1], ("ntk" if parts[-1] == "ntk" else "nngp")
-    return deq_surrogate(X, Y, activation=activation, kernel=kernel)
+    build_deq = centred_surrogate if parts[0] == "centred" else deq_surrogate
+    return build_deq(X, Y, activation=activation, kernel=kernel)
 
 
 def deq_surrogate(X: torch.Tensor, Y: torch.Tensor, *, activation: str, kernel: str):
-    """The candidate DEQ surrogate: centred unit-cube inputs, ARD, BoTorch's likelihood and Standardize."""
+    """The recommended DEQ surrogate: :func:`deq_kernel.botorch.deq_surrogate` (harmonic inputs, priors)."""
+    from deq_kernel.botorch import deq_surrogate as recommended
+
+    return recommended(X, Y, activation=activation, kernel=kernel)
+
+
+def centred_surrogate(X: torch.Tensor, Y: torch.Tensor, *, activation: str, kernel: str):
+    """The first candidate, kept for comparison: ``ScaleKernel(DEQKernel)`` on inputs centred by ``Normalize``."""
     from botorch.models import SingleTaskGP
     from botorch.models.transforms.input import Normalize
     from gpytorch.kernels import ScaleKernel
