@@ -48,6 +48,7 @@ import math
 from typing import Any
 
 import torch
+from gpytorch.constraints import GreaterThan
 from gpytorch.priors import LogNormalPrior, Prior
 from torch import Tensor
 
@@ -58,6 +59,8 @@ __all__ = ["HarmonicDEQKernel", "collapsed_fit", "default_priors", "deq_surrogat
 
 #: Harmonics per coordinate of :class:`HarmonicDEQKernel` (see the module's docstring for why two).
 HARMONICS = 2
+#: Lower end of the input and bias variances' constraints in :func:`deq_surrogate`.
+VARIANCE_FLOOR = 1e-6
 #: How far outside the unit cube an input may lie (rounding of an input transform).
 CUBE_TOLERANCE = 1e-6
 
@@ -230,6 +233,10 @@ def deq_surrogate(
         harmonics=harmonics,
         ard_num_dims=d,
         batch_shape=_model_batch(train_X, train_Y),
+        # Lower ends above 0: softplus underflows to exactly 0 far out, where the priors'
+        # densities are undefined (an L-BFGS step there raised from inside the fit).
+        input_variance_constraint=GreaterThan(VARIANCE_FLOOR),
+        bias_variance_constraint=GreaterThan(VARIANCE_FLOOR),
         **default_priors(d),
     )
     return SingleTaskGP(

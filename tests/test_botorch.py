@@ -190,3 +190,26 @@ def test_six_iterations_on_hartmann6_improve_on_the_initial_design():
     for seed in (0, 1):
         best, _ = bench_bo.run_loop("deq-relu", "hartmann6", seed, 14, 6)
         assert best[-1] > best[0] + 0.1, (seed, best)
+
+
+@pytest.mark.parametrize("activation", ["relu", "erf"])
+def test_marginal_likelihood_with_the_priors_is_finite_at_the_ends_of_the_range(activation):
+    # The priors' densities at the constraints' ends: a variance that underflowed to exactly 0
+    # made LogNormalPrior raise from inside fit_gpytorch_mll (an L-BFGS step went there).
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    torch.manual_seed(4)
+    X = torch.rand(10, 3, dtype=torch.float64)
+    model = deq_surrogate(X, X.sum(-1, keepdim=True), activation=activation)
+    mll = ExactMarginalLogLikelihood(model.likelihood, model)
+    kernel = model.covar_module
+    for raw in (-1e4, -30.0, 0.0, 30.0, 1e4):
+        for parameter in (kernel.raw_input_variance, kernel.raw_bias_variance, kernel.raw_weight_variance):
+            with torch.no_grad():
+                parameter.fill_(raw)
+            model.zero_grad()
+            value = mll(model(*model.train_inputs), model.train_targets)
+            value.backward()
+            assert bool(torch.isfinite(value)), (raw, parameter.shape)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert all(bool(torch.isfinite(g).all()) for g in grads), raw
