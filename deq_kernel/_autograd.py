@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SECOND_DERIVATIVES", "first_derivatives_only"]
+__all__ = ["SECOND_DERIVATIVES", "first_derivatives_only", "refuse_function_transforms"]
 
 #: The error of a backward pass asked to build a graph for second derivatives.
 SECOND_DERIVATIVES = (
@@ -36,3 +36,23 @@ def first_derivatives_only(backward: Callable[..., Any]) -> Callable[..., Any]:
         return backward(ctx, *grads)
 
     return guarded
+
+
+#: The error of a call under a torch.func transform.
+FUNCTION_TRANSFORMS = (
+    "{where} does not run under torch.func transforms (vmap, grad, jacrev, jvp): its fixed points "
+    "are solved with data-dependent stopping and its implicit gradients are hand-written autograd "
+    "Functions. Instead of vmap, pass a batch of inputs (shape (..., n, d)) or of hyperparameters; "
+    "instead of torch.func.grad, use torch.autograd.grad or .backward()"
+)
+
+
+def refuse_function_transforms(where: str) -> None:
+    """Raise a clear error when called under a :mod:`torch.func` transform.
+
+    Without it, ``vmap`` fails deep inside with "data-dependent control flow" and ``grad``
+    with a remark about ``setup_context``, neither naming the library or what to do.
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        raise RuntimeError(FUNCTION_TRANSFORMS.format(where=where))

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._autograd import refuse_function_transforms
 from .activations import Activation, get_activation
 from .activations.registry import check_keywords
 from .equilibrium.backend import check_output_fits
@@ -137,6 +138,7 @@ def conv_equilibrium_covariance(
     >>> k.shape, bool(torch.allclose(k, k.mT))
     (torch.Size([2, 2]), True)
     """
+    refuse_function_transforms("conv_equilibrium_covariance")
     shape, kernel_size, readout = check_conv_options(image_shape, kernel_size, readout)
     if output not in ("nngp", "ntk"):
         raise ValueError(f"output must be 'nngp' or 'ntk' for the convolutional kernel, got {output!r}")

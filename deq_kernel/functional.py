@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._autograd import refuse_function_transforms
 from .activations import Activation, get_activation
 from .activations.registry import check_keywords
 from .equilibrium.backend import check_output_fits
@@ -107,6 +108,7 @@ def equilibrium_covariance(
     tensor([[1.0000, 0.2172],
             [0.2172, 1.0000]], dtype=torch.float64)
     """
+    refuse_function_transforms("equilibrium_covariance")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
     if not isinstance(diag, bool):

@@ -396,3 +396,23 @@ def test_integer_inputs_become_float64_whether_tensors_or_lists():
     assert from_list.dtype == from_tensor.dtype == torch.float64
     torch.testing.assert_close(from_tensor, from_list, rtol=0, atol=0)
     assert equilibrium_covariance(torch.tensor(rows, dtype=torch.float32)).dtype == torch.float32
+
+
+def test_torch_func_transforms_are_refused_with_what_to_use_instead():
+    # vmap failed deep inside ("data-dependent control flow") and torch.func.grad with a remark
+    # about setup_context, neither naming the library nor the alternative.
+    from deq_kernel import conv_equilibrium_covariance
+
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"equilibrium_covariance does not run under torch.func.*batch of inputs"):
+        torch.func.vmap(lambda a: equilibrium_covariance(a, weight_variance=1.0))(x)
+    with pytest.raises(RuntimeError, match=r"torch.func transforms.*torch.autograd.grad"):
+        torch.func.grad(lambda w: equilibrium_covariance(x[0], weight_variance=w).sum())(
+            torch.tensor(1.0, dtype=torch.float64)
+        )
+    images = torch.randn(2, 3, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"conv_equilibrium_covariance does not run under torch\.func"):
+        torch.func.vmap(lambda a: conv_equilibrium_covariance(a, weight_variance=0.5))(images)
+    # Outside a transform, the batch is the way: the same matrices as one call per element.
+    batched = equilibrium_covariance(x, weight_variance=1.0)
+    assert torch.allclose(batched[1], equilibrium_covariance(x[1], weight_variance=1.0), rtol=1e-13, atol=0)
