@@ -576,6 +576,14 @@ class DemoRow:
     nlpd: float
     seconds: float
     hyperparameters: str
+    #: Per held-out point: the squared error (RMSE) or 1 for a correct class (accuracy).
+    losses: np.ndarray
+
+    @property
+    def score_se(self) -> float:
+        """Standard error of :attr:`score` over the held-out points (delta method for RMSE)."""
+        se = float(np.std(self.losses, ddof=1) / np.sqrt(len(self.losses)))
+        return se / (2.0 * self.score) if self.metric == "RMSE" else se
 
 
 def _demo_regression(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
@@ -628,6 +636,7 @@ def _demo_regression(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
             _gaussian_nlpd(deq_mean, deq_std, y_test),
             deq_seconds,
             deq_hypers,
+            (deq_mean - y_test) ** 2,
         ),
         DemoRow(
             "diabetes",
@@ -639,6 +648,7 @@ def _demo_regression(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
             _gaussian_nlpd(rbf_mean, rbf_std, y_test),
             rbf_seconds,
             rbf_hypers,
+            (rbf_mean - y_test) ** 2,
         ),
     ]
     plot = {"y_test": y_test, "deq": (deq_mean, deq_std), "rbf": (rbf_mean, rbf_std)}
@@ -667,9 +677,10 @@ def _demo_classification(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
     deq_seconds = time.perf_counter() - start
     deq_proba = deq.predict_proba(Z_test)
     fitted = deq.kernel_
+    scales = np.atleast_1d(fitted_hyperparameters(deq).get("outputscale", []))
     deq_hypers = (
         f"weight_variance={fitted.weight_variance:.3g} input_variance={float(fitted.input_variance):.3g} "
-        f"bias_variance={fitted.bias_variance:.3g}"
+        f"bias_variance={fitted.bias_variance:.3g} outputscale={'/'.join(f'{v:.3g}' for v in scales)}"
     )
 
     rbf = GaussianProcessClassifier(ConstantKernel(1.0) * RBF(1.0), random_state=0)
@@ -689,6 +700,7 @@ def _demo_classification(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
             _categorical_nlpd(deq_proba, y_test),
             deq_seconds,
             deq_hypers,
+            (np.argmax(deq_proba, axis=1) == y_test).astype(float),
         ),
         DemoRow(
             "breast_cancer",
@@ -700,12 +712,14 @@ def _demo_classification(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
             _categorical_nlpd(rbf_proba, y_test),
             rbf_seconds,
             rbf_hypers,
+            (np.argmax(rbf_proba, axis=1) == y_test).astype(float),
         ),
     ]
     order = np.concatenate([np.flatnonzero(y_test == c)[:30] for c in (0, 1)])
     covariance = fitted(Z_test[order])
     scale = np.sqrt(np.diag(covariance))
-    plot = {"correlation": covariance / np.outer(scale, scale), "labels": y_test[order]}
+    names = [str(load_breast_cancer().target_names[c]) for c in (0, 1)]
+    plot = {"correlation": covariance / np.outer(scale, scale), "labels": y_test[order], "class_names": names}
     return rows, plot
 
 
@@ -747,7 +761,7 @@ def _demo_table(rows: Sequence[DemoRow]) -> str:
             r.model,
             str(r.n_train),
             str(r.n_test),
-            f"{r.metric} {r.score:.4g}",
+            f"{r.metric} {r.score:.4g} +- {r.score_se:.2g}",
             f"{r.nlpd:.4g}",
             f"{r.seconds:.1f}",
             r.hyperparameters,
@@ -755,6 +769,18 @@ def _demo_table(rows: Sequence[DemoRow]) -> str:
         for r in rows
     ]
     return format_table(headers, cells, right={2, 3, 5, 6})
+
+
+def _paired_difference(rows: Sequence[DemoRow]) -> str:
+    """The DEQ model's score minus the RBF model's on the same held-out points, with its paired standard error."""
+    deq, rbf = rows
+    diff = deq.losses - rbf.losses
+    se = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
+    what = "mean squared error" if deq.metric == "RMSE" else "accuracy"
+    mean = float(np.mean(diff))
+    verdict = "within two standard errors: no difference shown" if abs(mean) <= 2 * se else "a difference"
+    paired = f"paired over {len(diff)} points; {verdict}"
+    return f"{deq.data}: {what} of DEQ GP minus RBF GP {mean:.4g} +- {se:.2g} ({paired})"
 
 
 def _pyplot() -> Any | None:
@@ -789,13 +815,23 @@ def _demo_plot(regression: dict[str, Any], classification: dict[str, Any], path:
     )
     left.legend(loc="upper left", fontsize=8)
     image = right.imshow(classification["correlation"], cmap="viridis")
-    boundary = int(np.sum(classification["labels"] == classification["labels"][0])) - 0.5
-    right.axhline(boundary, color="w", lw=1)
-    right.axvline(boundary, color="w", lw=1)
+    count = int(np.sum(classification["labels"] == classification["labels"][0]))
+    total = len(classification["labels"])
+    right.axhline(count - 0.5, color="w", lw=1)
+    right.axvline(count - 0.5, color="w", lw=1)
+    names = classification["class_names"]
+    centres = [(count - 1) / 2, (count + total - 1) / 2]
     right.set(
-        title="breast cancer: fitted DEQ kernel correlation,\n30 held-out points of each class", xticks=[], yticks=[]
+        title="breast cancer: fitted DEQ kernel correlation\nbetween held-out points, 30 of each class",
+        xlabel="held-out point, grouped by true class",
+        ylabel="held-out point, grouped by true class",
+        xticks=centres,
+        yticks=centres,
+        xticklabels=names,
+        yticklabels=names,
     )
-    fig.colorbar(image, ax=right, shrink=0.85)
+    colorbar = fig.colorbar(image, ax=right, shrink=0.85)
+    colorbar.set_label("kernel correlation k(x, x') / sqrt(k(x, x) k(x', x'))")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -824,8 +860,13 @@ def command_demo(args: argparse.Namespace) -> int:
             clf_rows, clf_plot = _demo_classification(args.quick)
     finally:
         torch.set_num_threads(threads)
-    print(_demo_table(reg_rows + clf_rows))
-    print("held-out: RMSE (lower is better) or accuracy; NLPD: mean negative log predictive density (lower is better)")
+    rows = reg_rows + clf_rows
+    print(_demo_table(rows))
+    for data in dict.fromkeys(r.data for r in rows):
+        print(_paired_difference([r for r in rows if r.data == data]))
+    print("held-out: RMSE in the target's units (lower is better) or accuracy, +- its standard error over the points")
+    print("NLPD: mean negative log predictive density; for classification, the log loss (lower is better)")
+    print("hyperparameters: of standardised inputs and, for regression, standardised targets")
     path = out / "deq-kernel-demo.png"
     if _demo_plot(reg_plot, clf_plot, path):
         print(f"plot: {path}")

@@ -662,7 +662,7 @@ def test_demo_prints_the_table_and_writes_the_plot(tmp_path, forked):
     assert result.returncode == 0, result.stderr
     rows = {}
     for line in result.stdout.splitlines():
-        if line.startswith(("diabetes", "breast_cancer")):
+        if line.startswith(("diabetes ", "breast_cancer ")):
             data, _, rest = line.partition("  ")
             rows[(data, "DEQ" if "DEQ GP" in rest else "RBF")] = rest.split()
     assert set(rows) == {(d, m) for d in ("diabetes", "breast_cancer") for m in ("DEQ", "RBF")}
@@ -674,6 +674,15 @@ def test_demo_prints_the_table_and_writes_the_plot(tmp_path, forked):
         assert float(cells[cells.index("accuracy") + 1]) > 0.9
     assert "weight_variance=" in " ".join(rows[("diabetes", "DEQ")])
     assert "lengthscale=" in " ".join(rows[("diabetes", "RBF")])
+    # Scores with their standard errors, the classifier's output scale, and the paired difference.
+    for key, cells in rows.items():
+        metric = cells.index("RMSE" if key[0] == "diabetes" else "accuracy")
+        assert cells[metric + 2] == "+-" and 0 < float(cells[metric + 3]) < 10, cells
+    assert "outputscale=" in " ".join(rows[("breast_cancer", "DEQ")])
+    paired = [line for line in result.stdout.splitlines() if "of DEQ GP minus RBF GP" in line]
+    assert [line.split(":")[0] for line in paired] == ["diabetes", "breast_cancer"]
+    assert all("+-" in line and "paired over" in line for line in paired)
+    assert "for classification, the log loss" in result.stdout
     png = tmp_path / "deq-kernel-demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
