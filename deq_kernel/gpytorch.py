@@ -17,7 +17,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -735,14 +735,46 @@ class FitResult:
         Whether the stopping rule was met before ``max_iter`` (False also when the
         optimisation stopped on a numerical failure; the best point seen is kept).
     history : list of float
-        The log marginal likelihood at each evaluation.
+        The log marginal likelihood at each evaluation (left out of the repr).
+    hyperparameters : dict of str to float or list
+        The fitted values by name, constrained (``covar_module.base_kernel.weight_variance``,
+        ``likelihood.noise_covar.noise``, ...), as :func:`fit_exact_gp` leaves the model.
     """
 
     log_marginal_likelihood: float
     n_iter: int
     n_evaluations: int
     converged: bool
-    history: list[float]
+    history: list[float] = field(repr=False)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{name}={_rounded(value)}" for name, value in self.hyperparameters.items())
+        return (
+            f"FitResult(log_marginal_likelihood={self.log_marginal_likelihood:.6g}, n_iter={self.n_iter}, "
+            f"n_evaluations={self.n_evaluations}, converged={self.converged}, hyperparameters={{{values}}})"
+        )
+
+
+def _rounded(value: Any) -> str:
+    """A hyperparameter's value, or list of values, to four significant digits."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_rounded(v) for v in value) + "]"
+    return f"{value:.4g}"
+
+
+def fitted_values(model: torch.nn.Module) -> dict[str, Any]:
+    """Every parameter of ``model`` that requires a gradient, by name without ``raw_``, constrained."""
+    out: dict[str, Any] = {}
+    for name, parameter, constraint in model.named_parameters_and_constraints():
+        if not parameter.requires_grad:
+            continue
+        value = parameter if constraint is None else constraint.transform(parameter)
+        flat = value.detach().cpu().reshape(-1).tolist()
+        head, _, last = name.rpartition(".")
+        last = last.removeprefix("raw_")
+        out[f"{head}.{last}" if head else last] = flat[0] if len(flat) == 1 else flat
+    return out
 
 
 #: Errors that make a point's marginal likelihood unavailable (read as +inf during fitting).
@@ -908,6 +940,7 @@ def fit_exact_gp(
         n_evaluations=len(history),
         converged=converged,
         history=history,
+        hyperparameters=fitted_values(model),
     )
 
 

@@ -427,6 +427,14 @@ def test_fit_exact_gp_raises_the_marginal_likelihood(optimizer):
     assert result.log_marginal_likelihood == pytest.approx(_lml(model), rel=1e-9)  # the kept point
     assert result.log_marginal_likelihood == pytest.approx(max(result.history))
     assert 1 <= result.n_iter <= 60 and result.n_evaluations == len(result.history)
+    # The fitted values by name, as the model holds them, and in the repr (the history is not).
+    base = model.covar_module.base_kernel
+    fitted = result.hyperparameters
+    assert fitted["covar_module.base_kernel.weight_variance"] == base.weight_variance.item()
+    assert fitted["likelihood.noise_covar.noise"] == model.likelihood.noise.item()
+    assert fitted["covar_module.outputscale"] == model.covar_module.outputscale.item()
+    text = repr(result)
+    assert f"weight_variance={base.weight_variance.item():.4g}" in text and "history" not in text
 
 
 def test_adam_stops_early():
