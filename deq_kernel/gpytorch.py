@@ -305,6 +305,35 @@ class DEQKernel(Kernel):
             state["_activation"] = None
         return state
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing: list,
+        unexpected: list,
+        error_msgs: list[str],
+    ) -> None:
+        # A state saved from a kernel with another activation would bring that activation's
+        # weight-variance constraint with it (an erf state made a relu kernel's bound 0.78):
+        # the constraint's bounds must be this kernel's own.
+        for end in ("lower_bound", "upper_bound"):
+            key = f"{prefix}raw_weight_variance_constraint.{end}"
+            own = getattr(self.raw_weight_variance_constraint, end)
+            incoming = state_dict.get(key)
+            if isinstance(incoming, Tensor) and incoming.shape == own.shape and not torch.equal(incoming.to(own), own):
+                error_msgs.append(
+                    f"{type(self).__name__}(activation={self.activation.name!r}) has a weight_variance constraint with "
+                    f"{end.replace('_', ' ')} {float(own):.6g}, the saved state {float(incoming):.6g}: it was saved "
+                    "from a kernel with another activation (or constraint); build the kernel as the saved one was"
+                )
+                # Nothing of it is loaded, this kernel's children (the constraints) included.
+                for name in [k for k in state_dict if k.startswith(prefix)]:
+                    del state_dict[name]
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+
     # ------------------------------------------------------------------ covariance
 
     def __call__(

@@ -830,3 +830,19 @@ def test_lbfgs_out_of_evaluations_is_not_reported_converged(monkeypatch):
     monkeypatch.setattr(torch.optim, "LBFGS", original)
     model = ExactGPModel(x, y, GaussianLikelihood()).double()
     assert fit_exact_gp(model, max_iter=200, tol=1e-4).converged  # tolerances met: converged
+
+
+def test_a_state_saved_from_another_activation_is_refused_and_nothing_is_loaded():
+    # An erf state loaded into a relu kernel brought erf's weight-variance bound with it.
+    relu, erf = DEQKernel("relu"), DEQKernel("erf")
+    before = {k: v.clone() for k, v in relu.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"DEQKernel\(activation='relu'\) has a weight_variance constraint .*1\.98"):
+        relu.load_state_dict(erf.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in relu.state_dict().items())
+    with pytest.raises(RuntimeError, match="saved from a kernel with another activation"):
+        ScaleKernel(DEQKernel("relu")).load_state_dict(ScaleKernel(DEQKernel("tanh")).state_dict())
+    # The same activation loads, through a ScaleKernel too.
+    saved = DEQKernel("erf")
+    saved.weight_variance, saved.bias_variance = 0.3, 0.7
+    erf.load_state_dict(saved.state_dict())
+    assert erf.weight_variance.item() == pytest.approx(0.3) and erf.bias_variance.item() == pytest.approx(0.7)
