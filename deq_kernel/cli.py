@@ -664,7 +664,8 @@ def _demo_classification(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
 
     from .sklearn import DEQGPClassifier
 
-    X, y = load_breast_cancer(return_X_y=True)
+    bunch = load_breast_cancer()
+    X, y = bunch.data, bunch.target
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
     if quick:
         X_train, y_train = X_train[:80], y_train[:80]
@@ -718,7 +719,7 @@ def _demo_classification(quick: bool) -> tuple[list[DemoRow], dict[str, Any]]:
     order = np.concatenate([np.flatnonzero(y_test == c)[:30] for c in (0, 1)])
     covariance = fitted(Z_test[order])
     scale = np.sqrt(np.diag(covariance))
-    names = [str(load_breast_cancer().target_names[c]) for c in (0, 1)]
+    names = [str(bunch.target_names[c]) for c in (0, 1)]
     plot = {"correlation": covariance / np.outer(scale, scale), "labels": y_test[order], "class_names": names}
     return rows, plot
 
