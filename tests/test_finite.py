@@ -244,13 +244,17 @@ def test_network_weights_follow_the_design_initialisation():
         assert abs(float(param.detach().mean())) < 5 * math.sqrt(variance / param.numel())
 
 
-def test_sampled_networks_are_the_module_with_the_same_generator(points):
-    kwargs = {"width": 32, "n_networks": 7, "seed": 9, "weight_variance": WV, "dtype": torch.float64, "tol": 1e-12}
+# Width 256: the networks of a batch are drawn on several threads.
+@pytest.mark.parametrize("width", [32, 256])
+def test_sampled_networks_are_the_module_with_the_same_generator(points, width):
+    kwargs = {"width": width, "n_networks": 7, "seed": 9, "weight_variance": WV, "dtype": torch.float64, "tol": 1e-12}
     outputs = sample_outputs(points, batch_size=3, **kwargs)
     again = sample_outputs(points, batch_size=7, **kwargs)
     torch.testing.assert_close(outputs, again, rtol=1e-10, atol=1e-12)  # batching does not matter
     for i in (0, 4, 6):
-        net = DEQNetwork(10, 32, weight_variance=WV, generator=network_generator(9, i), dtype=torch.float64, tol=1e-12)
+        net = DEQNetwork(
+            10, width, weight_variance=WV, generator=network_generator(9, i), dtype=torch.float64, tol=1e-12
+        )
         with torch.no_grad():
             torch.testing.assert_close(net(points)[:, 0], outputs[i], rtol=1e-9, atol=1e-11)
     other = sample_outputs(points, **{**kwargs, "seed": 10})
