@@ -156,6 +156,23 @@ def test_diagonal_dual_and_its_derivative(name, q):
     assert slope == pytest.approx(fd, rel=1e-5, abs=1e-6)
 
 
+PIECES = [(-np.inf, -2.0), (-2.0, 0.0), (0.0, 2.0), (2.0, np.inf)]
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus", "silu"])
+@pytest.mark.parametrize("q", [45.0, 400.0])
+def test_diagonal_dual_to_rounding_at_large_variance(name, q):
+    """D(q) to 1e-13 where the activation is evaluated far out (softplus beyond torch's threshold of 20)."""
+    value = float(get_activation(name).diag_dual(torch.tensor([q], dtype=torch.float64))[0])
+    fn, root = FUNCTIONS[name], math.sqrt(q)
+
+    def integrand(z: float) -> float:
+        return float(fn(np.array([root * z]))[0]) ** 2 * norm.pdf(z)
+
+    expected = sum(integrate.quad(integrand, a, b, epsabs=0.0, epsrel=2e-14, limit=200)[0] for a, b in PIECES)
+    assert value == pytest.approx(expected, rel=1e-13)
+
+
 @pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus", "silu"])
 @pytest.mark.parametrize("q1,q2,rho", PAIRS)
 def test_quadrature_activations_against_2d_quadrature(name, q1, q2, rho):
