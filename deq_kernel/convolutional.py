@@ -39,8 +39,10 @@ the kernel is the pixel average of :func:`~deq_kernel.equilibrium_covariance`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from numbers import Integral
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -203,9 +205,10 @@ def check_conv_options(
     """``(image_shape as (C, H, W) or None, kernel_size, readout)``, validated, naming the bad argument."""
     if readout not in READOUTS:
         raise ValueError(f"readout must be one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    integer = isinstance(kernel_size, Integral) and not isinstance(kernel_size, (bool, np.bool_))
+    if not integer or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
-    return _image_shape(image_shape), kernel_size, readout
+    return _image_shape(image_shape), int(kernel_size), readout
 
 
 def _image_shape(image_shape: Sequence[int] | None) -> tuple[int, int, int] | None:
@@ -217,10 +220,11 @@ def _image_shape(image_shape: Sequence[int] | None) -> tuple[int, int, int] | No
         raise TypeError(f"image_shape must be a tuple (C, H, W) or (H, W), got {image_shape!r}") from None
     if len(shape) == 2:
         shape = (1, *shape)
-    valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+    # numpy integers count as integers (a shape read from an array, or a saved model's).
+    valid = all(isinstance(v, Integral) and not isinstance(v, (bool, np.bool_)) and v >= 1 for v in shape)
     if len(shape) != 3 or not valid:
         raise ValueError(f"image_shape must be (C, H, W) or (H, W) of positive integers, got {image_shape!r}")
-    return shape
+    return tuple(int(v) for v in shape)
 
 
 def _images(x: ArrayLike, name: str, shape: tuple[int, ...] | None, like: Tensor | None = None) -> Tensor:

@@ -500,8 +500,9 @@ def _json_params(estimator: Estimator) -> dict[str, Any]:
 def _encode(value: Any, name: str) -> Any:
     """A parameter value as JSON that :func:`_decode` turns back into an equal value of the same type.
 
-    JSON's own scalars stay as they are; numpy scalars and arrays, a ``RandomState``, a torch
-    device and an activation built by name are tagged objects ``{"__type__": ..., ...}``.
+    JSON's own scalars stay as they are; tuples and lists (an ``image_shape``), numpy scalars
+    and arrays, a ``RandomState``, a torch device and an activation built by name are tagged
+    objects ``{"__type__": ..., ...}``.
     """
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -524,6 +525,9 @@ def _encode(value: Any, name: str) -> Any:
         return {"__type__": "RandomState", "state": state}
     if isinstance(value, torch.device):
         return {"__type__": "device", "value": str(value)}
+    if isinstance(value, (tuple, list)):
+        kind = "tuple" if isinstance(value, tuple) else "list"
+        return {"__type__": kind, "items": [_encode(v, f"{name}[{i}]") for i, v in enumerate(value)]}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {"__type__": "dict", "items": {k: _encode(v, f"{name}[{k!r}]") for k, v in value.items()}}
     if isinstance(value, Activation):
@@ -563,6 +567,9 @@ def _decode(value: Any) -> Any:
         return torch.device(value["value"])
     if kind == "dict":
         return {k: _decode(v) for k, v in value["items"].items()}
+    if kind in ("tuple", "list"):
+        items = [_decode(v) for v in value["items"]]
+        return tuple(items) if kind == "tuple" else items
     if kind == "activation":
         return get_activation(value["name"], **_decode(value["options"]))
     raise ValueError(f"unknown saved value {value!r}")

@@ -46,6 +46,7 @@ from .gpytorch import (
     KERNELS,
     WEIGHT_VARIANCE_MARGIN,
     CholeskyMarginalLogLikelihood,
+    ConvDEQKernel,
     DEQKernel,
     ExactGPModel,
     ExactPosterior,
@@ -496,6 +497,9 @@ class _DEQGPBase(BaseEstimator):
         "random_state": ["random_state"],
         "device": [str, torch.device, None],
         "activation_kwargs": [dict, None],
+        "image_shape": ["array-like", None],
+        "kernel_size": [Interval(Integral, 1, None, closed="left")],
+        "readout": [StrOptions({"flatten", "gap"})],
     }
 
     def _check_params(self) -> None:
@@ -525,6 +529,49 @@ class _DEQGPBase(BaseEstimator):
             raise ValueError(
                 f"device must be None or a torch device such as 'cpu' or 'cuda', got {self.device!r}"
             ) from None
+        if self.image_shape is not None:
+            self._conv_options()  # raises for a bad image_shape, kernel_size or readout
+            if self.ard:
+                raise ValueError("ard=True is not available with image_shape: it has one input variance")
+            if iv.size != 1:
+                raise ValueError("input_variance must be a scalar with image_shape (one input variance)")
+            if self.kernel != "nngp":
+                raise ValueError(
+                    "kernel='ntk' with image_shape is not available in the scikit-learn estimators (their kernel_ "
+                    "has no convolutional tangent kernel gradient); use deq_kernel.gpytorch.ConvDEQKernel(kernel='ntk')"
+                )
+
+    def _conv_options(self) -> tuple[tuple[int, int, int], int, str]:
+        """``image_shape`` as ``(C, H, W)``, ``kernel_size`` and ``readout``, validated."""
+        return check_conv_options(self.image_shape, self.kernel_size, self.readout)
+
+    def _check_image_features(self, num_features: int) -> None:
+        if self.image_shape is None:
+            return
+        shape = self._conv_options()[0]
+        if math.prod(shape) != num_features:
+            raise ValueError(
+                f"image_shape {tuple(self.image_shape)} has {math.prod(shape)} values per image, but X has "
+                f"{num_features} features (images as flat rows of C*H*W values)"
+            )
+
+    def _base_kernel(self, num_features: int) -> DEQKernel:
+        """The GPyTorch kernel of these settings: :class:`DEQKernel` or, with ``image_shape``, the convolutional one."""
+        if self.image_shape is not None:
+            shape, kernel_size, readout = self._conv_options()
+            return ConvDEQKernel(
+                self.activation,
+                image_shape=shape,
+                kernel_size=kernel_size,
+                readout=readout,
+                **(self.activation_kwargs or {}),
+            )
+        return DEQKernel(
+            self.activation,
+            kernel=self.kernel,
+            ard_num_dims=num_features if self.ard else None,
+            **(self.activation_kwargs or {}),
+        )
 
     def _condition(self) -> None:
         """Set what follows from :attr:`model_`: :attr:`kernel_` and the exact posterior's factorisation.
@@ -626,15 +673,14 @@ class _DEQGPBase(BaseEstimator):
         rng = check_random_state(self.random_state)
         num_samples, num_features = x.shape
         rows = np.sort(rng.choice(num_samples, size=min(self.n_inducing, num_samples), replace=False))
-        model = SVGPModel(
-            x[rows].clone(),
-            likelihood,
-            num_tasks=num_tasks,
-            activation=self.activation,
-            kernel=self.kernel,
-            ard=self.ard,
-            **(self.activation_kwargs or {}),
-        ).to(device=x.device, dtype=torch.float64)
+        if self.image_shape is not None:
+            options = {"covar_module": ScaleKernel(self._base_kernel(num_features))}
+        else:
+            options = {"activation": self.activation, "kernel": self.kernel, "ard": self.ard}
+            options.update(self.activation_kwargs or {})
+        model = SVGPModel(x[rows].clone(), likelihood, num_tasks=num_tasks, **options).to(
+            device=x.device, dtype=torch.float64
+        )
         _initialise(model.covar_module, self._initial_values(None, num_features))
         if prepare is not None:
             prepare(model)
@@ -736,6 +782,15 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         Where the model lives (default CPU). Computation is in float64.
     activation_kwargs : dict, optional
         Activation options, e.g. ``{"negative_slope": 0.1}``.
+    image_shape : (C, H, W) or (H, W), optional
+        Treat each row of ``X`` as an image of this shape (``images.reshape(n, -1)``) and use
+        the kernel of an infinitely wide convolutional DEQ
+        (:class:`deq_kernel.gpytorch.ConvDEQKernel`, :func:`deq_kernel.conv_equilibrium_covariance`)
+        instead of the fully connected one; one input variance (no ``ard``), ``kernel="nngp"``.
+    kernel_size : int, default 3
+        With ``image_shape``: the convolutions' size, odd and positive.
+    readout : {"flatten", "gap"}, default "flatten"
+        With ``image_shape``: a linear readout of every pixel, or global average pooling first.
 
     Attributes
     ----------
@@ -801,6 +856,9 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         random_state: int | np.random.RandomState | None = None,
         device: str | torch.device | None = None,
         activation_kwargs: dict[str, Any] | None = None,
+        image_shape: tuple[int, ...] | None = None,
+        kernel_size: int = 3,
+        readout: str = "flatten",
     ) -> None:
         self.activation = activation
         self.kernel = kernel
@@ -824,6 +882,9 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         self.random_state = random_state
         self.device = device
         self.activation_kwargs = activation_kwargs
+        self.image_shape = image_shape
+        self.kernel_size = kernel_size
+        self.readout = readout
 
     def fit(self, X: Any, y: Any) -> DEQGPRegressor:
         """Fit the hyperparameters by marginal likelihood and condition on the data.
@@ -839,6 +900,7 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         """
         self._check_params()
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
+        self._check_image_features(X.shape[1])
         if X.shape[0] < 2:
             raise ValueError(f"DEQGPRegressor needs at least 2 samples, got {X.shape[0]} sample")
         if self.normalize_y:
@@ -853,24 +915,18 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         def build(initial: dict[str, Any], rows: np.ndarray | None) -> ExactGPModel:
             inputs, outputs = (x, targets) if rows is None else (x[rows], targets[rows])
             likelihood = GaussianLikelihood()
-            model = ExactGPModel(
-                inputs,
-                outputs,
-                likelihood,
-                activation=self.activation,
-                kernel=self.kernel,
-                ard=self.ard,
-                **(self.activation_kwargs or {}),
-            ).to(device=x.device, dtype=torch.float64)
+            covar = ScaleKernel(self._base_kernel(X.shape[1]))
+            model = ExactGPModel(inputs, outputs, likelihood, covar_module=covar)
+            model = model.to(device=x.device, dtype=torch.float64)
             _initialise(model.covar_module, initial)
-            model.likelihood.noise = float(self.noise)
+            model.likelihood.noise = _float64(self.noise, model.likelihood.noise.device)
             model.mean_module.constant = 0.0
             return model
 
         if self.method == "svgp":
 
             def prepare(model: SVGPModel) -> None:
-                model.likelihood.noise = float(self.noise)
+                model.likelihood.noise = _float64(self.noise, model.likelihood.noise.device)
                 model.mean_module.constant = 0.0
 
             self.model_, result = self._fit_svgp(x, targets, GaussianLikelihood(), prepare=prepare)
@@ -990,16 +1046,19 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
                 values[h.name.rsplit("__", 1)[-1]] = torch.as_tensor(np.atleast_1d(fixed[h.name]), dtype=torch.float64)
         x = self.model_.train_inputs[0]
         base = self.model_.covar_module.base_kernel
-        k = equilibrium_covariance(
-            x,
+        hypers = dict(
             activation=base.activation,
             weight_variance=values["weight_variance"].reshape(()),
             input_variance=values["input_variance"]
             if values["input_variance"].numel() > 1
             else values["input_variance"].reshape(()),
             bias_variance=values["bias_variance"].reshape(()),
-            output=base.kernel,
         )
+        if isinstance(base, ConvDEQKernel):
+            conv = dict(image_shape=base.image_shape, kernel_size=base.kernel_size, readout=base.readout)
+            k = conv_equilibrium_covariance(x, **conv, **hypers)
+        else:
+            k = equilibrium_covariance(x, output=base.kernel, **hypers)
         cov = values["constant_value"].reshape(()) * k + values["noise_level"].reshape(()) * torch.eye(
             len(x), dtype=k.dtype
         )
@@ -1088,6 +1147,15 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         Where the model lives (default CPU). Computation is in float64.
     activation_kwargs : dict, optional
         Activation options.
+    image_shape : (C, H, W) or (H, W), optional
+        Treat each row of ``X`` as an image of this shape (``images.reshape(n, -1)``) and use
+        the kernel of an infinitely wide convolutional DEQ
+        (:class:`deq_kernel.gpytorch.ConvDEQKernel`, :func:`deq_kernel.conv_equilibrium_covariance`)
+        instead of the fully connected one; one input variance (no ``ard``), ``kernel="nngp"``.
+    kernel_size : int, default 3
+        With ``image_shape``: the convolutions' size, odd and positive.
+    readout : {"flatten", "gap"}, default "flatten"
+        With ``image_shape``: a linear readout of every pixel, or global average pooling first.
 
     Attributes
     ----------
@@ -1150,6 +1218,9 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         random_state: int | np.random.RandomState | None = None,
         device: str | torch.device | None = None,
         activation_kwargs: dict[str, Any] | None = None,
+        image_shape: tuple[int, ...] | None = None,
+        kernel_size: int = 3,
+        readout: str = "flatten",
     ) -> None:
         self.activation = activation
         self.kernel = kernel
@@ -1172,6 +1243,9 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         self.random_state = random_state
         self.device = device
         self.activation_kwargs = activation_kwargs
+        self.image_shape = image_shape
+        self.kernel_size = kernel_size
+        self.readout = readout
 
     def fit(self, X: Any, y: Any) -> DEQGPClassifier:
         """Fit the Dirichlet GP classifier's hyperparameters by marginal likelihood.
@@ -1188,6 +1262,7 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         """
         self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float64)
+        self._check_image_features(X.shape[1])
         check_classification_targets(y)
         self.classes_, labels = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -1202,13 +1277,7 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
                 classes, alpha_epsilon=float(self.alpha_epsilon), learn_additional_noise=True, dtype=torch.float64
             )
             # One DEQ kernel (one kernel matrix) for all classes; scale and mean per class.
-            base = DEQKernel(
-                self.activation,
-                kernel=self.kernel,
-                ard_num_dims=X.shape[1] if self.ard else None,
-                **(self.activation_kwargs or {}),
-            )
-            covar = ScaleKernel(base, batch_shape=torch.Size([num_classes]))
+            covar = ScaleKernel(self._base_kernel(X.shape[1]), batch_shape=torch.Size([num_classes]))
             targets = likelihood.transformed_targets
             model = ExactGPModel(
                 inputs, targets, likelihood, covar_module=covar, batch_shape=torch.Size([num_classes])
@@ -1322,6 +1391,11 @@ def _expected_softmax(mean: Tensor, variance: Tensor, draws: np.ndarray, block: 
     return proba.cpu().numpy()
 
 
+def _float64(value: float, device: torch.device) -> Tensor:
+    """``value`` as a float64 tensor: GPyTorch's setters make a Python float float32 first (0.05 -> 0.0500000007)."""
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
 def _initialise(covar_module: ScaleKernel, initial: dict[str, Any]) -> None:
     base = covar_module.base_kernel
     base.weight_variance = float(initial["weight_variance"])
@@ -1342,6 +1416,17 @@ def _evaluate(model: ExactGPModel) -> FitResult:
 
 def _to_sklearn_kernel(kernel: DEQKernel, activation: Any, activation_kwargs: dict | None) -> DEQ:
     iv = kernel.input_variance.detach().cpu().reshape(-1).numpy()
+    if isinstance(kernel, ConvDEQKernel):
+        return ConvDEQ(
+            image_shape=kernel.image_shape,
+            kernel_size=kernel.kernel_size,
+            readout=kernel.readout,
+            activation=activation,
+            weight_variance=float(kernel.weight_variance.detach().reshape(-1)[0]),
+            input_variance=float(iv[0]),
+            bias_variance=float(kernel.bias_variance.detach().reshape(-1)[0]),
+            activation_kwargs=activation_kwargs,
+        )
     return DEQ(
         activation,
         weight_variance=float(kernel.weight_variance.detach().reshape(-1)[0]),

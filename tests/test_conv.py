@@ -579,3 +579,69 @@ def test_finite_convolutional_deqs_at_widths_64_to_512(rng):
         spreads.append(float((draws.std(0) / kernel).max()))
     slope = np.polyfit(np.log([64, 256, 512]), np.log(spreads), 1)[0]
     assert -0.65 < slope < -0.35, (slope, spreads)
+
+
+# --------------------------------------------------------------------------- the scikit-learn estimators
+
+
+def _tiny_images(rng, n=24):
+    """``n`` random 1 x 4 x 4 images as flat rows, and a smooth target of them."""
+    X = rng.uniform(size=(n, 16))
+    return X, X[:, :8].sum(1) - X[:, 8:].sum(1)
+
+
+@pytest.mark.parametrize("readout", ["flatten", "gap"])
+def test_regressor_with_image_shape_is_the_gp_of_the_convolutional_kernel(rng, readout):
+    from deq_kernel.sklearn import ConvDEQ, DEQGPRegressor
+
+    X, y = _tiny_images(rng)
+    hypers = dict(weight_variance=0.8, input_variance=1.5, bias_variance=0.2)
+    options = dict(image_shape=(4, 4), readout=readout)
+    reg = DEQGPRegressor(optimizer=None, noise=0.05, **options, **hypers).fit(X[:18], y[:18])
+    assert isinstance(reg.kernel_.k1.k2, ConvDEQ) and reg.kernel_.k1.k2.image_shape == (1, 4, 4)
+    assert reg.kernel_.k1.k2.readout == readout
+    # The posterior mean, from the kernel computed directly (targets standardised as in the fit).
+    x_train, x_test = torch.tensor(X[:18]), torch.tensor(X[18:])
+    k = conv_equilibrium_covariance(x_train, **options, **hypers)
+    k_star = conv_equilibrium_covariance(x_test, x_train, **options, **hypers)
+    mu, sd = y[:18].mean(), y[:18].std()
+    alpha = torch.linalg.solve(k + 0.05 * torch.eye(18, dtype=k.dtype), torch.tensor((y[:18] - mu) / sd))
+    np.testing.assert_allclose(reg.predict(X[18:]), (k_star @ alpha).numpy() * sd + mu, rtol=1e-11, atol=1e-11)
+    if readout == "gap":
+        return
+    # log_marginal_likelihood(theta) recomputes with the convolutional kernel.
+    fitted = DEQGPRegressor(image_shape=(4, 4), max_iter=5).fit(X, y)
+    assert fitted.log_marginal_likelihood(fitted.kernel_.theta) == pytest.approx(
+        fitted.log_marginal_likelihood_value_, rel=1e-9
+    )
+
+
+def test_classifier_with_image_shape(rng):
+    from deq_kernel.sklearn import ConvDEQ, DEQGPClassifier
+
+    X, y = _tiny_images(rng, 30)
+    labels = (y > np.median(y)).astype(int)
+    clf = DEQGPClassifier(image_shape=(1, 4, 4), max_iter=3).fit(X, labels)
+    assert isinstance(clf.kernel_, ConvDEQ) and clf.kernel_.image_shape == (1, 4, 4)
+    assert clf.predict_proba(X).shape == (30, 2)
+    assert clf.score(X, labels) > 0.7
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(image_shape=(3, 4)), "image_shape \\(3, 4\\) has 12 values per image, but X has 16 features"),
+        (dict(image_shape=(4, 4), ard=True), "ard=True is not available with image_shape"),
+        (dict(image_shape=(4, 4), kernel="ntk"), "kernel='ntk' with image_shape"),
+        (dict(image_shape=(4, 4), kernel_size=2), "kernel_size must be a positive odd integer"),
+        (dict(image_shape=(4, 4), readout="max"), "'readout' parameter"),
+        (dict(image_shape=(4, 4), input_variance=[1.0, 2.0]), "input_variance must be a scalar with image_shape"),
+        (dict(image_shape=(0, 4)), "image_shape"),
+    ],
+)
+def test_estimators_reject_bad_image_options(rng, options, message):
+    from deq_kernel.sklearn import DEQGPRegressor
+
+    X, y = _tiny_images(rng, 6)
+    with pytest.raises(ValueError, match=message):
+        DEQGPRegressor(optimizer=None, **options).fit(X, y)

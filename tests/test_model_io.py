@@ -147,3 +147,15 @@ def test_models_of_the_first_format_version_still_load(tmp_path):
     path.write_text(json.dumps(meta))
     loaded = load_model(tmp_path / "model").estimator
     assert np.array_equal(loaded.predict(_X_NEW), model.estimator.predict(_X_NEW))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), [3, 1], (np.int64(1), np.int64(3))])
+def test_convolutional_models_come_back_the_same(tmp_path, shape):
+    """``image_shape`` (a tuple, a list or numpy integers) survives the model directory as it was given."""
+    estimator = DEQGPRegressor(image_shape=shape, kernel_size=1, max_iter=3, noise=0.05)
+    model = _saved(estimator, classification=False)
+    model.save(tmp_path / "saved")
+    loaded = load_model(tmp_path / "saved").estimator
+    _same_fit(estimator, loaded)
+    _same_params(estimator, loaded)
+    assert type(loaded.image_shape) is type(shape)
