@@ -27,6 +27,7 @@ __all__ = [
     "series_tolerance",
     "tail_ratio",
     "trapezoid_nodes",
+    "weighted_hermite_table",
 ]
 
 _TWO_PI = 2.0 * math.pi
@@ -45,24 +46,57 @@ def trapezoid_nodes(spacing: float, half_width: float) -> tuple[Tensor, Tensor]:
     return z, weights
 
 
+#: The map's scale ``a`` of :func:`mapped_nodes` is rounded down to a power of ``2**(-1/MAP_STEPS)``.
+MAP_STEPS = 4
+
+
+def _map_level(q_max: float) -> int:
+    """``k`` with ``a = 2**(-k / MAP_STEPS) <= min(1, 1/sqrt(q_max))``, the largest such ``a``."""
+    if not q_max > 1.0:
+        return 0
+    return max(0, math.ceil(MAP_STEPS * 0.5 * math.log2(q_max) - 1e-12))
+
+
 def mapped_nodes(q_max: float, spacing: float, half_width: float) -> tuple[Tensor, Tensor]:
     r"""Nodes and N(0, 1) weights of the trapezoid rule under ``z = asinh(a sinh t)``, float64.
 
-    ``a = min(1, 1/sqrt(q_max))``. Near 0 the map is ``z = a t``, so an activation evaluated
-    at ``sqrt(q) z`` varies on the scale of ``t`` however large ``q`` is; away from 0 it is
-    ``z = t + log(a/2)``, uniform spacing, which resolves the Hermite polynomials and the
-    Gaussian. The map is analytic in a strip, so the rule keeps the trapezoid rule's
-    exponential accuracy (about 1e-14 for tanh at any ``q`` up to 1e16), with at most a
-    few hundred more nodes than the uniform rule, rather than a number growing like
-    ``sqrt(q)``. For ``q_max <= 1`` it is the uniform rule.
+    ``a <= min(1, 1/sqrt(q_max))``, rounded down to a power of ``2**(-1/4)``: the rule is made
+    for a slightly larger ``q_max``, which it integrates as accurately, and a few rules serve
+    every call (they are cached; callers must not modify them). Near 0 the map is
+    ``z = a t``, so an activation evaluated at ``sqrt(q) z`` varies on the scale of ``t``
+    however large ``q`` is; away from 0 it is ``z = t + log(a/2)``, uniform spacing, which
+    resolves the Hermite polynomials and the Gaussian. The map is analytic in a strip, so the
+    rule keeps the trapezoid rule's exponential accuracy (about 1e-14 for tanh at any ``q``
+    up to 1e16), with at most a few hundred more nodes than the uniform rule, rather than a
+    number growing like ``sqrt(q)``. For ``q_max <= 1`` it is the uniform rule.
     """
-    a = min(1.0, 1.0 / math.sqrt(max(q_max, 1e-300)))
+    return _level_nodes(_map_level(q_max), float(spacing), float(half_width))
+
+
+@functools.lru_cache(maxsize=64)
+def _level_nodes(level: int, spacing: float, half_width: float) -> tuple[Tensor, Tensor]:
+    a = 2.0 ** (-level / MAP_STEPS)
     top = half_width + math.log(2.0 / a) + 1.0
     t = torch.arange(-top, top + spacing / 2, spacing, dtype=torch.float64)
     sh = torch.sinh(t)
     z = torch.asinh(a * sh)
     dz = a * torch.cosh(t) / torch.sqrt(1.0 + (a * sh) ** 2)
     return z, torch.exp(-0.5 * z * z) * dz * (spacing / math.sqrt(_TWO_PI))
+
+
+def weighted_hermite_table(q_max: float, spacing: float, half_width: float, order: int) -> tuple[Tensor, Tensor]:
+    """``(z, table)``: the nodes of :func:`mapped_nodes` and ``weights * He_k(z)/sqrt(k!)``, ``(nodes, order + 1)``.
+
+    Cached (a few megabytes each; callers must not modify them): the table is the same for
+    every call whose ``q_max`` falls in one level of the map.
+    """
+    return _weighted_table(_map_level(q_max), float(spacing), float(half_width), int(order))
+
+
+@functools.lru_cache(maxsize=16)
+def _weighted_table(level: int, spacing: float, half_width: float, order: int) -> tuple[Tensor, Tensor]:
+    z, weights = _level_nodes(level, spacing, half_width)
+    return z, (hermite_table(z, order) * weights).T.contiguous()
 
 
 def hermite_table(z: Tensor, order: int) -> Tensor:
@@ -83,9 +117,10 @@ def hermite_expansion(fn: Callable[[Tensor], Tensor], q: Tensor, order: int, spa
     (Hermite products grow like ``exp(z^2 / 4)``).
     """
     with torch.no_grad():
-        z, weights = mapped_nodes(max_or_zero(q), spacing, 14.0)
-        z, weights = z.to(q.device), weights.to(q.device)
-        weighted = (hermite_table(z, order) * weights).T  # (nodes, order + 1)
+        q_max = max_or_zero(q)
+        z, weights = mapped_nodes(q_max, spacing, 14.0)
+        _, weighted = weighted_hermite_table(q_max, spacing, 14.0, order)  # (nodes, order + 1)
+        z, weights, weighted = z.to(q.device), weights.to(q.device), weighted.to(q.device)
         phi = fn(torch.sqrt(q.clamp_min(0.0)).unsqueeze(-1) * z)  # no gradient here
         coef = torch.movedim(phi @ weighted, -1, 0)
         total = (phi * phi * weights).sum(-1)

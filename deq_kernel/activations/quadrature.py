@@ -12,7 +12,6 @@ from .base import Activation, Offers, State, _sin_from_cos, safe_sqrt
 from .hermite import (
     HermiteSeries,
     hermite_expansion,
-    hermite_table,
     horner,
     mapped_nodes,
     max_or_zero,
@@ -20,6 +19,7 @@ from .hermite import (
     series_tolerance,
     tail_ratio,
     trapezoid_nodes,
+    weighted_hermite_table,
 )
 
 
@@ -174,7 +174,10 @@ class QuadratureActivation(Activation):
         # Hermite products grow like e^{z^2/4}, so the coefficient integrals need a wider
         # window than the plain Gaussian tail.
         half_width = 14.0 if hermite else 9.0
-        return mapped_nodes(q_max, min(0.04, self.analytic_strip / 6.0), half_width)
+        return mapped_nodes(q_max, self._node_spacing(), half_width)
+
+    def _node_spacing(self) -> float:
+        return min(0.04, self.analytic_strip / 6.0)
 
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
         q64 = q.to(torch.float64)
@@ -193,9 +196,8 @@ class QuadratureActivation(Activation):
         qs = [q1] if q2 is None else [q1, q2]
         q_max = max(max_or_zero(q.detach().to(torch.float64)) for q in qs)
         z, weights = self._nodes(q_max, hermite=True)
-        top = self._ORDERS[-1]
-        hermite = hermite_table(z, top).to(q1.device)
-        weighted = (hermite * weights.to(q1.device)).T  # (nodes, K+1)
+        _, weighted = weighted_hermite_table(q_max, self._node_spacing(), 14.0, self._ORDERS[-1])
+        weighted = weighted.to(q1.device)  # (nodes, K+1)
         raw = []
         for q in qs:
             q64 = q.to(torch.float64)
