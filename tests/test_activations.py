@@ -327,3 +327,16 @@ def test_an_unsuitable_callable_is_refused_when_given():
         equilibrium_covariance(x, activation=lambda t: t - t.mean(), weight_variance=0.3)
     # A smooth torch function is accepted as before.
     assert equilibrium_covariance(x, activation=torch.nn.functional.softsign, weight_variance=0.3).shape == (3, 3)
+
+
+def test_quadrature_rules_are_shared_between_nearby_variances():
+    """The map's scale is rounded down (a rule for a slightly larger variance), so calls share cached rules."""
+    from deq_kernel.activations.hermite import _map_level, mapped_nodes, weighted_hermite_table
+
+    for q_max in [0.0, 0.5, 1.0, 1.0001, 2.0, 45.0, 1e4, 1e16]:
+        a = 2.0 ** (-_map_level(q_max) / 4)
+        assert a <= min(1.0, 1.0 / math.sqrt(max(q_max, 1e-300))) * (1 + 1e-12)
+        assert a > 2.0 ** (-1 / 4) * min(1.0, 1.0 / math.sqrt(max(q_max, 1e-300)))  # the largest such power
+    assert mapped_nodes(3.0, 0.04, 9.0)[0] is mapped_nodes(3.1, 0.04, 9.0)[0]
+    z, table = weighted_hermite_table(3.0, 0.04, 14.0, 64)
+    assert table is weighted_hermite_table(3.1, 0.04, 14.0, 64)[1] and table.shape == (z.numel(), 65)
