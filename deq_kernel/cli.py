@@ -322,6 +322,9 @@ def make_estimator(task: str, args: argparse.Namespace) -> Any:
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "kernel": args.kernel,
+        "image_shape": args.image_shape,
+        "kernel_size": args.kernel_size,
+        "readout": args.readout,
     }
     defaults = {"method": "exact", "kernel": "nngp"}  # what an estimator without the parameter does
     for name, value in extra.items():
@@ -427,6 +430,26 @@ def _check_parent(target: Path, out: str) -> None:
         raise InputError(f"cannot write --out {out!r}: {str(parent)!r} is not a writable directory")
 
 
+def _check_image_options(args: argparse.Namespace, num_features: int) -> None:
+    """``--image-shape`` against the features and the options it cannot go with."""
+    if args.image_shape is None:
+        for option, value in (("--kernel-size", args.kernel_size), ("--readout", args.readout)):
+            if value is not None:
+                raise InputError(f"{option} needs --image-shape (the features are the pixels of an image)")
+        return
+    values = math.prod(args.image_shape)
+    shape = ",".join(map(str, args.image_shape))
+    if values != num_features:
+        raise InputError(
+            f"--image-shape {shape} has {values} values per image, but the data has {num_features} features "
+            "(the pixels as columns, channel by channel and row by row)"
+        )
+    if args.ard:
+        raise InputError("--ard cannot go with --image-shape: the convolutional kernel has one input variance")
+    if args.kernel != "nngp":
+        raise InputError("--kernel ntk cannot go with --image-shape: the convolutional estimators have the nngp only")
+
+
 def command_fit(args: argparse.Namespace) -> int:
     """``deq-kernel fit``: read, standardise, fit with progress, report, cross-validate, save."""
     _check_model_out(args.out)
@@ -440,6 +463,7 @@ def command_fit(args: argparse.Namespace) -> int:
         delimiter=args.delimiter,
         decimal=args.decimal,
     )
+    _check_image_options(args, len(data.features))
     Z, mean, scale = standardise(data.X)
     estimator = make_estimator(data.task, args)
     described = f"{len(data.y)} rows, {len(data.features)} features"
@@ -447,6 +471,11 @@ def command_fit(args: argparse.Namespace) -> int:
         described += f" ({data.dropped} rows with missing values dropped)"
     if data.task == "classification":
         described += f", {len(data.classes)} classes: {', '.join(data.classes)}"
+    if args.image_shape is not None:
+        shape = (1, *args.image_shape) if len(args.image_shape) == 2 else args.image_shape
+        size = args.kernel_size or 3
+        readout = args.readout or "flatten"
+        described += f"; images {'x'.join(map(str, shape))}, {size}x{size} convolutions, {readout} readout"
     print(f"{data.task} of {data.target!r} on {described}")
     seconds = fit_estimator(estimator, Z, data.y, args.steps)
     steps = getattr(estimator, "n_iter_", None)
@@ -1029,6 +1058,27 @@ def _folds(text: str) -> int:
     return value
 
 
+def _image_shape(text: str) -> tuple[int, ...]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W or C,H,W of positive integers, e.g. 8,8, got {text!r}")
+    return shape
+
+
+def _odd_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive odd integer, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -1166,6 +1216,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("nngp", "ntk"),
         default="nngp",
         help="the DEQ's Gaussian-process kernel or, where the estimators support it, its neural tangent kernel",
+    )
+    fit.add_argument(
+        "--image-shape",
+        type=_image_shape,
+        metavar="SHAPE",
+        help="the features are the pixels of images of this shape, H,W or C,H,W: the convolutional DEQ kernel",
+    )
+    fit.add_argument(
+        "--kernel-size", type=_odd_int, metavar="K", help="with --image-shape: the convolutions' size (default: 3)"
+    )
+    fit.add_argument(
+        "--readout",
+        choices=("flatten", "gap"),
+        help="with --image-shape: read out every pixel, or pool globally first (default: flatten)",
     )
     fit.add_argument(
         "--cv",

@@ -208,6 +208,28 @@ def test_model_round_trip_reproduces_predictions_bit_for_bit(kind, files, tmp_pa
         assert list(before) == ["label", "proba_no", "proba_yes"]
 
 
+def test_images_through_the_command_line(tmp_path, capsys):
+    """--image-shape fits the convolutional kernel; its model directory comes back with it, bit for bit."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(size=(24, 9))
+    rows = [[*map(float, r), float(r[:4].sum() - r[5:].sum())] for r in x]
+    data = write_csv(tmp_path / "images.csv", [f"p{i}" for i in range(9)] + ["y"], rows)
+    out = tmp_path / "model"
+    argv = ["fit", str(data), "--target", "y", "--image-shape", "3,3", "--kernel-size", "1", "--steps", "3"]
+    assert cli.main([*argv, "--cv", "0", "--out", str(out)]) == 0
+    assert "images 1x3x3, 1x1 convolutions, flatten readout" in capsys.readouterr().out
+    loaded = load_model(out)
+    kernel = loaded.estimator.kernel_.k1.k2
+    assert isinstance(kernel, deq_kernel.sklearn.ConvDEQ) and kernel.image_shape == (1, 3, 3)
+    assert loaded.estimator.image_shape == (3, 3) and loaded.estimator.kernel_size == 1
+    model = fit_in_process(data, "y", "--image-shape", "3,3", "--kernel-size", "1", "--steps", "3")
+    x_new = rng.uniform(size=(4, 9))
+    before = model.predict(x_new, return_std=True)
+    model.save(tmp_path / "again")
+    after = load_model(tmp_path / "again").predict(x_new, return_std=True)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
 def test_round_trip_of_a_sparse_variational_model(files, tmp_path):
     if "method" not in deq_kernel.sklearn.DEQGPRegressor().get_params():
         pytest.skip("the estimators have no 'method' parameter")
@@ -480,6 +502,14 @@ BAD_INPUT = {
     "constant target": (["fit", "{constant}", "--target", "y", "--task", "regression"], "is constant"),
     "single class": (["fit", "{constant}", "--target", "y", "--task", "classification"], "single class"),
     "invalid option value": (["fit", "{reg}", "--target", "y", "--steps", "0"], "--steps"),
+    "image shape and features": (
+        ["fit", "{reg}", "--target", "y", "--image-shape", "2,2"],
+        "--image-shape 2,2 has 4 values per image, but the data has 3 features",
+    ),
+    "bad image shape": (["fit", "{reg}", "--target", "y", "--image-shape", "3x0"], "expected H,W or C,H,W"),
+    "even kernel size": (["fit", "{reg}", "--target", "y", "--kernel-size", "2"], "positive odd integer"),
+    "readout without images": (["fit", "{reg}", "--target", "y", "--readout", "gap"], "--readout needs --image-shape"),
+    "ard with images": (["fit", "{reg}", "--target", "y", "--image-shape", "1,3", "--ard"], "--ard cannot go with"),
     "model dir missing": (["predict", "{tmp}/no-model", "{reg}"], "does not exist"),
     "not a model dir": (["predict", "{tmp}", "{reg}"], "is not a deq-kernel model directory"),
     "lacking a training column": (["predict", "{model}", "{lacking}"], "lacks the training column(s) 'b'"),
