@@ -1028,34 +1028,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
+def _checked_int(text: str, ok: Callable[[int], bool], expected: str) -> int:
+    """``text`` as an integer for which ``ok`` holds, else the usage error ``expected ..., got ...``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _checked_int(text, lambda v: v >= 1, "a positive integer")
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+    return _checked_int(text, lambda v: v >= 0, "a non-negative integer")
 
 
 def _folds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0 or value == 1:
-        raise argparse.ArgumentTypeError(f"expected 0 (no cross-validation) or a number of folds >= 2, got {text!r}")
-    return value
+    return _checked_int(text, lambda v: v == 0 or v >= 2, "0 (no cross-validation) or a number of folds >= 2")
 
 
 def _image_shape(text: str) -> tuple[int, ...]:
@@ -1070,13 +1063,7 @@ def _image_shape(text: str) -> tuple[int, ...]:
 
 
 def _odd_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1 or value % 2 == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive odd integer, got {text!r}")
-    return value
+    return _checked_int(text, lambda v: v >= 1 and v % 2 == 1, "a positive odd integer")
 
 
 def _positive_float(text: str) -> float:
