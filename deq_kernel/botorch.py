@@ -53,7 +53,7 @@ from gpytorch.priors import LogNormalPrior, Prior
 from torch import Tensor
 
 from .functional import equilibrium_covariance
-from .gpytorch import DEQKernel
+from .gpytorch import DEQKernel, _same_points
 
 __all__ = ["HarmonicDEQKernel", "collapsed_fit", "default_priors", "deq_surrogate"]
 
@@ -127,12 +127,7 @@ class HarmonicDEQKernel(DEQKernel):
     ) -> Tensor:
         w, iv, b = self._checked(x1, x2, last_dim_is_batch)
         d = x1.shape[-1]
-        if self.ard_num_dims is not None and d != self.ard_num_dims:
-            raise ValueError(
-                f"HarmonicDEQKernel was built with ard_num_dims={self.ard_num_dims}, got inputs with {d} features "
-                "(after active_dims)"
-            )
-        same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
+        same = _same_points(x1, x2)
         z1 = self._features(x1)
         z2 = z1 if same else self._features(x2)
         options = {

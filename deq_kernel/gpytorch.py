@@ -361,11 +361,6 @@ class DEQKernel(Kernel):
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params: Any
     ) -> Tensor:
         w, iv, b = self._checked(x1, x2, last_dim_is_batch)
-        if self.ard_num_dims is not None and x1.shape[-1] != self.ard_num_dims:
-            raise ValueError(
-                f"DEQKernel was built with ard_num_dims={self.ard_num_dims}, got inputs with "
-                f"{x1.shape[-1]} features (after active_dims)"
-            )
         # Parameters are (*batch, 1) and (*batch, 1, d); the core wants (*batch) and (*batch, d).
         return equilibrium_covariance(
             x1,
@@ -382,11 +377,16 @@ class DEQKernel(Kernel):
         """``(weight_variance, input_variance, bias_variance)`` for :meth:`forward`, after its checks.
 
         ``last_dim_is_batch`` is refused, the inputs' batch dimensions must broadcast with
-        :attr:`batch_shape`, and non-finite hyperparameters raise
-        :class:`NonFiniteHyperparameterError`.
+        :attr:`batch_shape`, an ARD kernel's inputs must have its ``ard_num_dims`` features, and
+        non-finite hyperparameters raise :class:`NonFiniteHyperparameterError`.
         """
         if last_dim_is_batch:
             raise ValueError(_NO_LAST_DIM_IS_BATCH)
+        if self.ard_num_dims is not None and x1.shape[-1] != self.ard_num_dims:
+            raise ValueError(
+                f"{type(self).__name__} was built with ard_num_dims={self.ard_num_dims}, got inputs with "
+                f"{x1.shape[-1]} features (after active_dims)"
+            )
         self._check_batch(x1, x2)
         w, iv, b = self.weight_variance, self.input_variance, self.bias_variance
         if not all(bool(torch.isfinite(t).all()) for t in (w, iv, b)):
