@@ -213,3 +213,20 @@ def test_marginal_likelihood_with_the_priors_is_finite_at_the_ends_of_the_range(
             assert bool(torch.isfinite(value)), (raw, parameter.shape)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             assert all(bool(torch.isfinite(g).all()) for g in grads), raw
+
+
+def test_gradient_reaches_a_second_argument_equal_to_the_first():
+    """K(x, x') with x' a copy of x (not the same tensor): the gradient in x' is its own, not sent to x."""
+    kernel = HarmonicDEQKernel("relu").double()
+    x = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    copy = x.clone().requires_grad_(True)
+    weights = torch.rand(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    (grad,) = torch.autograd.grad((kernel.forward(x, copy) * weights).sum(), copy)
+    step = 1e-6
+    for i, j in [(0, 0), (3, 1)]:
+        up, down = x.clone(), x.clone()
+        up[i, j] += step
+        down[i, j] -= step
+        with torch.no_grad():
+            fd = ((kernel.forward(x, up) - kernel.forward(x, down)) * weights).sum() / (2 * step)
+        assert float(grad[i, j]) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
