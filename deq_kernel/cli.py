@@ -208,9 +208,7 @@ def load_training_data(
                 UserWarning,
                 stacklevel=2,
             )
-    cells = table.column(target)
-    if table.decimal == ",":
-        cells = [cell.replace(",", ".") for cell in cells]  # numbers as the rest of the code reads them
+    cells = table.numbers(target)  # numbers as the rest of the code reads them
     task = _resolve_task(task, cells)
     if task == "regression":
         y = numeric_columns(table, [target], kind="target")[:, 0]

@@ -110,6 +110,11 @@ class Table:
         index = self.header.index(name)
         return [row[index] for row in self.rows]
 
+    def numbers(self, name: str) -> list[str]:
+        """The cells of column ``name`` as ``float`` reads numbers: a decimal comma becomes a point."""
+        cells = self.column(name)
+        return [cell.replace(",", ".") for cell in cells] if self.decimal == "," else cells
+
     def select(self, keep: np.ndarray) -> Table:
         """The table restricted to the rows where ``keep`` is true."""
         rows = [row for row, k in zip(self.rows, keep, strict=True) if k]
@@ -269,14 +274,14 @@ def numeric_columns(table: Table, columns: Sequence[str], kind: str = "feature")
         For a cell that is not a finite number, naming its column and line.
     """
     out = np.empty((len(table.rows), len(columns)), dtype=np.float64)
-    comma = table.decimal == ","
     for j, name in enumerate(columns):
-        for i, (cell, line) in enumerate(zip(table.column(name), table.lines, strict=True)):
+        cells = zip(table.column(name), table.numbers(name), table.lines, strict=True)
+        for i, (cell, number, line) in enumerate(cells):
             try:
-                value = float(cell.replace(",", ".") if comma else cell)
+                value = float(number)
             except ValueError:
                 hint = ""
-                if not comma and _DECIMAL_COMMA.fullmatch(cell):
+                if table.decimal == "." and _DECIMAL_COMMA.fullmatch(cell):
                     hint = "; a decimal comma? give --decimal ,"
                 raise InputError(
                     f"{table.path!r}: {kind} column {name!r} is not numeric ({cell!r} at line {line}{hint})"
