@@ -139,7 +139,13 @@ class HarmonicDEQKernel(DEQKernel):
         }
         k = equilibrium_covariance(z1, None if same else z2, diag=diag, **options)
         # Every point has the same variance: that of one point, the kernel's constant diagonal.
-        variance = equilibrium_covariance(z1[..., :1, :], diag=True, **options)
+        # A diagonal or a symmetric matrix holds it already (the same exact diagonal solve).
+        if diag and same:
+            variance = k[..., :1]
+        elif same:
+            variance = k.diagonal(dim1=-2, dim2=-1)[..., :1]
+        else:
+            variance = equilibrium_covariance(z1[..., :1, :], diag=True, **options)
         return k / (variance if diag else variance.unsqueeze(-1))
 
 
