@@ -470,9 +470,10 @@ def command_fit(args: argparse.Namespace) -> int:
     if data.task == "classification":
         described += f", {len(data.classes)} classes: {', '.join(data.classes)}"
     if args.image_shape is not None:
-        shape = (1, *args.image_shape) if len(args.image_shape) == 2 else args.image_shape
-        size = args.kernel_size or 3
-        readout = args.readout or "flatten"
+        from .convolutional import check_conv_options
+
+        params = estimator.get_params(deep=False)  # the estimator's defaults fill what was not given
+        shape, size, readout = check_conv_options(params["image_shape"], params["kernel_size"], params["readout"])
         described += f"; images {'x'.join(map(str, shape))}, {size}x{size} convolutions, {readout} readout"
     print(f"{data.task} of {data.target!r} on {described}")
     seconds = fit_estimator(estimator, Z, data.y, args.steps)

@@ -529,6 +529,11 @@ class _DEQGPBase(BaseEstimator):
             raise ValueError(
                 f"device must be None or a torch device such as 'cpu' or 'cuda', got {self.device!r}"
             ) from None
+        if self.image_shape is None and (self.kernel_size != 3 or self.readout != "flatten"):
+            raise ValueError(
+                f"kernel_size={self.kernel_size!r} and readout={self.readout!r} need image_shape: without it the "
+                "kernel is the fully connected one, which has neither"
+            )
         if self.image_shape is not None:
             self._conv_options()  # raises for a bad image_shape, kernel_size or readout
             if self.ard:
@@ -673,14 +678,9 @@ class _DEQGPBase(BaseEstimator):
         rng = check_random_state(self.random_state)
         num_samples, num_features = x.shape
         rows = np.sort(rng.choice(num_samples, size=min(self.n_inducing, num_samples), replace=False))
-        if self.image_shape is not None:
-            options = {"covar_module": ScaleKernel(self._base_kernel(num_features))}
-        else:
-            options = {"activation": self.activation, "kernel": self.kernel, "ard": self.ard}
-            options.update(self.activation_kwargs or {})
-        model = SVGPModel(x[rows].clone(), likelihood, num_tasks=num_tasks, **options).to(
-            device=x.device, dtype=torch.float64
-        )
+        covar = ScaleKernel(self._base_kernel(num_features))
+        model = SVGPModel(x[rows].clone(), likelihood, num_tasks=num_tasks, covar_module=covar)
+        model = model.to(device=x.device, dtype=torch.float64)
         _initialise(model.covar_module, self._initial_values(None, num_features))
         if prepare is not None:
             prepare(model)

@@ -645,3 +645,13 @@ def test_estimators_reject_bad_image_options(rng, options, message):
     X, y = _tiny_images(rng, 6)
     with pytest.raises(ValueError, match=message):
         DEQGPRegressor(optimizer=None, **options).fit(X, y)
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=5), dict(readout="gap")])
+def test_estimators_refuse_image_options_without_image_shape(rng, options):
+    """Without image_shape the kernel is the fully connected one: a kernel_size or readout would be ignored."""
+    from deq_kernel.sklearn import DEQGPRegressor
+
+    X, y = _tiny_images(rng, 6)
+    with pytest.raises(ValueError, match="need image_shape"):
+        DEQGPRegressor(optimizer=None, **options).fit(X, y)
