@@ -444,8 +444,6 @@ def _check_image_options(args: argparse.Namespace, num_features: int) -> None:
         )
     if args.ard:
         raise InputError("--ard cannot go with --image-shape: the convolutional kernel has one input variance")
-    if args.kernel != "nngp":
-        raise InputError("--kernel ntk cannot go with --image-shape: the convolutional estimators have the nngp only")
 
 
 def command_fit(args: argparse.Namespace) -> int:

@@ -379,8 +379,10 @@ class ConvDEQ(DEQ):
     kernel_size : int, default 3
         The convolutions' size, odd and positive.
     readout : {"flatten", "gap"}, default "flatten"
-    activation, weight_variance, input_variance, bias_variance, *_bounds, activation_kwargs
-        As for :class:`DEQ`; ``input_variance`` is a scalar.
+    activation, weight_variance, input_variance, bias_variance, *_bounds, activation_kwargs, kernel
+        As for :class:`DEQ`; ``input_variance`` is a scalar. ``kernel="ntk"`` is the
+        convolutional neural tangent kernel (:func:`deq_kernel.conv_equilibrium_covariance`
+        with ``output="ntk"``), its gradient from the tangent equations of its fixed points too.
 
     Examples
     --------
@@ -405,6 +407,7 @@ class ConvDEQ(DEQ):
         input_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
         bias_variance_bounds: tuple[float, float] | str = _DEFAULT_BOUNDS,
         activation_kwargs: dict[str, Any] | None = None,
+        kernel: str = "nngp",
     ) -> None:
         super().__init__(
             activation=activation,
@@ -415,15 +418,11 @@ class ConvDEQ(DEQ):
             input_variance_bounds=input_variance_bounds,
             bias_variance_bounds=bias_variance_bounds,
             activation_kwargs=activation_kwargs,
+            kernel=kernel,
         )
         self.image_shape = image_shape
         self.kernel_size = kernel_size
         self.readout = readout
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        params = super().get_params(deep)
-        params.pop("kernel", None)
-        return params
 
     @property
     def anisotropic(self) -> bool:
@@ -436,7 +435,9 @@ class ConvDEQ(DEQ):
         return dict(image_shape=shape, kernel_size=kernel_size, readout=readout)
 
     def _covariance(self, x: Tensor, y: Tensor | None, diag: bool = False, **hypers: Tensor) -> Tensor:
-        return conv_equilibrium_covariance(x, y, activation=self._activation(), diag=diag, **self._options(), **hypers)
+        return conv_equilibrium_covariance(
+            x, y, activation=self._activation(), diag=diag, output=self._output(), **self._options(), **hypers
+        )
 
     def _jacobian(self, x: Tensor, hypers: dict[str, Tensor], free: list[str]) -> tuple[Tensor, Tensor]:
         options = self._options()
@@ -445,17 +446,19 @@ class ConvDEQ(DEQ):
         w, iv, b = (hypers[name] for name in ("weight_variance", "input_variance", "bias_variance"))
         act.check_weight_variance(w)
         K, tangents = conv_kernel_tangents(
-            act, images, w, iv.reshape(()), b, options["kernel_size"], options["readout"]
+            act, images, w, iv.reshape(()), b, options["kernel_size"], options["readout"], self._output()
         )
         order = {"weight_variance": 0, "input_variance": 1, "bias_variance": 2}
         return K, tangents[..., [order[name] for name in free]]
 
     def __repr__(self) -> str:
         name = self.activation if isinstance(self.activation, str) else self._activation().name
+        tangent = "" if self.kernel == "nngp" else f", kernel={self.kernel!r}"
         return (
             f"ConvDEQ(image_shape={tuple(self.image_shape)}, kernel_size={self.kernel_size}, "
             f"readout={self.readout!r}, activation={name!r}, weight_variance={self._weight_variance():.3g}, "
-            f"input_variance={float(np.ravel(self.input_variance)[0]):.3g}, bias_variance={self.bias_variance:.3g})"
+            f"input_variance={float(np.ravel(self.input_variance)[0]):.3g}, bias_variance={self.bias_variance:.3g}"
+            f"{tangent})"
         )
 
 
@@ -540,11 +543,6 @@ class _DEQGPBase(BaseEstimator):
                 raise ValueError("ard=True is not available with image_shape: it has one input variance")
             if iv.size != 1:
                 raise ValueError("input_variance must be a scalar with image_shape (one input variance)")
-            if self.kernel != "nngp":
-                raise ValueError(
-                    "kernel='ntk' with image_shape is not available in the scikit-learn estimators (their kernel_ "
-                    "has no convolutional tangent kernel gradient); use deq_kernel.gpytorch.ConvDEQKernel(kernel='ntk')"
-                )
 
     def _conv_options(self) -> tuple[tuple[int, int, int], int, str]:
         """``image_shape`` as ``(C, H, W)``, ``kernel_size`` and ``readout``, validated."""
@@ -569,6 +567,7 @@ class _DEQGPBase(BaseEstimator):
                 image_shape=shape,
                 kernel_size=kernel_size,
                 readout=readout,
+                kernel=self.kernel,
                 **(self.activation_kwargs or {}),
             )
         return DEQKernel(
@@ -786,7 +785,7 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         Treat each row of ``X`` as an image of this shape (``images.reshape(n, -1)``) and use
         the kernel of an infinitely wide convolutional DEQ
         (:class:`deq_kernel.gpytorch.ConvDEQKernel`, :func:`deq_kernel.conv_equilibrium_covariance`)
-        instead of the fully connected one; one input variance (no ``ard``), ``kernel="nngp"``.
+        instead of the fully connected one; one input variance (no ``ard``).
     kernel_size : int, default 3
         With ``image_shape``: the convolutions' size, odd and positive.
     readout : {"flatten", "gap"}, default "flatten"
@@ -1056,7 +1055,7 @@ class DEQGPRegressor(RegressorMixin, _DEQGPBase):
         )
         if isinstance(base, ConvDEQKernel):
             conv = dict(image_shape=base.image_shape, kernel_size=base.kernel_size, readout=base.readout)
-            k = conv_equilibrium_covariance(x, **conv, **hypers)
+            k = conv_equilibrium_covariance(x, **conv, output=base.kernel, **hypers)
         else:
             k = equilibrium_covariance(x, output=base.kernel, **hypers)
         cov = values["constant_value"].reshape(()) * k + values["noise_level"].reshape(()) * torch.eye(
@@ -1151,7 +1150,7 @@ class DEQGPClassifier(ClassifierMixin, _DEQGPBase):
         Treat each row of ``X`` as an image of this shape (``images.reshape(n, -1)``) and use
         the kernel of an infinitely wide convolutional DEQ
         (:class:`deq_kernel.gpytorch.ConvDEQKernel`, :func:`deq_kernel.conv_equilibrium_covariance`)
-        instead of the fully connected one; one input variance (no ``ard``), ``kernel="nngp"``.
+        instead of the fully connected one; one input variance (no ``ard``).
     kernel_size : int, default 3
         With ``image_shape``: the convolutions' size, odd and positive.
     readout : {"flatten", "gap"}, default "flatten"
@@ -1426,6 +1425,7 @@ def _to_sklearn_kernel(kernel: DEQKernel, activation: Any, activation_kwargs: di
             input_variance=float(iv[0]),
             bias_variance=float(kernel.bias_variance.detach().reshape(-1)[0]),
             activation_kwargs=activation_kwargs,
+            kernel=kernel.kernel,
         )
     return DEQ(
         activation,

@@ -402,10 +402,59 @@ def test_scikit_learn_kernel_values_gradients_and_api(rng):
     Y = rng.uniform(size=(3, 18))
     np.testing.assert_allclose(kernel(X, Y), kernel(np.vstack([X, Y]))[:6, 6:], rtol=0, atol=1e-13)
     again = clone(kernel)
-    assert again.get_params() == kernel.get_params() and "kernel" not in kernel.get_params()
+    assert again.get_params() == kernel.get_params() and kernel.get_params()["kernel"] == "nngp"
     assert repr(again).startswith("ConvDEQ(image_shape=(2, 3, 3), kernel_size=3, readout='flatten'")
     fixed = ConvDEQ(image_shape=(2, 3, 3), bias_variance_bounds="fixed")
     assert fixed(X, eval_gradient=True)[1].shape == (6, 6, 2)
+
+
+@pytest.mark.parametrize(("activation", "readout"), [("relu", "flatten"), ("tanh", "flatten"), ("erf", "gap")])
+def test_scikit_learn_tangent_kernel_values_and_gradients(rng, activation, readout):
+    """ConvDEQ(kernel="ntk"): the convolutional NTK, its gradient from the tangent equations.
+
+    Against reverse-mode autograd through the GPyTorch path's implicit adjoints (an independent
+    computation of the same derivatives) to rounding, and against central differences.
+    """
+    from deq_kernel.sklearn import ConvDEQ
+
+    X = rng.uniform(size=(5, 2 * 3 * 3))
+    X[3] = X[1]  # an exact copy: correlation 1 between two images, where E' is least smooth
+    hypers = dict(weight_variance=0.5, input_variance=1.3, bias_variance=0.2)
+    kernel = ConvDEQ(image_shape=(2, 3, 3), readout=readout, activation=activation, kernel="ntk", **hypers)
+    K, gradient = kernel(X, eval_gradient=True)
+    options = dict(image_shape=(2, 3, 3), readout=readout, activation=activation, output="ntk")
+    x = torch.as_tensor(X)
+
+    def ntk(log_theta):
+        b, iv, w = log_theta.exp()
+        return conv_equilibrium_covariance(x, weight_variance=w, input_variance=iv, bias_variance=b, **options)
+
+    theta = torch.tensor(kernel.theta)
+    np.testing.assert_allclose(K, ntk(theta).numpy(), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(K[1, 3], K[1, 1], rtol=1e-12, atol=0)  # 1e-8 off before copies started at c = q
+    jacobian = torch.autograd.functional.jacobian(ntk, theta).numpy()
+    np.testing.assert_allclose(gradient, jacobian, rtol=0, atol=1e-12)
+    for k in range(3):
+        h = 1e-5
+        up, down = (kernel.clone_with_theta(kernel.theta + sign * h * np.eye(3)[k])(X) for sign in (1, -1))
+        np.testing.assert_allclose(gradient[..., k], (up - down) / (2 * h), rtol=0, atol=1e-8)
+    nngp = ConvDEQ(image_shape=(2, 3, 3), readout=readout, activation=activation, **hypers)(X)
+    assert float(np.linalg.eigvalsh(K - nngp).min()) > -1e-12  # training v alone gives the NNGP
+    assert "kernel='ntk'" in repr(kernel)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tangent_kernel_of_exact_copies_is_that_of_an_image_with_itself(seed):
+    """Copies meet at correlation 1, where relu's E' has an infinite slope: no digits are lost there."""
+    x = torch.as_tensor(np.random.default_rng(seed).uniform(size=(4, 1, 4, 4)))
+    x[2] = x[0]
+    kw = dict(activation="relu", weight_variance=0.6, output="ntk", input_variance=1.3, bias_variance=0.2)
+    k = conv_equilibrium_covariance(x, **kw)
+    cross = conv_equilibrium_covariance(x[:2], x[2:], **kw)
+    own = k[0, 0]
+    for value in (k[0, 2], k[2, 0], cross[0, 0]):
+        # Started anywhere but at c = q, three of these eight seeds were 1.1e-8 to 1.7e-8 off.
+        assert abs(float(value - own)) <= 1e-13 * float(own)
 
 
 def test_scikit_learn_regression_fits_by_marginal_likelihood(rng):
@@ -616,6 +665,35 @@ def test_regressor_with_image_shape_is_the_gp_of_the_convolutional_kernel(rng, r
     )
 
 
+def test_regressor_with_image_shape_and_the_tangent_kernel(rng, tmp_path):
+    from deq_kernel.model_io import SavedModel, load_model
+    from deq_kernel.sklearn import ConvDEQ, DEQGPRegressor
+
+    X, y = _tiny_images(rng)
+    hypers = dict(weight_variance=0.6, input_variance=1.5, bias_variance=0.2)
+    options = dict(image_shape=(4, 4), activation="erf")
+    reg = DEQGPRegressor(optimizer=None, noise=0.05, kernel="ntk", **options, **hypers).fit(X[:18], y[:18])
+    assert isinstance(reg.kernel_.k1.k2, ConvDEQ) and reg.kernel_.k1.k2.kernel == "ntk"
+    x_train, x_test = torch.tensor(X[:18]), torch.tensor(X[18:])
+    k = conv_equilibrium_covariance(x_train, output="ntk", **options, **hypers)
+    k_star = conv_equilibrium_covariance(x_test, x_train, output="ntk", **options, **hypers)
+    mu, sd = y[:18].mean(), y[:18].std()
+    alpha = torch.linalg.solve(k + 0.05 * torch.eye(18, dtype=k.dtype), torch.tensor((y[:18] - mu) / sd))
+    np.testing.assert_allclose(reg.predict(X[18:]), (k_star @ alpha).numpy() * sd + mu, rtol=1e-11, atol=1e-11)
+    # Fitted by marginal likelihood: log_marginal_likelihood(theta) recomputes with the tangent
+    # kernel, and a saved model comes back with it, predicting the same numbers.
+    fitted = DEQGPRegressor(kernel="ntk", max_iter=4, **options).fit(X[:18], y[:18])
+    assert fitted.log_marginal_likelihood(fitted.kernel_.theta) == pytest.approx(
+        fitted.log_marginal_likelihood_value_, rel=1e-9
+    )
+    features = [f"p{i}" for i in range(16)]
+    saved = SavedModel(fitted, "regression", "y", features, np.zeros(16), np.ones(16), None, X[:18], y[:18])
+    saved.save(tmp_path / "model")
+    again = load_model(tmp_path / "model").estimator
+    assert again.kernel == "ntk" and again.kernel_.k1.k2.kernel == "ntk"
+    assert np.array_equal(again.predict(X[18:]), fitted.predict(X[18:]))
+
+
 def test_classifier_with_image_shape(rng):
     from deq_kernel.sklearn import ConvDEQ, DEQGPClassifier
 
@@ -632,7 +710,6 @@ def test_classifier_with_image_shape(rng):
     [
         (dict(image_shape=(3, 4)), "image_shape \\(3, 4\\) has 12 values per image, but X has 16 features"),
         (dict(image_shape=(4, 4), ard=True), "ard=True is not available with image_shape"),
-        (dict(image_shape=(4, 4), kernel="ntk"), "kernel='ntk' with image_shape"),
         (dict(image_shape=(4, 4), kernel_size=2), "kernel_size must be a positive odd integer"),
         (dict(image_shape=(4, 4), readout="max"), "'readout' parameter"),
         (dict(image_shape=(4, 4), input_variance=[1.0, 2.0]), "input_variance must be a scalar with image_shape"),

@@ -462,12 +462,7 @@ def conv_kernel(
                 continue
             s12 = iv * read.average(read.gram(x1[i : i + side], x2[j : j + side], False), kernel_size) + b
             qa, qb = read.sides(q1[i : i + side], q2[j : j + side], False)
-            start = None
-            if symmetric and i == j and not read.pooled:
-                # The pair of an image with itself starts at its solution, c = q (where the
-                # dual is least smooth, at correlation 1).
-                start = s12.detach().clone()
-                start.diagonal(dim1=0, dim2=1).copy_(q1[i : i + side].detach().movedim(0, -1))
+            start = None if read.pooled else _identical_start(x1[i : i + side], x2[j : j + side], s12, q1[i : i + side])
             c = _pair_covariances(act, qa, qb, s12, w, kernel_size, read.average, 2, start)
             tiles[i, j] = readout_of(qa, qb, c, 2)
     rows = []
@@ -494,6 +489,24 @@ def conv_kernel(
     return out
 
 
+def _identical_start(a: Tensor, b: Tensor, s12: Tensor, q: Tensor) -> Tensor | None:
+    """Where the same-pixel iteration of a tile starts: ``c = q`` for pairs of identical images, else ``None``.
+
+    The pair of an image with itself (or with an exact copy) has the solution ``c = q``, at
+    correlation 1, where the duals are least smooth (the derivative activations' ``E'``, which
+    the tangent kernel reads, has an infinite slope there): started anywhere else, the
+    iteration stops within rounding of it and ``E'`` loses half its digits. ``q`` holds the
+    variances of ``a``'s images (those of ``b``'s copies are the same numbers).
+    """
+    same = (a.unsqueeze(1) == b.unsqueeze(0)).flatten(2).all(-1)
+    if not bool(same.any()):
+        return None
+    start = s12.detach().clone()
+    i, j = same.nonzero(as_tuple=True)
+    start[i, j] = q.detach()[i]
+    return start
+
+
 def _own_tangent_terms(derivative: Activation, q: Tensor, w: Tensor, kernel_size: int) -> Tensor:
     """``E' T`` of each image with itself: ``(I - w A diag(E')) T = q``, solved exactly (``P x P``)."""
     slope = derivative.diag_dual(q)[0]
@@ -511,7 +524,14 @@ def _partials(act: Activation, qa: Tensor, qb: Tensor, c: Tensor) -> tuple[Tenso
 
 
 def conv_kernel_tangents(
-    act: Activation, x: Tensor, w: Tensor, iv: Tensor, b: Tensor, kernel_size: int, readout: str = "flatten"
+    act: Activation,
+    x: Tensor,
+    w: Tensor,
+    iv: Tensor,
+    b: Tensor,
+    kernel_size: int,
+    readout: str = "flatten",
+    output: str = "nngp",
 ) -> tuple[Tensor, Tensor]:
     """``K(x, x)`` with output variance 1 and ``dK / d(w, iv, b)``, shape ``(n, n, 3)``, without a graph.
 
@@ -520,8 +540,18 @@ def conv_kernel_tangents(
     ``dc = w A[V_c dc + V_q1 dq1 + V_q2 dq2] + dw A[V] + ds12`` per pair (the same contraction
     as the pair equation, solved by the same mixing), three hyperparameters at once. What the
     scikit-learn kernel's ``eval_gradient`` needs, in the time of a few kernel evaluations.
+
+    ``output="ntk"`` (see :func:`conv_kernel`): the entries are ``V + E' T`` with
+    ``T = w A[E' T] + c``, whose tangent solves the same linear contraction,
+    ``dT = w A[E' dT] + w A[dE' T] + dw A[E' T] + dc``, ``dE'`` from the derivative
+    activation's partials. Where a pixel meets itself (an image with itself, at equal pixels)
+    the correlation is 1 and ``E'`` is not differentiable in ``c`` alone (the relu family's
+    ``E'_c`` is infinite there); along that diagonal ``E' = D'_{phi'}(q)``, whose derivative
+    ``dD'_{phi'}/dq dq`` is used instead.
     """
     read = _Readout(readout, x.shape[-2], x.shape[-1])
+    ntk = output == "ntk"
+    derivative = act.derivative_activation() if ntk else None
     n, channels = x.shape[:2]
     with torch.no_grad():
         g1 = patch_average((x * x).sum(1) / channels, kernel_size)
@@ -530,6 +560,8 @@ def conv_kernel_tangents(
         d, dd = act.diag_dual(q)
         rhs = torch.stack([patch_average(d, kernel_size), g1, torch.ones_like(g1)], -1)
         dq = _pixel_solve(dd, w, rhs, kernel_size).movedim(-1, 0)  # (3, n, H, W)
+        if ntk:
+            e_own, de_own = derivative.diag_dual(q)  # E' of a pixel with itself and its slope in q
         budget = settings.max_block_size.value() or TILE_ELEMENTS[readout]
         side = max(1, math.isqrt(max(1, budget // (3 * read.entries))))
         value = x.new_empty(n, n)
@@ -541,7 +573,8 @@ def conv_kernel_tangents(
                 gram = read.average(read.gram(a, bb, False), kernel_size)
                 s12 = iv * gram + b
                 qa, qb = read.sides(q[i : i + side], q[j : j + side], False)
-                c = _pair_covariances(act, qa, qb, s12, w, kernel_size, read.average, 2)
+                start = None if read.pooled else _identical_start(a, bb, s12, q[i : i + side])
+                c = _pair_covariances(act, qa, qb, s12, w, kernel_size, read.average, 2, start)
                 v, v_c, v_q1, v_q2 = _partials(act, qa, qb, c)
                 dqa = torch.stack([read.sides(t[i : i + side], t[j : j + side], False)[0] for t in dq])
                 dqb = torch.stack([read.sides(t[i : i + side], t[j : j + side], False)[1] for t in dq])
@@ -550,15 +583,23 @@ def conv_kernel_tangents(
                 drive[0] += read.average(v, kernel_size)
                 drive[1] += gram
                 drive[2] += 1.0
-                diagonal = (v_c * centre).expand_as(drive)
-
-                def step(t: Tensor, drive: Tensor = drive, v_c: Tensor = v_c, diagonal: Tensor = diagonal) -> tuple:
-                    mapped = w * read.average(v_c * t, kernel_size)
-                    return mapped + drive, 1.0 + mapped.abs() + drive.abs(), diagonal
-
-                dc = _anderson(step, drive.clone(), "pair tangent", problems=3, memory=LINEAR_MEMORY)
-                block = read.mean(v)
-                block_t = read.mean(v_c * dc + direct)
+                dc = _linear_tangent(v_c, drive, w, centre, kernel_size, read.average, "pair tangent")
+                entry = v
+                entry_t = v_c * dc + direct
+                if ntk:
+                    e, e_c, e_q1, e_q2 = _partials(derivative, qa, qb, c)
+                    de = e_c * dc + e_q1 * dqa + e_q2 * dqb
+                    if i == j:
+                        _own_entries(de, read.pooled).copy_(de_own[i : i + side] * dq[:, i : i + side])
+                    t = _linear_tangent(e, c.unsqueeze(0), w, centre, kernel_size, read.average, "tangent pair")[0]
+                    t_drive = w * read.average(de * t, kernel_size)
+                    t_drive[0] += read.average(e * t, kernel_size)
+                    t_drive += dc
+                    dt = _linear_tangent(e, t_drive, w, centre, kernel_size, read.average, "tangent pair tangent")
+                    entry = v + e * t
+                    entry_t = entry_t + de * t + e * dt
+                block = read.mean(entry)
+                block_t = read.mean(entry_t)
                 rows, cols = slice(i, i + side), slice(j, j + side)
                 value[rows, cols] = block
                 tangent[:, rows, cols] = block_t
@@ -569,6 +610,46 @@ def conv_kernel_tangents(
                     value[rows, rows] = block.triu() + block.triu(1).mT
                     tangent[:, rows, rows] = block_t.triu() + block_t.triu(1).mT
         if not read.pooled:
-            value.diagonal().copy_(d.mean((-2, -1)))
-            tangent.diagonal(dim1=1, dim2=2).copy_((dd * dq).mean((-2, -1)))
+            own_value, own_tangent = d, dd * dq
+            if ntk:
+                # T of an image with itself: (I - w A diag(E')) T = q, and its tangent
+                # (I - w A diag(E')) dT = w A[dE' T] + dw A[E' T] + dq, dE' = dD'_{phi'}/dq dq.
+                t_own = _pixel_solve(e_own, w, q, kernel_size)
+                de = de_own * dq
+                t_rhs = w * patch_average(de * t_own, kernel_size) + dq
+                t_rhs[0] += patch_average(e_own * t_own, kernel_size)
+                dt_own = _pixel_solve(e_own, w, t_rhs.movedim(0, -1), kernel_size).movedim(-1, 0)
+                own_value = d + e_own * t_own
+                own_tangent = own_tangent + de * t_own + e_own * dt_own
+            value.diagonal().copy_(own_value.mean((-2, -1)))
+            tangent.diagonal(dim1=1, dim2=2).copy_(own_tangent.mean((-2, -1)))
     return value, tangent.movedim(0, -1)
+
+
+def _own_entries(tile: Tensor, pooled: bool) -> Tensor:
+    """A view ``(k, s, H, W)`` of a diagonal tile ``(k, s, s, pixels...)``: each image with itself, equal pixels."""
+    if not pooled:  # (k, s, s, H, W): the diagonal of the two image dimensions
+        return tile.diagonal(dim1=1, dim2=2).movedim(-1, 1)
+    # (k, s, s, y, x, y', x'): image with itself, y = y', x = x'.
+    own = tile.diagonal(dim1=1, dim2=2)  # (k, y, x, y', x', s)
+    own = own.diagonal(dim1=1, dim2=3)  # (k, x, x', s, y)
+    return own.diagonal(dim1=1, dim2=2)  # (k, s, y, x)
+
+
+def _linear_tangent(
+    slope: Tensor,
+    drive: Tensor,
+    w: Tensor,
+    centre: Tensor,
+    kernel_size: int,
+    average: Callable[[Tensor, int], Tensor],
+    what: str,
+) -> Tensor:
+    """``t = w A[slope t] + drive`` by mixing, ``drive`` the tile's right-hand sides ``(k, pairs..., pixels...)``."""
+    diagonal = (slope * centre).expand_as(drive)
+
+    def step(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mapped = w * average(slope * t, kernel_size)
+        return mapped + drive, 1.0 + mapped.abs() + drive.abs(), diagonal
+
+    return _anderson(step, drive.clone(), what, problems=3, memory=LINEAR_MEMORY)
