@@ -193,15 +193,15 @@ def load_training_data(
         mask = missing_rows(table, used)
         dropped = int(mask.sum())
         table = table.select(~mask)
-        if not table.rows:
+        if not len(table):
             raise InputError(f"every row of {path!r} has a missing value; nothing is left to fit")
     else:
         check_no_missing(table, used, hint=" (use --drop-missing to drop such rows)")
     X = numeric_columns(table, features)
-    if len(table.rows) < 2:
-        raise InputError(f"{path!r} has {len(table.rows)} usable data row; fitting needs at least 2")
+    if len(table) < 2:
+        raise InputError(f"{path!r} has {len(table)} usable data row; fitting needs at least 2")
     for j, name in enumerate(features):
-        if len(table.rows) >= ROW_NUMBER_ROWS and _is_row_number(X[:, j]):
+        if len(table) >= ROW_NUMBER_ROWS and _is_row_number(X[:, j]):
             warnings.warn(
                 f"feature column {name!r} counts the rows ({_format_value(X[0, j])}, {_format_value(X[1, j])}, ...): "
                 f"an identifier? give --drop {name} to leave it out",
@@ -529,7 +529,7 @@ def command_predict(args: argparse.Namespace) -> int:
         mask = missing_rows(table, model.features)
         skipped = [line for line, m in zip(table.lines, mask, strict=True) if m]
         table = table.select(~mask)
-        if not table.rows:
+        if not len(table):
             raise InputError(f"every row of {args.data!r} has a missing value; nothing is left to predict")
     else:
         check_no_missing(table, model.features, hint=" (use --drop-missing to skip such rows)")

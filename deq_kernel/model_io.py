@@ -21,6 +21,7 @@ import copy
 import csv
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -78,9 +79,16 @@ DELIMITERS = (",", ";", "\t", "|")
 _SNIFF_ROWS = 50
 
 
+#: Rows parsed before their cells are packed into the columns' arrays.
+_CHUNK_ROWS = 1 << 13
+
+
 @dataclass
 class Table:
-    """A CSV file's header and data rows (as text).
+    """A CSV file's header and data cells (as text), column by column.
+
+    Each column is a numpy array of its cells' UTF-8 bytes (stripped), a few bytes per cell
+    where Python strings cost some sixty: a large file is held once, compactly.
 
     Attributes
     ----------
@@ -88,9 +96,9 @@ class Table:
         The file, as the user named it.
     header : list of str
         Column names.
-    rows : list of list of str
-        Data rows, each as long as the header.
-    lines : list of int
+    cells : list of ndarray
+        One array per column (dtype ``S``), each as long as the table.
+    lines : ndarray of int
         The file line of each data row (the header is line 1), for messages.
     delimiter : str
         The field separator the file was read with.
@@ -100,26 +108,40 @@ class Table:
 
     path: str
     header: list[str]
-    rows: list[list[str]]
-    lines: list[int]
+    cells: list[np.ndarray]
+    lines: np.ndarray
     delimiter: str = ","
     decimal: str = "."
 
+    def __len__(self) -> int:
+        """The number of data rows."""
+        return len(self.lines)
+
     def column(self, name: str) -> list[str]:
         """The cells of column ``name``."""
-        index = self.header.index(name)
-        return [row[index] for row in self.rows]
+        return [cell.decode("utf-8") for cell in self.cells[self.header.index(name)]]
 
     def numbers(self, name: str) -> list[str]:
         """The cells of column ``name`` as ``float`` reads numbers: a decimal comma becomes a point."""
         cells = self.column(name)
         return [cell.replace(",", ".") for cell in cells] if self.decimal == "," else cells
 
+    def floats(self, name: str) -> np.ndarray | None:
+        """Column ``name`` as float64 in one vectorised conversion, or ``None`` if a cell does not convert."""
+        raw = self.cells[self.header.index(name)]
+        if self.decimal == ",":
+            raw = np.char.replace(raw, b",", b".")
+        try:
+            return raw.astype(np.float64)
+        except ValueError:
+            return None
+
     def select(self, keep: np.ndarray) -> Table:
         """The table restricted to the rows where ``keep`` is true."""
-        rows = [row for row, k in zip(self.rows, keep, strict=True) if k]
-        lines = [line for line, k in zip(self.lines, keep, strict=True) if k]
-        return Table(self.path, self.header, rows, lines, self.delimiter, self.decimal)
+        keep = np.asarray(keep, dtype=bool)
+        return Table(
+            self.path, self.header, [c[keep] for c in self.cells], self.lines[keep], self.delimiter, self.decimal
+        )
 
     def check_columns(self, names: Sequence[str], what: str, hint: str = "") -> None:
         """Raise :class:`InputError` for the first of ``names`` that is not a column, with the closest one."""
@@ -194,47 +216,83 @@ def read_csv(path: str | os.PathLike, *, delimiter: str | None = None, decimal: 
     if file.is_dir():
         raise InputError(f"{name!r} is a directory, not a CSV file")
     try:
-        text = file.read_text(encoding="utf-8-sig")
+        with file.open(encoding="utf-8-sig", newline="") as handle:
+            return _read_records(handle, name, delimiter, decimal)
     except UnicodeDecodeError:
         raise InputError(f"{name!r} is not a text (UTF-8 CSV) file") from None
     except OSError as exc:
         raise InputError(f"cannot read {name!r}: {exc.strerror}") from None
-    lines = text.splitlines()
+
+
+def _read_records(handle: Any, name: str, delimiter: str | None, decimal: str) -> Table:
+    """The rows of an open file, streamed: the file is never held as text, nor its rows twice."""
+    head = list(itertools.islice(handle, 4 * _SNIFF_ROWS))
     given = delimiter is not None
     if delimiter is None:
-        delimiter = _detect_delimiter(lines)
+        delimiter = _detect_delimiter([line.rstrip("\r\n") for line in head])
         if decimal == "," and delimiter == ",":
             delimiter = ";"  # with decimal commas, the usual separator
     if delimiter == decimal:
         raise InputError(f"the delimiter and the decimal mark of {name!r} cannot both be {delimiter!r}")
-    reader = csv.reader(lines, delimiter=delimiter)
-    records: list[tuple[int, list[str]]] = []
+    reader = csv.reader(itertools.chain(head, handle), delimiter=delimiter)
+    header: list[str] | None = None
+    chunks: list[list[np.ndarray]] = []
+    rows: list[list[str]] = []
+    lines: list[int] = []
     try:
         for row in reader:
-            if any(cell.strip() for cell in row):
-                records.append((reader.line_num, row))
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in row]
+                _check_header(header, name)
+                continue
+            if len(row) != len(header):
+                how = "given" if given else "detected"
+                raise InputError(
+                    f"{name!r}: line {reader.line_num} has {len(row)} fields, the header has {len(header)} (fields "
+                    f"split at {describe_delimiter(delimiter)}, {how}; give --delimiter for another separator, or "
+                    "quote fields that contain it)"
+                )
+            rows.append(row)
+            lines.append(reader.line_num)
+            if len(rows) == _CHUNK_ROWS:
+                chunks.append(_pack(rows))
+                rows = []
     except csv.Error as exc:
         raise InputError(f"{name!r} is not valid CSV (line {reader.line_num}: {exc})") from None
-    if not records:
+    if header is None:
         raise InputError(f"data file {name!r} is empty")
-    header = [cell.strip() for cell in records[0][1]]
+    if not lines:
+        raise InputError(f"data file {name!r} has a header but no data rows")
+    if rows:
+        chunks.append(_pack(rows))
+    cells = []
+    for j in range(len(header)):  # one column at a time: the chunks and one column's copy at once
+        cells.append(np.concatenate([chunk[j] for chunk in chunks]))
+        for chunk in chunks:
+            chunk[j] = None  # type: ignore[call-overload]
+    return Table(name, header, cells, np.asarray(lines, dtype=np.int64), delimiter, decimal)
+
+
+def _pack(rows: list[list[str]]) -> list[np.ndarray]:
+    """The stripped cells of some rows, column by column, as arrays of UTF-8 bytes."""
+    return [_as_bytes([cell.strip() for cell in column]) for column in zip(*rows, strict=True)]
+
+
+def _as_bytes(cells: list[str]) -> np.ndarray:
+    try:
+        return np.array(cells, dtype="S")  # ASCII: numpy encodes it at once
+    except UnicodeEncodeError:
+        return np.array([cell.encode("utf-8") for cell in cells], dtype="S")
+
+
+def _check_header(header: list[str], name: str) -> None:
     if any(not h for h in header):
         raise InputError(f"{name!r}: column {header.index('') + 1} of the header has no name")
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
         raise InputError(f"{name!r}: repeated column name(s) {_names(repeated)} in the header")
-    if len(records) == 1:
-        raise InputError(f"data file {name!r} has a header but no data rows")
-    for line, row in records[1:]:
-        if len(row) != len(header):
-            how = "given" if given else "detected"
-            raise InputError(
-                f"{name!r}: line {line} has {len(row)} fields, the header has {len(header)} (fields split at "
-                f"{describe_delimiter(delimiter)}, {how}; give --delimiter for another separator, or quote "
-                "fields that contain it)"
-            )
-    rows = [[c.strip() for c in row] for _, row in records[1:]]
-    return Table(name, header, rows, [line for line, _ in records[1:]], delimiter, decimal)
 
 
 def is_missing(cell: str) -> bool:
@@ -244,7 +302,7 @@ def is_missing(cell: str) -> bool:
 
 def missing_rows(table: Table, columns: Sequence[str]) -> np.ndarray:
     """A boolean mask of the rows with a missing value in any of ``columns``."""
-    mask = np.zeros(len(table.rows), dtype=bool)
+    mask = np.zeros(len(table), dtype=bool)
     for name in columns:
         mask |= np.array([is_missing(c) for c in table.column(name)], dtype=bool)
     return mask
@@ -273,8 +331,12 @@ def numeric_columns(table: Table, columns: Sequence[str], kind: str = "feature")
     InputError
         For a cell that is not a finite number, naming its column and line.
     """
-    out = np.empty((len(table.rows), len(columns)), dtype=np.float64)
+    out = np.empty((len(table), len(columns)), dtype=np.float64)
     for j, name in enumerate(columns):
+        values = table.floats(name)
+        if values is not None and bool(np.isfinite(values).all()):
+            out[:, j] = values
+            continue
         cells = zip(table.column(name), table.numbers(name), table.lines, strict=True)
         for i, (cell, number, line) in enumerate(cells):
             try:
