@@ -107,8 +107,22 @@ def _solve(
     caller: under ``torch.compile``, ``1 in exps`` on a closure's tuple evaluated to False.
     """
     alpha = params[0] / torch.sqrt(q1 * q2)
-    # Start from the root of the series cut after its quadratic term (exact for small rho):
-    # alpha P2 rho^2 - (1 - alpha P1) rho + (c + alpha P0) = 0, in its cancellation-free form.
+    rho = _start(c, alpha, a1, a2, exps, low)
+    for _ in range(steps):
+        h, dh, _ = _series(rho, a1, a2, exps, 1)
+        rho = _newton_step(rho, h, dh, alpha, c)
+    h, dh, d2h = _series(rho, a1, a2, exps, 2)
+    rho_new, value, flag = _checked(rho, h, dh, d2h, alpha, c, tau1, tau2, order, eps)
+    return rho_new, value, dh, alpha, flag
+
+
+def _start(
+    c: Tensor, alpha: Tensor, a1: Tensor, a2: Tensor, exps: tuple[int, ...], low: tuple[int | None, int | None]
+) -> Tensor:
+    """The root of the series cut after its quadratic term (exact for small ``rho``), in [-1, 1].
+
+    ``alpha P2 rho^2 - (1 - alpha P1) rho + (c + alpha P0) = 0``, in its cancellation-free form.
+    """
     one, two = low
     const = c + alpha * (a1[:, 0:1] * a2[0:1, :]) if exps[0] == 0 else c
     lin = 1.0 - alpha * (a1[:, one : one + 1] * a2[one : one + 1, :]) if one is not None else None
@@ -121,11 +135,26 @@ def _solve(
         rho = torch.where(lin > 0, const / lin, const)
     else:
         rho = const
-    rho = rho.clamp(-1.0, 1.0)
-    for _ in range(steps):
-        h, dh, _ = _series(rho, a1, a2, exps, 1)
-        rho = (rho - (rho - alpha * h - c) / (1.0 - alpha * dh)).clamp(-1.0, 1.0)
-    h, dh, d2h = _series(rho, a1, a2, exps, 2)
+    return rho.clamp(-1.0, 1.0)
+
+
+def _newton_step(rho: Tensor, h: Tensor, dh: Tensor, alpha: Tensor, c: Tensor) -> Tensor:
+    return (rho - (rho - alpha * h - c) / (1.0 - alpha * dh)).clamp(-1.0, 1.0)
+
+
+def _checked(
+    rho: Tensor,
+    h: Tensor,
+    dh: Tensor,
+    d2h: Tensor,
+    alpha: Tensor,
+    c: Tensor,
+    tau1: Tensor,
+    tau2: Tensor,
+    order: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The final Newton correction and its checks: ``(rho, h at rho, flag)``, ``flag`` for the general solver."""
     slope = 1.0 - alpha * dh
     delta = (rho - alpha * h - c) / slope
     miss = (alpha * d2h).abs() * delta * delta / (2.0 * slope)
@@ -134,7 +163,7 @@ def _solve(
     r = rho_new.abs()
     power = _int_power(r, order + 1)
     flag = ~((slope > 0) & (miss <= _BOUND_EPS * eps) & (power * (tau1 * tau2) <= 1.0) & (r <= 1.0))
-    return rho_new, h - dh * delta, dh, alpha, flag
+    return rho_new, h - dh * delta, flag
 
 
 def _low_positions(exps: tuple[int, ...]) -> tuple[int | None, int | None]:
@@ -271,15 +300,13 @@ def series_plan(
     sample = _sample(coef1, coef2, q1, q2, lhs, rhs, w, two_sided, symmetric)
     cover, steps = 0.9, NEWTON_STEPS
     if sample is not None:
-        rho, flag = _solve_sample(sample, tuple(range(top + 1)), NEWTON_STEPS + 2)
+        rho, flag = _solve_sample(sample, _kept([coef1, coef2], [total1, total2], top), NEWTON_STEPS + 2)
         r = torch.where(flag, 1.0, rho.abs()).flatten()
         cover = min(float(torch.quantile(r, 0.999)) + 0.05, 0.9)
     order = _main_order([coef1, coef2], [total1, total2], cover, tol)
     exps = _kept([coef1[: order + 1], coef2[: order + 1]], [total1, total2], order)
     if sample is not None:
-        for steps in range(1, NEWTON_STEPS + 1):
-            if not bool(_solve_sample(sample, exps, steps)[1].any()):
-                break
+        steps = _fewest_steps(sample, exps)
 
     def stack(coef: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
         kept = coef[list(exps)]
@@ -353,15 +380,36 @@ def _solve_sample(sample: tuple[Tensor, ...], exps: tuple[int, ...], steps: int)
     return rho, flag
 
 
+def _fewest_steps(sample: tuple[Tensor, ...], exps: tuple[int, ...]) -> int:
+    """The fewest Newton steps, 1 to :data:`NEWTON_STEPS`, after which no sampled pair is flagged.
+
+    The iterates of :func:`_solve` taken one after the other, each checked as its final
+    correction would be (no truncation test): one series evaluation per step.
+    """
+    c, qi, qj, products, params = sample
+    f64 = torch.float64
+    a1, a2 = products[:, list(exps)], torch.ones(len(exps), 1, dtype=f64, device=c.device)
+    tau = torch.zeros(1, 1, dtype=f64, device=c.device)
+    eps = torch.finfo(f64).eps
+    with torch.no_grad():
+        alpha = params[0] / torch.sqrt(qi * qj)
+        rho = _start(c, alpha, a1, a2, exps, _low_positions(exps))
+        h, dh, _ = _series(rho, a1, a2, exps, 1)
+        for steps in range(1, NEWTON_STEPS + 1):
+            rho = _newton_step(rho, h, dh, alpha, c)
+            h, dh, d2h = _series(rho, a1, a2, exps, 2)
+            if not bool(_checked(rho, h, dh, d2h, alpha, c, tau, tau, exps[-1], eps)[2].any()):
+                return steps
+    return NEWTON_STEPS
+
+
 def _kept(coefs: list[Tensor], totals: list[Tensor], order: int) -> tuple[int, ...]:
     """Exponents up to ``order`` whose coefficient is not zero (to rounding) at every point."""
-    kept = []
-    for k in range(order + 1):
-        for coef, total in zip(coefs, totals, strict=True):
-            if coef.numel() and bool((coef[k].abs() > _ZERO * torch.sqrt(total)).any()):
-                kept.append(k)
-                break
-    return tuple(kept) or (0,)
+    nonzero = torch.zeros(order + 1, dtype=torch.bool)
+    for coef, total in zip(coefs, totals, strict=True):
+        if coef.numel():
+            nonzero |= (coef[: order + 1].abs() > _ZERO * torch.sqrt(total)).any(-1).cpu()
+    return tuple(int(k) for k in nonzero.nonzero().flatten()) or (0,)
 
 
 # --------------------------------------------------------------------------- the kernel
