@@ -57,6 +57,9 @@ NEWTON_STEPS = 3
 _BOUND_EPS = 8.0
 #: Orders tried (each is one compiled kernel per pattern of exponents).
 ORDERS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+#: Largest pair array whose blocks' solutions the forward pass keeps for the backward pass
+#: (three arrays of its size).
+SAVE_ELEMENTS = 1 << 21
 #: Pairs sampled to choose the order.
 SAMPLE = 2048
 #: A coefficient is dropped when it is this small, relative to ``sqrt(D)``, at every point.
@@ -112,8 +115,8 @@ def _solve(
         h, dh, _ = _series(rho, a1, a2, exps, 1)
         rho = _newton_step(rho, h, dh, alpha, c)
     h, dh, d2h = _series(rho, a1, a2, exps, 2)
-    rho_new, value, flag = _checked(rho, h, dh, d2h, alpha, c, tau1, tau2, order, eps)
-    return rho_new, value, dh, alpha, flag
+    rho_new, value, slope, flag = _checked(rho, h, dh, d2h, alpha, c, tau1, tau2, order, eps)
+    return rho_new, value, slope, alpha, flag
 
 
 def _start(
@@ -153,8 +156,11 @@ def _checked(
     tau2: Tensor,
     order: int,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The final Newton correction and its checks: ``(rho, h at rho, flag)``, ``flag`` for the general solver."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The final Newton correction and its checks: ``(rho, h, h', flag)`` at the corrected root.
+
+    ``flag`` marks the pairs left to the general solver.
+    """
     slope = 1.0 - alpha * dh
     delta = (rho - alpha * h - c) / slope
     miss = (alpha * d2h).abs() * delta * delta / (2.0 * slope)
@@ -163,7 +169,9 @@ def _checked(
     r = rho_new.abs()
     power = _int_power(r, order + 1)
     flag = ~((slope > 0) & (miss <= _BOUND_EPS * eps) & (power * (tau1 * tau2) <= 1.0) & (r <= 1.0))
-    return rho_new, h - dh * delta, flag
+    # h and h' at the corrected root, to first order in the correction (h' at the iterate
+    # would be off by h'' delta, up to 1e-8: the gradients read it).
+    return rho_new, h - dh * delta, dh - d2h * delta, flag
 
 
 def _low_positions(exps: tuple[int, ...]) -> tuple[int | None, int | None]:
@@ -185,6 +193,71 @@ def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool
 
 
 @functools.lru_cache(maxsize=64)
+def _forward_saving_function(
+    exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float
+) -> Callable[..., tuple[Tensor, ...]]:
+    """:func:`_forward_function` that also returns ``(rho, h, h')`` of the block, for the backward pass."""
+    low = _low_positions(exps)
+
+    def forward_block(out: Tensor, flag: Tensor, scale: Tensor, params: Tensor, *block: Tensor) -> tuple[Tensor, ...]:
+        c, q1, q2, a1, a2, tau1, tau2 = block
+        rho, v, dh, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
+        out.copy_((v if value else torch.sqrt(q1) * torch.sqrt(q2) * rho) * scale)
+        flag.copy_(miss)
+        return rho, v, dh
+
+    return forward_block
+
+
+def _gradient_terms(
+    rho: Tensor,
+    h: Tensor,
+    dh: Tensor,
+    alpha: Tensor,
+    flag: Tensor,
+    grad: Tensor,
+    scale: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    a1: Tensor,
+    a2: Tensor,
+    da1: Tensor,
+    da2: Tensor,
+    exps: tuple[int, ...],
+    value: bool,
+) -> tuple[Tensor, ...]:
+    """The backward pass of a block at its solution: ``(lambda, e1, e2, flag, dL/dalpha terms, dL/dscale terms)``."""
+    g = torch.where(flag, 0.0, grad * scale)
+    root = torch.sqrt(q1) * torch.sqrt(q2)
+    # lambda = (g_rho + g_V h') / r';  mu = g_V + lambda alpha.
+    if value:
+        lam = g * dh / (1.0 - alpha * dh)
+        mu = g + lam * alpha
+        direct1 = direct2 = None
+        g_scale = torch.where(flag, 0.0, grad * h)
+    else:
+        lam = g * root / (1.0 - alpha * dh)
+        mu = lam * alpha
+        out = root * rho
+        direct1, direct2 = g * out / (2.0 * q1), g * out / (2.0 * q2)
+        g_scale = torch.where(flag, 0.0, grad * out)
+    lam = torch.where(flag, 0.0, lam)
+    lam_h = lam * h
+    h1, _, _ = _series(rho, da1, a2, exps, 0)
+    h2, _, _ = _series(rho, a1, da2, exps, 0)
+    shared = lam_h * alpha * 0.5
+    e1 = mu * h1 - shared / q1
+    e2 = mu * h2 - shared / q2
+    if direct1 is not None:
+        e1, e2 = e1 + direct1, e2 + direct2
+    e1 = torch.where(flag, 0.0, e1)
+    e2 = torch.where(flag, 0.0, e2)
+    # Elementwise outputs only: with reductions inside, the compiled kernel stored ten
+    # intermediates per pair for a second loop; the sums are taken outside.
+    return lam, e1, e2, flag, lam_h / root, g_scale
+
+
+@functools.lru_cache(maxsize=64)
 def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., Any]:
     low = _low_positions(exps)
 
@@ -193,34 +266,30 @@ def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: boo
     ) -> tuple[Tensor, ...]:
         c, q1, q2, a1, a2, tau1, tau2 = block
         rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
-        g = torch.where(flag, 0.0, grad * scale)
-        root = torch.sqrt(q1) * torch.sqrt(q2)
-        # lambda = (g_rho + g_V h') / r';  mu = g_V + lambda alpha.
-        if value:
-            lam = g * dh / (1.0 - alpha * dh)
-            mu = g + lam * alpha
-            direct1 = direct2 = None
-            g_scale = torch.where(flag, 0.0, grad * h)
-        else:
-            lam = g * root / (1.0 - alpha * dh)
-            mu = lam * alpha
-            out = root * rho
-            direct1, direct2 = g * out / (2.0 * q1), g * out / (2.0 * q2)
-            g_scale = torch.where(flag, 0.0, grad * out)
-        lam = torch.where(flag, 0.0, lam)
-        lam_h = lam * h
-        h1, _, _ = _series(rho, da1, a2, exps, 0)
-        h2, _, _ = _series(rho, a1, da2, exps, 0)
-        shared = lam_h * alpha * 0.5
-        e1 = mu * h1 - shared / q1
-        e2 = mu * h2 - shared / q2
-        if direct1 is not None:
-            e1, e2 = e1 + direct1, e2 + direct2
-        e1 = torch.where(flag, 0.0, e1)
-        e2 = torch.where(flag, 0.0, e2)
-        # Elementwise outputs only: with reductions inside, the compiled kernel stored ten
-        # intermediates per pair for a second loop; the sums are taken outside.
-        return lam, e1, e2, flag, lam_h / root, g_scale
+        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, a1, a2, da1, da2, exps, value)
+
+    return backward_block
+
+
+@functools.lru_cache(maxsize=64)
+def _backward_saved_function(exps: tuple[int, ...], value: bool) -> Callable[..., Any]:
+    def backward_block(
+        grad: Tensor,
+        scale: Tensor,
+        params: Tensor,
+        da1: Tensor,
+        da2: Tensor,
+        rho: Tensor,
+        h: Tensor,
+        dh: Tensor,
+        flag: Tensor,
+        q1: Tensor,
+        q2: Tensor,
+        a1: Tensor,
+        a2: Tensor,
+    ) -> tuple[Tensor, ...]:
+        alpha = params[0] / torch.sqrt(q1 * q2)
+        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, a1, a2, da1, da2, exps, value)
 
     return backward_block
 
@@ -398,7 +467,7 @@ def _fewest_steps(sample: tuple[Tensor, ...], exps: tuple[int, ...]) -> int:
         for steps in range(1, NEWTON_STEPS + 1):
             rho = _newton_step(rho, h, dh, alpha, c)
             h, dh, d2h = _series(rho, a1, a2, exps, 2)
-            if not bool(_checked(rho, h, dh, d2h, alpha, c, tau, tau, exps[-1], eps)[2].any()):
+            if not bool(_checked(rho, h, dh, d2h, alpha, c, tau, tau, exps[-1], eps)[3].any()):
                 return steps
     return NEWTON_STEPS
 
@@ -438,16 +507,23 @@ class _SeriesKernel(torch.autograd.Function):
         eps = torch.finfo(dtype).eps
         result = lhs.new_empty(n, m)
         params = w.detach().reshape(1).to(dtype)
-        kernel = backend.fused(_forward_function(plan.exps, plan.order, plan.steps, value, eps), n * m, device)
+        # Small arrays whose gradient will be asked for keep each block's solution for the
+        # backward pass, which then evaluates two series per pair instead of solving again.
+        saving = any(ctx.needs_input_grad[4:10]) and n * m <= SAVE_ELEMENTS
+        make = _forward_saving_function if saving else _forward_function
+        kernel = backend.fused(make(plan.exps, plan.order, plan.steps, value, eps), n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
         scale_d = scale.detach().reshape(1, 1)
         handed = []
+        ctx.solutions = [] if saving else None
         for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
             for cols, mirrored in _pieces(rows, n, symmetric):
                 dest = result[rows, cols]
                 c = _c_block(lhs, rhs, rows, cols, True, two_sided)
                 flag = torch.empty(c.shape, dtype=torch.bool, device=device)
-                kernel(dest, flag, scale_d, params, c, *_point_blocks(plan, q1c, q2r, rows, cols))
+                solution = kernel(dest, flag, scale_d, params, c, *_point_blocks(plan, q1c, q2r, rows, cols))
+                if saving:
+                    ctx.solutions.append((*solution, flag.clone()))
                 if symmetric and not mirrored:
                     flag = _upper(flag, diagonal is not None)
                 if bool(flag.any()):
@@ -494,7 +570,11 @@ class _SeriesKernel(torch.autograd.Function):
             grad = grad.clone()
             grad.diagonal().zero_()  # the overridden entries do not depend on the rest
         params = w.detach().reshape(1).to(dtype)
-        kernel = backend.fused(_backward_function(plan.exps, plan.order, plan.steps + 1, value, eps), n * m, device)
+        saved = None if ctx.solutions is None else list(ctx.solutions)
+        if saved is not None:
+            kernel = backend.fused(_backward_saved_function(plan.exps, value), n * m, device)
+        else:
+            kernel = backend.fused(_backward_function(plan.exps, plan.order, plan.steps + 1, value, eps), n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
         da1 = plan.slopes(q1, dtype).T.contiguous()
         da2 = da1.T.contiguous() if symmetric else plan.slopes(q2, dtype).contiguous()
@@ -514,7 +594,13 @@ class _SeriesKernel(torch.autograd.Function):
                         g = g + grad[cols, rows].mT
                 c = _c_block(lhs, rhs, rows, cols, True, two_sided)
                 point = _point_blocks(plan, q1c, q2r, rows, cols)
-                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, da1[rows], da2[:, cols], c, *point)
+                if saved is not None:
+                    rho, h, dh, flag = saved.pop(0)
+                    lam, e1, e2, flag, gw_b, gs_b = kernel(
+                        g, scale_d, params, da1[rows], da2[:, cols], rho, h, dh, flag, *point[:4]
+                    )
+                else:
+                    lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, da1[rows], da2[:, cols], c, *point)
                 g_w += gw_b.sum()
                 g_scale += gs_b.sum()
                 g_q1[rows] += e1.sum(1, keepdim=True)
