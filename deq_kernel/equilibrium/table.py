@@ -201,7 +201,12 @@ def _solve(
     pos = torch.arccos(cos_phi) * (n / math.pi)
     idx = pos.long().clamp(max=n - 1)
     u = pos - idx
-    theta = c0[idx] + u * (c1[idx] + u * (c2[idx] + u * c3[idx]))
+    flat = idx.reshape(-1)  # index_select of a flat index: about half the time of c[idx]
+
+    def piece(c: Tensor) -> Tensor:
+        return c.index_select(0, flat).view(idx.shape)
+
+    theta = piece(c0) + u * (piece(c1) + u * (piece(c2) + u * piece(c3)))
     cos_t, sin_t = torch.cos(theta), torch.sin(theta)
     kappa, kappa_prime = kappa_from_angle(a, cos_t, sin_t, theta)
     r = cos_t - w * kappa - c_tilde
