@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_properties import _check_matrix
+from test_properties import KINDS, _check_matrix, adversarial_rows
 
 from deq_kernel import ACTIVATIONS, get_activation
 from deq_kernel.equilibrium import ConvergenceError
@@ -41,16 +41,7 @@ def draw_inputs(rng: np.random.Generator, max_exponent: int = 6) -> np.ndarray:
     d = int(rng.choice([1, 2, 3, 7, 2048]))
     scale = 10.0 ** int(rng.integers(-max_exponent, max_exponent + 1))
     x = rng.normal(size=(n, d)) * scale
-    kind = rng.choice(["plain", "duplicate", "near", "antipodal", "zero", "mixed"])
-    if n >= 2 and kind in ("duplicate", "mixed"):
-        x[1] = x[0]
-    if n >= 2 and kind == "near":
-        x[1] = x[0] * (1 + 1e-9) + 1e-12 * scale
-    if n >= 2 and kind in ("antipodal", "mixed"):
-        x[-1] = -x[0]
-    if kind in ("zero", "mixed"):
-        x[0] = 0.0
-    return x
+    return adversarial_rows(x, str(rng.choice(KINDS)), scale)
 
 
 def draw_hyperparameters(rng: np.random.Generator, activation: str) -> dict:

@@ -57,7 +57,16 @@ def inputs(draw, max_exponent: int = 6) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scale = 10.0 ** draw(st.integers(-max_exponent, max_exponent))
     x = rng.normal(size=(n, d)) * scale
-    kind = draw(st.sampled_from(["plain", "duplicate", "near", "antipodal", "zero", "mixed"]))
+    return adversarial_rows(x, draw(st.sampled_from(KINDS)), scale)
+
+
+#: The classes of inputs :func:`adversarial_rows` makes.
+KINDS = ("plain", "duplicate", "near", "antipodal", "zero", "mixed")
+
+
+def adversarial_rows(x: np.ndarray, kind: str, scale: float) -> np.ndarray:
+    """``x`` with its first rows repeated, nearly repeated, negated or zeroed, as ``kind`` says (in place)."""
+    n = x.shape[0]
     if n >= 2 and kind in ("duplicate", "mixed"):
         x[1] = x[0]
     if n >= 2 and kind == "near":
