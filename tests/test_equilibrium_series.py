@@ -247,3 +247,22 @@ def test_hermite_series_power_table_agrees_with_horners_rule(rng, monkeypatch, p
         assert torch.allclose(table, horner, rtol=1e-13, atol=1e-13 * float(horner.abs().max()))
     monkeypatch.setattr(hermite, "POWER_TABLE_ELEMENTS", 1 << 16)
     assert torch.autograd.gradcheck(lambda r, b, c: hermite.HermiteSeries.apply(r, b, c)[0], (rho, a1, a2))
+
+
+def test_saved_solutions_serve_a_backward_pass_with_other_blocks_and_a_second_one(monkeypatch):
+    """The forward pass keeps its blocks' solutions (below SAVE_ELEMENTS pairs): the backward
+    pass reads them in the forward's blocks even where settings.max_block_size changed in
+    between, as often as the graph is kept, and agrees with solving again."""
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def gradient(save: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(mehler, "SAVE_ELEMENTS", save)
+        w = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+        with settings.max_block_size(97):
+            k = equilibrium_covariance(x, activation="tanh", weight_variance=w, bias_variance=0.1)
+        weights = torch.linspace(0.5, 1.5, k.numel(), dtype=k.dtype).reshape(k.shape)
+        return [torch.autograd.grad((k * weights).sum(), w, retain_graph=True)[0] for _ in range(2)]
+
+    saved, solved = gradient(1 << 21), gradient(0)
+    assert torch.equal(saved[0], saved[1])
+    assert torch.allclose(saved[0], solved[0], rtol=1e-14, atol=0)

@@ -523,7 +523,7 @@ class _SeriesKernel(torch.autograd.Function):
                 flag = torch.empty(c.shape, dtype=torch.bool, device=device)
                 solution = kernel(dest, flag, scale_d, params, c, *_point_blocks(plan, q1c, q2r, rows, cols))
                 if saving:
-                    ctx.solutions.append((*solution, flag.clone()))
+                    ctx.solutions.append((rows, cols, mirrored, *solution, flag.clone()))
                 if symmetric and not mirrored:
                     flag = _upper(flag, diagonal is not None)
                 if bool(flag.any()):
@@ -584,32 +584,40 @@ class _SeriesKernel(torch.autograd.Function):
         g_w = torch.zeros((), dtype=dtype, device=device)
         g_scale = torch.zeros((), dtype=dtype, device=device)
         handed = []
-        for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
-            for cols, mirrored in _pieces(rows, n, symmetric):
-                if symmetric and not mirrored:
-                    g = _folded_square(grad, rows, has_diagonal)
-                else:
-                    g = grad[rows, cols]
-                    if mirrored:
-                        g = g + grad[cols, rows].mT
-                c = _c_block(lhs, rhs, rows, cols, True, two_sided)
-                point = _point_blocks(plan, q1c, q2r, rows, cols)
-                if saved is not None:
-                    rho, h, dh, flag = saved.pop(0)
-                    lam, e1, e2, flag, gw_b, gs_b = kernel(
-                        g, scale_d, params, da1[rows], da2[:, cols], rho, h, dh, flag, *point[:4]
-                    )
-                else:
-                    lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, da1[rows], da2[:, cols], c, *point)
-                g_w += gw_b.sum()
-                g_scale += gs_b.sum()
-                g_q1[rows] += e1.sum(1, keepdim=True)
-                g_q2[:, cols] += e2.sum(0, keepdim=True)
-                flag = flag & (g != 0)
-                if bool(flag.any()):
-                    i, j = flag.nonzero(as_tuple=True)
-                    handed.append((i + rows.start, j + (cols.start or 0), c[i, j], g[i, j]))
-                _accumulate_product_grads(lam, lhs, rhs, g_lhs, g_rhs, rows, cols, two_sided)
+        # With saved solutions, the forward pass's blocks (settings.max_block_size may differ now).
+        if saved is not None:
+            blocks = [(rows, cols, mirrored) for rows, cols, mirrored, *_ in saved]
+        else:
+            blocks = [
+                (rows, cols, mirrored)
+                for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric)
+                for cols, mirrored in _pieces(rows, n, symmetric)
+            ]
+        for k, (rows, cols, mirrored) in enumerate(blocks):
+            if symmetric and not mirrored:
+                g = _folded_square(grad, rows, has_diagonal)
+            else:
+                g = grad[rows, cols]
+                if mirrored:
+                    g = g + grad[cols, rows].mT
+            c = _c_block(lhs, rhs, rows, cols, True, two_sided)
+            point = _point_blocks(plan, q1c, q2r, rows, cols)
+            if saved is not None:
+                rho, h, dh, flag = saved[k][3:]
+                lam, e1, e2, flag, gw_b, gs_b = kernel(
+                    g, scale_d, params, da1[rows], da2[:, cols], rho, h, dh, flag, *point[:4]
+                )
+            else:
+                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, da1[rows], da2[:, cols], c, *point)
+            g_w += gw_b.sum()
+            g_scale += gs_b.sum()
+            g_q1[rows] += e1.sum(1, keepdim=True)
+            g_q2[:, cols] += e2.sum(0, keepdim=True)
+            flag = flag & (g != 0)
+            if bool(flag.any()):
+                i, j = flag.nonzero(as_tuple=True)
+                handed.append((i + rows.start, j + (cols.start or 0), c[i, j], g[i, j]))
+            _accumulate_product_grads(lam, lhs, rhs, g_lhs, g_rhs, rows, cols, two_sided)
         if handed:
             gi, gj, c_vals, g_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
             g_c, g1, g2, gw, gs = _exact_gradient(
