@@ -180,31 +180,20 @@ def _low_positions(exps: tuple[int, ...]) -> tuple[int | None, int | None]:
 
 
 @functools.lru_cache(maxsize=64)
-def _forward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., None]:
+def _forward_function(
+    exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float, save: bool = False
+) -> Callable[..., tuple[Tensor, ...] | None]:
+    """The block function of the forward pass; with ``save``, it also returns ``(rho, h, h')`` for the backward pass."""
     low = _low_positions(exps)
 
-    def forward_block(out: Tensor, flag: Tensor, scale: Tensor, params: Tensor, *block: Tensor) -> None:
-        c, q1, q2, a1, a2, tau1, tau2 = block
-        rho, v, _, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
-        out.copy_((v if value else torch.sqrt(q1) * torch.sqrt(q2) * rho) * scale)
-        flag.copy_(miss)
-
-    return forward_block
-
-
-@functools.lru_cache(maxsize=64)
-def _forward_saving_function(
-    exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float
-) -> Callable[..., tuple[Tensor, ...]]:
-    """:func:`_forward_function` that also returns ``(rho, h, h')`` of the block, for the backward pass."""
-    low = _low_positions(exps)
-
-    def forward_block(out: Tensor, flag: Tensor, scale: Tensor, params: Tensor, *block: Tensor) -> tuple[Tensor, ...]:
+    def forward_block(
+        out: Tensor, flag: Tensor, scale: Tensor, params: Tensor, *block: Tensor
+    ) -> tuple[Tensor, ...] | None:
         c, q1, q2, a1, a2, tau1, tau2 = block
         rho, v, dh, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
         out.copy_((v if value else torch.sqrt(q1) * torch.sqrt(q2) * rho) * scale)
         flag.copy_(miss)
-        return rho, v, dh
+        return (rho, v, dh) if save else None
 
     return forward_block
 
@@ -510,8 +499,7 @@ class _SeriesKernel(torch.autograd.Function):
         # Small arrays whose gradient will be asked for keep each block's solution for the
         # backward pass, which then evaluates two series per pair instead of solving again.
         saving = any(ctx.needs_input_grad[4:10]) and n * m <= SAVE_ELEMENTS
-        make = _forward_saving_function if saving else _forward_function
-        kernel = backend.fused(make(plan.exps, plan.order, plan.steps, value, eps), n * m, device)
+        kernel = backend.fused(_forward_function(plan.exps, plan.order, plan.steps, value, eps, saving), n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
         scale_d = scale.detach().reshape(1, 1)
         handed = []
