@@ -204,10 +204,14 @@ def test_interpolated_diagonal_matches_the_bracketed_solve(rng, name):
     s = torch.as_tensor(rng.uniform(0.01, 50.0, size=500))
     w = torch.tensor(act.weight_variance_bound * 0.8, dtype=torch.float64)
     q, d, dd = diagonal.interpolated_diagonal(act, s, w)
-    exact = diagonal.bracketed_diagonal(act, s, w)
+    exact, d_exact, dd_exact = diagonal.bracketed_diagonal(act, s, w)
     assert torch.allclose(q, exact, rtol=1e-14, atol=0)
     assert torch.allclose(q, w * d + s, rtol=1e-14, atol=0)  # the fixed point itself
     assert torch.allclose(dd, act.diag_dual(q)[1], rtol=1e-12, atol=1e-15)
+    # The bracketed solve's D and D', carried from its last evaluation, are those at its root.
+    d_at, dd_at = act.diag_dual(exact)
+    assert torch.allclose(d_exact, d_at, rtol=1e-14, atol=0)
+    assert torch.allclose(dd_exact, dd_at, rtol=1e-10, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["tanh", "softplus", "erf"])
@@ -221,7 +225,7 @@ def test_diagonal_of_points_whose_variances_differ_by_rounding(name):
     for base in np.linspace(0.01, 5.0, 20):
         s = torch.tensor([base] * 70 + [np.nextafter(base, 0.0)] * 30, dtype=torch.float64)
         q, _ = diagonal.solve_diagonal(act, s, w)
-        exact = diagonal.bracketed_diagonal(act, s, w)
+        exact = diagonal.bracketed_diagonal(act, s, w)[0]
         assert torch.allclose(q, exact, rtol=1e-14, atol=0), base
 
 

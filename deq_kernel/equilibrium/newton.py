@@ -10,8 +10,9 @@ the equation's terms, and a path that cannot show that within
 
 :func:`newton` is Newton's method safeguarded by bisection: a bracket with ``r <= 0`` on
 one side and ``r >= 0`` on the other is kept, and a step that leaves it is replaced by the
-bracket's midpoint. Once every entry meets the stopping rule, one more Newton step takes
-it from the tolerance to rounding level.
+bracket's midpoint (or, while the bracket is open above, ``hi = inf``, by ``2 x + 1``).
+Once every entry meets the stopping rule, one more Newton step takes it from the
+tolerance to rounding level.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def newton(
 
     ``residual(x)`` returns ``(r, dr/dx, scale)``; an entry has converged when
     ``|r| <= tol * scale`` or its bracket has shrunk to rounding size. Entries in
-    ``skip`` are left as they are.
+    ``skip`` are left as they are. ``hi`` may be infinite (a root known to lie above
+    ``lo`` only): a step that leaves the bracket then goes to ``2 x + 1`` instead of the
+    midpoint, until a point with ``r >= 0`` closes it.
     """
     tol = tolerance(x.dtype)
     max_iter = settings.max_iterations.value()
@@ -87,7 +90,8 @@ def newton(
         hi = torch.where(r > 0, x, hi)
         step = x - r / dr
         inside = (dr > 0) & (step >= lo) & (step <= hi)  # False for NaN as well
-        newton_or_bisect = torch.where(inside, step, 0.5 * (lo + hi))
+        fallback = torch.where(torch.isinf(hi), 2.0 * x.abs() + 1.0, 0.5 * (lo + hi))
+        newton_or_bisect = torch.where(inside, step, fallback)
         if bool(done.all()):
             # One more Newton step from the converged point: the stopping test is met
             # at the tolerance, the step takes the root to rounding level.
