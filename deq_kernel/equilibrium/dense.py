@@ -26,6 +26,7 @@ steps of :mod:`.arcsine`, with the same a-posteriori bound.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,7 +38,7 @@ from .._autograd import first_derivatives_only
 from ..activations import Activation, safe_sqrt
 from .arcsine import BOUND_EPS, NEWTON_STEPS, arcsine_resolves, solve_block
 from .newton import unconverged
-from .pairs import Pairs, broadcast_shapes, inverse, product, with_exact_diagonal
+from .pairs import Pairs, broadcast_shapes, inverse, operands, product, with_exact_diagonal
 from .table import correlation_root
 
 __all__ = ["DENSE_PAIRS", "dense", "dense_both", "dense_refuses", "dense_suits"]
@@ -77,21 +78,66 @@ def dense_both(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> tuple[Tensor
 
 
 def _solve(act: Activation, p: Pairs, w: Tensor) -> tuple[Tensor, Tensor]:
-    """``E[phi(u) phi(v)]`` and ``K*`` at the pairs' fixed points, differentiable."""
+    """``E[phi(u) phi(v)]`` and ``K*`` at the pairs' fixed points, differentiable.
+
+    A symmetric matrix is solved on its upper triangle only (half the pairs; the matrix is
+    then bitwise symmetric by construction) and unpacked by one gather per output.
+    """
+    if p.outer and p.symmetric:
+        n = p.q1.shape[-1]
+        i, j, flat, flat_t, back = _triangle(n, p.q1.device)
+
+        def rows(t: Tensor) -> Tensor:
+            return t.index_select(-1, i)
+
+        def cols(t: Tensor) -> Tensor:
+            return t.index_select(-1, j)
+
+        def pair_product(left: Tensor, right: Tensor) -> Tensor:
+            lhs, rhs, two_sided = operands(p, left, right)
+            c = (lhs @ rhs.mT).flatten(-2)
+            upper = c.index_select(-1, flat)
+            return 0.5 * (upper + c.index_select(-1, flat_t)) if two_sided else upper
+
+        def unpack(t: Tensor) -> Tensor:
+            return t.index_select(-1, back).unflatten(-1, (n, n))
+
+        w = w.squeeze(-1)  # (..., 1, 1) -> (..., 1), against the triangle's one dimension
+    else:
+        rows, cols = p.rows, p.cols
+
+        def pair_product(left: Tensor, right: Tensor) -> Tensor:
+            return product(p, left, right)
+
+        def unpack(t: Tensor) -> Tensor:
+            return t
+
     if act.offers.pair_equation == "correlation_table":
         r1 = safe_sqrt(p.q1)
         r2 = r1 if p.q2 is p.q1 else safe_sqrt(p.q2)
-        rho, kappa = _relu_family(act.negative_slope, product(p, inverse(r1), inverse(r2)), w)
-        # (r1 r2) first: for a symmetric matrix with r1 = r2 the product is bitwise symmetric.
-        root = p.rows(r1) * p.cols(r2)
-        return root * kappa, root * rho
+        rho, kappa = _relu_family(act.negative_slope, pair_product(inverse(r1), inverse(r2)), w)
+        root = rows(r1) * cols(r2)
+        return unpack(root * kappa), unpack(root * rho)
     # erf: r = sqrt(q + 1/2), so that the arcsine's argument is t = K* / (r1 r2).
     r1 = torch.sqrt(p.q1 + 0.5)
     r2 = r1 if p.q2 is p.q1 else torch.sqrt(p.q2 + 0.5)
-    c = product(p, 1.0 / r1, 1.0 / r2)
-    r1, r2 = p.rows(r1), p.cols(r2)
+    c = pair_product(1.0 / r1, 1.0 / r2)
+    r1, r2 = rows(r1), cols(r2)
     t, theta = _erf(c, r1, r2, w)
-    return _TWO_OVER_PI * theta, (r1 * r2) * t
+    return unpack(_TWO_OVER_PI * theta), unpack((r1 * r2) * t)
+
+
+@functools.lru_cache(maxsize=8)
+def _triangle(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The upper triangle of an ``n x n`` matrix: its rows and columns, its flat positions and
+    those of its mirror image, and for each flat position of the matrix its pair in the triangle."""
+    i, j = torch.triu_indices(n, n, device=device)
+    flat, flat_t = i * n + j, j * n + i
+    back = torch.empty(n * n, dtype=torch.long, device=device)
+    position = torch.arange(i.numel(), device=device)
+    back[flat] = position
+    back[flat_t] = position
+    return i, j, flat, flat_t, back
 
 
 class _Root(torch.autograd.Function):

@@ -136,34 +136,38 @@ def correlation_root(a: float, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Te
     quad = w * (g / 2.0)
     lin = 1.0 - w * (k1 / 4.0 + a)
     const = c + w * g
-    disc = torch.sqrt((lin * lin - 4.0 * quad * const).clamp_min(0.0))
-    rho = 2.0 * const / (lin + disc)  # cancellation-free root of the quadratic
+    disc = torch.sqrt((lin * lin - 4.0 * quad * const).clamp_min_(0.0))
+    rho = (2.0 * const).div_(disc.add_(lin))  # cancellation-free root of the quadratic
     rho = torch.maximum(rho, 1.0 - (1.0 - w * m - c) / (1.0 - w * m))  # tangent at 1: slope 1 - w m
     rho = torch.maximum(rho, -1.0 + (c + 1.0 - w * a) / (1.0 - w * a)).clamp_(-1.0, 1.0)  # tangent at -1
     tol = tolerance(c.dtype)
     max_iter = settings.max_iterations.value()
+    # The iteration writes into these arrays in place: on the CPU a fresh array of a few
+    # hundred kilobytes per operation costs more than the operation (new pages from the system).
+    theta, sin, kappa, kappa_prime, r, work, ratio = (torch.empty_like(rho) for _ in range(7))
     for iteration in range(max_iter + 1):
-        theta = torch.arccos(rho)
-        kappa_prime = torch.rsub(theta, math.pi).mul_(g)
+        torch.arccos(rho, out=theta)
+        torch.sub(theta, math.pi, out=kappa_prime).mul_(-g)  # g (pi - theta)
         if a:
             kappa_prime.add_(a)
-        kappa = torch.sin(theta).mul_(g).addcmul_(rho, kappa_prime)  # kappa = rho kappa' + g sin(theta)
-        r = rho - c - w * kappa
-        worst = float(r.abs().amax()) if r.numel() else 0.0
+        torch.sin(theta, out=sin)
+        torch.mul(sin, g, out=kappa).addcmul_(rho, kappa_prime)  # kappa = rho kappa' + g sin(theta)
+        torch.sub(rho, c, out=r).addcmul_(w, kappa, value=-1.0)  # r = rho - c - w kappa
+        worst = float(torch.stack(torch.aminmax(r)).abs().amax()) if r.numel() else 0.0
         if worst > tol:  # the exact rule, |r| <= tol (1 + |w kappa + c|), only where the quick one fails
-            worst = float((r.abs() / (1.0 + (rho - r).abs())).amax())
-        step = r.div_(1.0 - w * kappa_prime)
+            torch.sub(rho, r, out=work).abs_().add_(1.0)
+            worst = float(torch.abs(r, out=ratio).div_(work).amax())
+        step = r.div_(torch.mul(kappa_prime, w, out=work).neg_().add_(1.0))  # r / (1 - w kappa')
         if worst <= tol:
             # One more Newton step takes the root from the tolerance to rounding level; kappa and
             # kappa' follow to first order (kappa'' = g / sin(theta)), which is exact to rounding.
-            sin = torch.sin(theta)
-            curvature = torch.where(sin > 0, g / torch.where(sin > 0, sin, 1.0), 0.0)
-            polished = (rho - step).clamp_(-1.0, 1.0)
-            delta = polished - rho
+            curvature = torch.reciprocal(sin, out=ratio).mul_(g).masked_fill_(sin <= 0, 0.0)  # sin(theta) >= 0
+            polished = torch.sub(rho, step, out=theta).clamp_(-1.0, 1.0)
+            delta = torch.sub(polished, rho, out=work)
             return polished, kappa.addcmul_(kappa_prime, delta), kappa_prime.addcmul_(curvature, delta)
         if iteration == max_iter:
             raise unconverged("pair", worst, tol, max_iter)
-        rho = rho.sub_(step).clamp_(-1.0, 1.0)
+        rho.sub_(step).clamp_(-1.0, 1.0)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
