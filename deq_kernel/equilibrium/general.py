@@ -158,6 +158,8 @@ def _pairs_forward(
     (``d_rows``); zero-variance points ``rho = 0``.
     """
     shape = torch.broadcast_shapes(s12.shape, s11.shape, s22.shape, state1[0].shape, state2[0].shape, w.shape)
+    if not matrix and math.prod(shape) <= FEW_PAIRS:
+        return _few_pairs_forward(act, state1, state2, s12, s11, s22, w, d_rows, d_cols)
     rho = s12.new_empty(shape)
     value = s12.new_empty(shape)
     free = torch.empty(shape, dtype=torch.bool, device=s12.device)
@@ -226,6 +228,42 @@ def _pairs_forward(
             mirror = (*index[:-2], index[-1], index[-2])
             rho[index], value[index] = 0.5 * (rho[index] + rho[mirror]), 0.5 * (value[index] + value[mirror])
     return rho, value, free, identical
+
+
+#: Elementwise pair arrays up to this size (the pairs other solvers hand over) are solved
+#: with the exact dual from the start: the bulk phase's set-up costs more than it saves.
+FEW_PAIRS = 256
+
+
+def _few_pairs_forward(
+    act: Activation,
+    state1: State,
+    state2: State,
+    s12: Tensor,
+    s11: Tensor,
+    s22: Tensor,
+    w: Tensor,
+    d_rows: Tensor,
+    d_cols: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_pairs_forward` of a few elementwise pairs: the checked Newton method on the exact dual."""
+    eps = torch.finfo(s12.dtype).eps
+    c_tilde, inv_root, free, identical = _prepare_block(s12, s11, s22, state1[0], state2[0], eps)
+
+    def residual(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        v, vc = act.pair_dual(state1, state2, x)
+        mapped = w * v * inv_root + c_tilde
+        return x - mapped, 1.0 - w * vc, 1.0 + mapped.abs()
+
+    start = torch.where(free, act.pair_start(state1, state2, c_tilde, inv_root, w), 0.0)
+    x = newton(residual, start, -torch.ones_like(start), torch.ones_like(start), what="pair", skip=~free)
+    at = torch.where(free, x.clamp(-1.0, 1.0), 0.0)
+    value = act.pair_dual(state1, state2, at)[0]
+    # Identical to rounding: D of either point; their mean keeps k(x, x') = k(x', x).
+    rho = torch.where(identical, 1.0, at)
+    value = torch.where(identical, 0.5 * (d_rows + d_cols), value)
+    shape = rho.shape
+    return rho, value, free.expand(shape), identical.expand(shape)
 
 
 # Slices handed to the block kernels are copied to fresh storage: a compiled kernel guards
