@@ -165,10 +165,10 @@ class QuadratureActivation(Activation):
 
     # -- quadrature ------------------------------------------------------------------------
     def hermite_expansion(self, q: Tensor, order: int) -> tuple[Tensor, Tensor]:
-        return hermite_expansion(self.fn, q.detach().to(torch.float64), order, self._series_spacing())
+        return hermite_expansion(self.fn, q.detach().to(torch.float64), order, self._series_spacing(order))
 
-    def _series_spacing(self) -> float:
-        return min(0.1, self.analytic_strip / 6.0)
+    def _series_spacing(self, order: int = 65) -> float:
+        return min(super()._series_spacing(order), self.analytic_strip / 6.0)
 
     def _nodes(self, q_max: float, hermite: bool) -> tuple[Tensor, Tensor]:
         # Hermite products grow like e^{z^2/4}, so the coefficient integrals need a wider
@@ -201,51 +201,68 @@ class QuadratureActivation(Activation):
         raw = []
         for q in qs:
             q64 = q.to(torch.float64)
-            phi = self.fn(safe_sqrt(q64).unsqueeze(-1) * z.to(q.device))
+            u = safe_sqrt(q64).unsqueeze(-1) * z.to(q.device)
+            phi = self.fn(u)
             coef = torch.movedim(phi @ weighted, -1, 0)  # (K+1, ..., n)
             total = (phi * phi * weights.to(q.device)).sum(-1)
-            raw.append((q, coef, total))
+            # sum_k k a_k^2 = q E[phi'(sqrt(q) Z)^2]: the total of the series of dV/drho.
+            weighted_total = q64 * (self.derivative(u.detach()) ** 2 * weights.to(q.device)).sum(-1)
+            raw.append((q, coef, total, weighted_total))
         states = self._states(raw, coverage)
         return states[0], (states[1] if q2 is not None else None)
 
     def narrow(self, state1: State, state2: State | None, coverage: float) -> tuple[State, State | None]:
         """The states of :meth:`prepare` with the main order chosen for ``coverage`` instead."""
         given = [state1] if state2 is None else [state1, state2]
-        raw = [(st[0], st[2].to(torch.float64), st[3].to(torch.float64)) for st in given]
+        raw = [(st[0], st[2].to(torch.float64), st[3].to(torch.float64), st[6].to(torch.float64)) for st in given]
         states = self._states(raw, coverage)
         return states[0], (states[1] if state2 is not None else None)
 
-    def _states(self, raw: list[tuple[Tensor, Tensor, Tensor]], coverage: float | None) -> list[State]:
-        """States from ``(q, float64 coefficients to the top order, float64 D(q))`` per point set.
+    def _states(self, raw: list[tuple[Tensor, ...]], coverage: float | None) -> list[State]:
+        """States from ``(q, float64 coefficients to the top order, D(q), W(q) = sum k a_k^2)`` per point set.
 
         The main order is the smallest whose bound holds at ``|rho| <= coverage`` (default
         and at most 0.9) for every point; pairs beyond it are re-evaluated at the top order,
-        and beyond that integrated.
+        and beyond that integrated. A state is ``(q, main coefficients, top coefficients, D,
+        tail of D beyond main, beyond top, W, tail of W beyond main, beyond top)``.
         """
         tol = series_tolerance(raw[0][0].dtype)
         cover = 0.9 if coverage is None else min(max(float(coverage), 0.0), 0.9)
         main = self._ORDERS[-2]
         for candidate in self._ORDERS[:-1]:
-            if all(tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for _, coef, total in raw):
+            if all(tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for _, coef, total, _ in raw):
                 main = candidate
                 break
         states = []
-        for q, coef, total in raw:
+        for q, coef, total, weighted in raw:
             tail_main = (total - (coef[: main + 1] ** 2).sum(0)).clamp_min(0.0)
             tail_top = (total - (coef * coef).sum(0)).clamp_min(0.0)
-            dt = q.dtype
-            states.append((q, coef[: main + 1].to(dt), coef.to(dt), total.to(dt), tail_main.to(dt), tail_top.to(dt)))
+            k = torch.arange(coef.shape[0], dtype=coef.dtype, device=coef.device).reshape(-1, *[1] * (coef.dim() - 1))
+            square = k * coef * coef
+            wtail_main = (weighted - square[: main + 1].sum(0)).clamp_min(0.0)
+            wtail_top = (weighted - square.sum(0)).clamp_min(0.0)
+            parts = (coef[: main + 1], coef, total, tail_main, tail_top, weighted, wtail_main, wtail_top)
+            states.append((q, *(part.to(q.dtype) for part in parts)))
         return states
 
     def pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
-        q1, a1, b1, total1, tail1, top1 = state1
-        q2, a2, b2, total2, tail2, top2 = state2
+        q1, a1, b1, total1, tail1, top1, w1, wtail1, wtop1 = state1
+        q2, a2, b2, total2, tail2, top2, w2, wtail2, wtop2 = state2
         main = a1.shape[0] - 1
         value, slope_rho = HermiteSeries.apply(rho, a1, a2)
         tol = series_tolerance(rho.dtype)
         scale = torch.sqrt(total1.detach() * total2.detach())
+        w_scale = torch.sqrt(w1.detach() * w2.detach())
         abs_rho = rho.detach().abs()
-        inexact = abs_rho ** (main + 1) * torch.sqrt(tail1.detach() * tail2.detach()) > tol * scale
+
+        def misses(order: int, t1: Tensor, t2: Tensor, u1: Tensor, u2: Tensor) -> Tensor:
+            # The truncation bounds after the term rho^order: of V, |rho|^(order+1) sqrt(T1 T2),
+            # and of dV/drho (whose coefficients k a_k b_k decay more slowly), |rho|^order sqrt(U1 U2).
+            power = abs_rho**order
+            value_miss = power * abs_rho * torch.sqrt(t1.detach() * t2.detach()) > tol * scale
+            return value_miss | (power * torch.sqrt(u1.detach() * u2.detach()) > tol * w_scale)
+
+        inexact = misses(main, tail1, tail2, wtail1, wtail2)
         if bool(inexact.any()):
             # Top order on the gathered pairs only.
             shape = inexact.shape
@@ -256,7 +273,7 @@ class QuadratureActivation(Activation):
             )
             value = value.expand(shape).masked_scatter(inexact, sub_value)
             slope_rho = slope_rho.expand(shape).masked_scatter(inexact, sub_slope)
-            still = inexact & (abs_rho ** (b1.shape[0]) * torch.sqrt(top1.detach() * top2.detach()) > tol * scale)
+            still = inexact & misses(b1.shape[0] - 1, top1, top2, wtop1, wtop2)
         else:
             still = inexact
         root = torch.sqrt(q1 * q2).detach()
@@ -280,8 +297,8 @@ class QuadratureActivation(Activation):
         return value, torch.where(root > 0, slope / torch.where(root > 0, root, 1.0), 0.0)
 
     def inexact_pairs(self, state1: State, state2: State, rho: Tensor) -> Tensor:
-        _, a1, _, total1, tail1, _ = state1
-        _, _, _, total2, tail2, _ = state2
+        _, a1, _, total1, tail1, *_ = state1
+        _, _, _, total2, tail2, *_ = state2
         bound = rho.abs() ** a1.shape[0] * torch.sqrt(tail1 * tail2)
         return bound > series_tolerance(rho.dtype) * torch.sqrt(total1 * total2)
 
@@ -306,8 +323,14 @@ class QuadratureActivation(Activation):
             values.append((self.fn(u) * self.fn(v) * w2).sum((-1, -2)))
             ud, vd = u.detach(), v.detach()
             slopes.append((self.derivative(ud) * self.derivative(vd) * w2).sum((-1, -2)))
-        direct_value = torch.cat(values).to(value.dtype)
-        direct_slope = torch.cat(slopes).to(slope.dtype)
+        direct_slope64 = torch.cat(slopes)
+        # The nodes sit at the detached correlation: its derivative, dV/drho = sqrt(q1 q2) E[phi'(u) phi'(v)]
+        # (Price's theorem), enters to first order, so that gradients through rho are kept.
+        moved = rho.expand(shape)[mask].to(torch.float64)
+        moved = moved - moved.detach()
+        direct_value = torch.cat(values) + (safe_sqrt(q1m * q2m).detach() * direct_slope64) * moved
+        direct_value = direct_value.to(value.dtype)
+        direct_slope = direct_slope64.to(slope.dtype)
         value = value.masked_scatter(mask, direct_value)
         slope = slope.masked_scatter(mask, direct_slope)
         return value, slope
