@@ -33,10 +33,13 @@ def _spy_plans(monkeypatch):
         exact = plan.exact
         plan.handed = plan.calls = 0
 
-        def counted(i, *rest):
+        plan.pairs = []
+
+        def counted(i, j, *rest):
             plan.handed += i.numel()
             plan.calls += 1
-            return exact(i, *rest)
+            plan.pairs.append(set(zip(i.tolist(), j.tolist(), strict=True)))
+            return exact(i, j, *rest)
 
         plan.exact = counted
         plans.append(plan)
@@ -124,8 +127,11 @@ def test_backward_reuses_the_handed_pairs_of_the_forward_pass(rng, monkeypatch):
     assert plans[0].handed > 0 and plans[0].calls == 1
     weights = torch.as_tensor(rng.normal(size=(30, 30)))
     first = torch.autograd.grad((k * weights).sum(), [x, w], retain_graph=True)
+    # Pairs solved again in the backward pass (whose gradient series alone missed its bound)
+    # are other pairs than the forward pass's.
+    forward, *backward = plans[0].pairs
+    assert all(not (forward & later) for later in backward)
     second = torch.autograd.grad((k * weights).sum(), [x, w])
-    assert plans[0].calls == 1
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -190,12 +196,24 @@ def test_zero_variance_points_use_the_general_solver(rng, monkeypatch):
 def test_hermite_slopes_are_derivatives_of_the_coefficients(name):
     act = get_activation(name)
     q = torch.tensor([0.05, 0.7, 3.0, 40.0], dtype=torch.float64)
-    slopes = act.hermite_slopes(q, 20)
+    slopes, slope_total, weighted_total = act.hermite_slopes(q, 20)
     h = 1e-5 * q
     up, _ = act.hermite_expansion(q + h, 20)
     down, _ = act.hermite_expansion(q - h, 20)
     numeric = (up - down) / (2 * h)
     assert torch.allclose(slopes, numeric, rtol=1e-6, atol=1e-9)
+    # The totals are the full sums of which the series keep the first terms: at small
+    # variances, where the coefficients decay fast, sum (d a_k/dq)^2 and sum k a_k^2 to order
+    # 200 reach them; everywhere, the first terms stay below them.
+    small = q[:2]
+    many = act.hermite_slopes(small, 200)[0]
+    coef, _ = act.hermite_expansion(small, 200)
+    k = torch.arange(201, dtype=torch.float64).unsqueeze(-1)
+    assert torch.allclose((many * many).sum(0), slope_total[:2], rtol=1e-12, atol=0)
+    assert torch.allclose((k * coef * coef).sum(0), weighted_total[:2], rtol=1e-12, atol=0)
+    coef, _ = act.hermite_expansion(q, 20)
+    assert bool(((slopes * slopes).sum(0) <= slope_total * (1 + 1e-12)).all())
+    assert bool(((k[:21] * coef * coef).sum(0) <= weighted_total * (1 + 1e-12)).all())
 
 
 @pytest.mark.parametrize("name", ["tanh", "softplus", "gelu", "erf"])

@@ -169,27 +169,35 @@ class Activation(abc.ABC):
         """
         return None
 
-    def hermite_slopes(self, q: Tensor, order: int) -> Tensor:
-        r"""``d a_k / dq`` for ``k <= order`` (float64), for activations with :meth:`hermite_expansion`.
+    def hermite_slopes(self, q: Tensor, order: int) -> tuple[Tensor, Tensor, Tensor]:
+        r"""``(d a_k / dq for k <= order, S(q), W(q))`` (float64), for activations with :meth:`hermite_expansion`.
 
         From :math:`d a_k/dq = E[\phi'(\sqrt q Z)\, Z h_k(Z)]/(2\sqrt q)` and
         :math:`Z h_k = \sqrt{k+1}\,h_{k+1} + \sqrt k\,h_{k-1}` (``h_k`` the orthonormal Hermite
         polynomials): the coefficients ``b`` of ``phi'`` to order ``order + 1`` give
         ``(sqrt(k+1) b[k+1] + sqrt(k) b[k-1]) / (2 sqrt(q))``. ``q`` must be positive.
+
+        The two totals bound the truncation of the series the gradients read:
+        :math:`S = \sum_k (d a_k/dq)^2 = E[\phi'(\sqrt q Z)^2 Z^2]/(4q)` (the series of
+        :math:`\partial V/\partial q`) and :math:`W = \sum_k k\,a_k^2 = q\,E[\phi'(\sqrt q Z)^2]`
+        (that of :math:`\partial V/\partial\rho`), both by quadrature.
         """
         q64 = q.detach().to(torch.float64)
-        b, _ = hermite_expansion(self.derivative, q64, order + 1, self._series_spacing())
+        spacing = self._series_spacing(order + 1)
+        b, second_moment = hermite_expansion(self.derivative, q64, order + 1, spacing)
+        _, weighted_moment = hermite_expansion(lambda u: self.derivative(u) * u, q64, 0, spacing)
         k = torch.arange(order + 1, dtype=torch.float64, device=q.device).reshape(-1, *([1] * q.dim()))
         up = torch.sqrt(k + 1.0) * b[1:]
         down = torch.sqrt(k[1:]) * b[:order]
         slopes = up.clone()
         slopes[1:] += down
-        return slopes / (2.0 * torch.sqrt(q64))
+        return slopes / (2.0 * torch.sqrt(q64)), weighted_moment / (4.0 * q64 * q64), q64 * second_moment
 
-    def _series_spacing(self) -> float:
+    def _series_spacing(self, order: int = 65) -> float:
         # Resolves Hermite polynomials to order 65 and an integrand analytic in |Im z| < pi/2
-        # to rounding (the order-256 coefficients of QuadratureActivation.prepare use 0.04).
-        return 0.1
+        # to rounding; higher orders oscillate faster and take proportionally finer nodes
+        # (the order-256 coefficients of QuadratureActivation.prepare use 0.04).
+        return min(0.1, 6.5 / max(order, 1))
 
     def check_weight_variance(self, weight_variance: Tensor) -> None:
         """Raise ``ValueError`` if any weight variance is outside the well-posed range."""

@@ -104,7 +104,7 @@ class Gelu(Activation):
 
     def hermite_expansion(self, q: Tensor, order: int) -> tuple[Tensor, Tensor]:
         # GELU is entire: the default spacing resolves it as finely as tanh.
-        return hermite_expansion(self, q.detach().to(torch.float64), order, self._series_spacing())
+        return hermite_expansion(self, q.detach().to(torch.float64), order, self._series_spacing(order))
 
     def bulk_pair_dual(self, state1: State, state2: State, rho: Tensor) -> tuple[Tensor, Tensor]:
         """Value and slope in one pass of elementwise code (float64; float32 as :meth:`pair_dual`)."""

@@ -20,8 +20,9 @@ after its quadratic term, then one more evaluation gives the Newton correction :
 solver of :mod:`.general` (exact dual, bracketed Newton) when that bound exceeds
 eight machine epsilons or when the series' truncation bound
 :math:`|\rho|^{K+1}\sqrt{T(q_1)T(q_2)} \le \epsilon\sqrt{D(q_1)D(q_2)}` fails
-(:math:`T = D - \sum_{k \in E} a_k^2`): strongly correlated pairs beyond the order chosen for
-the bulk, and identical points. The order ``K`` is the smallest that covers the correlations
+(:math:`T = D - \sum_{k \in E} a_k^2`), amplified by :math:`1/r'` as the error of :math:`h`
+reaches the root: strongly correlated pairs beyond the order chosen for the bulk, and
+identical points. The order ``K`` is the smallest that covers the correlations
 of a fixed sample of pairs (99.9% quantile plus 0.05), as for the general solver.
 
 The backward pass recomputes each block and applies the implicit function theorem:
@@ -30,6 +31,11 @@ with :math:`\lambda = (\bar\rho + \bar V h')/r'` and :math:`\mu = \bar V + \lamb
 :math:`\mu\rho^k`, which reach the variances through
 :math:`\sum_k \rho^k\, a_k'(q_1) a_k(q_2)`: two more series per pair, with the coefficients'
 derivatives in ``q`` (:meth:`~deq_kernel.activations.Activation.hermite_slopes`).
+Their coefficients, and those of :math:`h'` (:math:`k P_k`), decay more slowly than
+:math:`P_k`, so each has its own truncation bound, from the totals
+:math:`S = \sum_k a_k'(q)^2` and :math:`W = \sum_k k\,a_k(q)^2`; a pair that meets its value's
+bound but not these is summed again to a higher order, and handed to the general solver
+only if that does not meet them either.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from ..activations import Activation
 from ..activations.hermite import horner, series_tolerance, tail_ratio
 from . import backend
 from .blocks import _accumulate_product_grads, _c_block, _folded_square, _pieces, _row_blocks, _symmetrise_square
+from .newton import newton
 
 __all__ = ["NEWTON_STEPS", "SeriesPlan", "series_kernel", "series_plan"]
 
@@ -215,10 +222,49 @@ def _gradient_terms(
     a2: Tensor,
     da1: Tensor,
     da2: Tensor,
+    tails: tuple[Tensor, ...],
     exps: tuple[int, ...],
+    order: int,
     value: bool,
 ) -> tuple[Tensor, ...]:
-    """The backward pass of a block at its solution: ``(lambda, e1, e2, flag, dL/dalpha terms, dL/dscale terms)``."""
+    """The backward pass of a block at its solution: ``(lambda, e1, e2, flag, dL/dalpha terms, dL/dscale terms)``.
+
+    ``tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)`` (see :meth:`SeriesPlan.slopes`). The
+    series of ``dV/dq`` and ``dV/drho`` are cut where ``V``'s is, but their coefficients decay
+    more slowly; a pair whose truncation bound for them, amplified by ``1 / r'`` as ``V``'s is,
+    exceeds the tolerance is flagged for the general solver too.
+    """
+    tau1, tau2, sigma1, sigma2, omega1, omega2 = tails
+    r = rho.abs()
+    power_k = _int_power(r, order)
+    power = power_k * r
+    slope = 1.0 - alpha * dh
+    flag = (
+        flag
+        | (power * (sigma1 * tau2) > slope)
+        | (power * (tau1 * sigma2) > slope)
+        | (power_k * (omega1 * omega2) > slope)
+    )
+    h1, _, _ = _series(rho, da1, a2, exps, 0)
+    h2, _, _ = _series(rho, a1, da2, exps, 0)
+    return _gradient_from(rho, h, dh, h1, h2, alpha, flag, grad, scale, q1, q2, value)
+
+
+def _gradient_from(
+    rho: Tensor,
+    h: Tensor,
+    dh: Tensor,
+    h1: Tensor,
+    h2: Tensor,
+    alpha: Tensor,
+    flag: Tensor,
+    grad: Tensor,
+    scale: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    value: bool,
+) -> tuple[Tensor, ...]:
+    """:func:`_gradient_terms` from the series ``h, h'`` and ``h1 = dh/dq1, h2 = dh/dq2`` at the solution."""
     g = torch.where(flag, 0.0, grad * scale)
     root = torch.sqrt(q1) * torch.sqrt(q2)
     # lambda = (g_rho + g_V h') / r';  mu = g_V + lambda alpha.
@@ -235,8 +281,6 @@ def _gradient_terms(
         g_scale = torch.where(flag, 0.0, grad * out)
     lam = torch.where(flag, 0.0, lam)
     lam_h = lam * h
-    h1, _, _ = _series(rho, da1, a2, exps, 0)
-    h2, _, _ = _series(rho, a1, da2, exps, 0)
     shared = lam_h * alpha * 0.5
     e1 = mu * h1 - shared / q1
     e2 = mu * h2 - shared / q2
@@ -254,23 +298,38 @@ def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: boo
     low = _low_positions(exps)
 
     def backward_block(
-        grad: Tensor, scale: Tensor, params: Tensor, da1: Tensor, da2: Tensor, *block: Tensor
+        grad: Tensor,
+        scale: Tensor,
+        params: Tensor,
+        da1: Tensor,
+        da2: Tensor,
+        sigma1: Tensor,
+        sigma2: Tensor,
+        omega1: Tensor,
+        omega2: Tensor,
+        *block: Tensor,
     ) -> tuple[Tensor, ...]:
         c, q1, q2, a1, a2, tau1, tau2 = block
         rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
-        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, a1, a2, da1, da2, exps, value)
+        tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
+        series = (a1, a2, da1, da2)
+        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, tails, exps, order, value)
 
     return backward_block
 
 
 @functools.lru_cache(maxsize=64)
-def _backward_saved_function(exps: tuple[int, ...], value: bool) -> Callable[..., Any]:
+def _backward_saved_function(exps: tuple[int, ...], order: int, value: bool) -> Callable[..., Any]:
     def backward_block(
         grad: Tensor,
         scale: Tensor,
         params: Tensor,
         da1: Tensor,
         da2: Tensor,
+        sigma1: Tensor,
+        sigma2: Tensor,
+        omega1: Tensor,
+        omega2: Tensor,
         rho: Tensor,
         h: Tensor,
         dh: Tensor,
@@ -279,9 +338,13 @@ def _backward_saved_function(exps: tuple[int, ...], value: bool) -> Callable[...
         q2: Tensor,
         a1: Tensor,
         a2: Tensor,
+        tau1: Tensor,
+        tau2: Tensor,
     ) -> tuple[Tensor, ...]:
         alpha = params[0] / torch.sqrt(q1 * q2)
-        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, a1, a2, da1, da2, exps, value)
+        tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
+        series = (a1, a2, da1, da2)
+        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, tails, exps, order, value)
 
     return backward_block
 
@@ -315,10 +378,27 @@ class SeriesPlan:
         self.cols = cols
         self.exact = exact
 
-    def slopes(self, q: Tensor, dtype: torch.dtype) -> Tensor:
-        """``d a_k / dq`` of the kept exponents, ``(terms, n)``."""
-        full = self.act.hermite_slopes(q, self.order)
-        return full[list(self.exps)].to(dtype)
+    def slopes(self, q: Tensor, a: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``(d a_k / dq, sigma, omega)`` of the kept exponents: ``(terms, n)``, ``(n,)``, ``(n,)``.
+
+        ``a`` is the points' kept coefficients ``(terms, n)``. ``sigma = sqrt(S_tail / (tol S))``
+        and ``omega = sqrt(W_tail / (tol W))`` are the relative tails, beyond the kept terms, of
+        :meth:`~deq_kernel.activations.Activation.hermite_slopes`'s ``S = sum (d a_k/dq)^2`` and
+        ``W = sum k a_k^2``: the truncation bounds of the series of ``dV/dq`` and ``dV/drho``
+        that the backward pass reads, as ``tau`` is that of ``V``.
+        """
+        full, slope_total, weighted_total = self.act.hermite_slopes(q, self.order)
+        kept = full[list(self.exps)]
+        k = torch.tensor(self.exps, dtype=torch.float64, device=kept.device).unsqueeze(-1)
+        a64 = a.to(torch.float64)
+        tol = series_tolerance(dtype)
+
+        def relative(tail: Tensor, total: Tensor) -> Tensor:
+            return torch.sqrt(tail.clamp_min(0.0) / (tol * total.clamp_min(1e-300))).to(dtype)
+
+        sigma = relative(slope_total - (kept * kept).sum(0), slope_total)
+        omega = relative(weighted_total - (k * a64 * a64).sum(0), weighted_total)
+        return kept.to(dtype), sigma, omega
 
 
 def _main_order(coefs: list[Tensor], totals: list[Tensor], cover: float, tol: float) -> int:
@@ -563,12 +643,17 @@ class _SeriesKernel(torch.autograd.Function):
         params = w.detach().reshape(1).to(dtype)
         saved = None if ctx.solutions is None else list(ctx.solutions)
         if saved is not None:
-            kernel = backend.fused(_backward_saved_function(plan.exps, value), n * m, device)
+            kernel = backend.fused(_backward_saved_function(plan.exps, plan.order, value), n * m, device)
         else:
             kernel = backend.fused(_backward_function(plan.exps, plan.order, plan.steps + 1, value, eps), n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
-        da1 = plan.slopes(q1, dtype).T.contiguous()
-        da2 = da1.T.contiguous() if symmetric else plan.slopes(q2, dtype).contiguous()
+        da1, sigma1, omega1 = plan.slopes(q1, plan.rows[0].T, dtype)
+        da1, sigma1, omega1 = da1.T.contiguous(), sigma1.reshape(n, 1), omega1.reshape(n, 1)
+        if symmetric:
+            da2, sigma2, omega2 = da1.T.contiguous(), sigma1.reshape(1, m), omega1.reshape(1, m)
+        else:
+            da2, sigma2, omega2 = plan.slopes(q2, plan.cols[0], dtype)
+            da2, sigma2, omega2 = da2.contiguous(), sigma2.reshape(1, m), omega2.reshape(1, m)
         scale_d = scale.detach().reshape(1, 1)
         g_lhs, g_rhs = torch.zeros_like(lhs), torch.zeros_like(rhs)
         g_q1, g_q2 = torch.zeros(n, 1, dtype=dtype, device=device), torch.zeros(1, m, dtype=dtype, device=device)
@@ -593,13 +678,12 @@ class _SeriesKernel(torch.autograd.Function):
                     g = g + grad[cols, rows].mT
             c = _c_block(lhs, rhs, rows, cols, True, two_sided)
             point = _point_blocks(plan, q1c, q2r, rows, cols)
+            tails = (da1[rows], da2[:, cols], sigma1[rows], sigma2[:, cols], omega1[rows], omega2[:, cols])
             if saved is not None:
                 rho, h, dh, flag = saved[k][3:]
-                lam, e1, e2, flag, gw_b, gs_b = kernel(
-                    g, scale_d, params, da1[rows], da2[:, cols], rho, h, dh, flag, *point[:4]
-                )
+                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, *tails, rho, h, dh, flag, *point)
             else:
-                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, da1[rows], da2[:, cols], c, *point)
+                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, *tails, c, *point)
             g_w += gw_b.sum()
             g_scale += gs_b.sum()
             g_q1[rows] += e1.sum(1, keepdim=True)
@@ -669,31 +753,134 @@ def _exact_gradient(
     """``(dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by the general solver.
 
     ``saved`` is the forward pass's ``(i m + j, leaves, output)`` of the pairs it handed to the
-    general solver, with their graph: when it holds every pair asked for, one backward pass
-    through it gives their gradients (the others get a zero weight); else they are solved again.
+    general solver, with their graph: the pairs it holds get their gradients from one backward
+    pass through it (the others a zero weight); the rest (pairs whose gradient series alone
+    missed its bound) are solved here.
     """
+    g_c, g_q1, g_q2 = torch.zeros_like(c), torch.zeros_like(c), torch.zeros_like(c)
+    g_w = torch.zeros((), dtype=c.dtype, device=c.device)
+    g_scale = torch.zeros((), dtype=c.dtype, device=c.device)
+    missing = torch.ones_like(i, dtype=torch.bool)
     if saved is not None:
         keys, leaves, out = saved
-        wanted = i * m + j
         order = torch.argsort(keys)
-        position = order[torch.searchsorted(keys[order], wanted).clamp_max(keys.numel() - 1)]
-        if bool((keys[position] == wanted).all()):
-            weights = torch.zeros_like(out).index_put_((position,), g * scale, accumulate=True)
+        position = order[torch.searchsorted(keys[order], i * m + j).clamp_max(keys.numel() - 1)]
+        found = keys[position] == i * m + j
+        if bool(found.any()):
+            at = position[found]
+            weights = torch.zeros_like(out).index_put_((at,), (g * scale)[found], accumulate=True)
             with torch.enable_grad():
                 grads = torch.autograd.grad(out, leaves, grad_outputs=weights, allow_unused=True, retain_graph=True)
             grads = tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
-            picked = (grads[0][position], grads[1][position], grads[2][position])
-            return (*picked, grads[3].reshape(()), (g * out.detach()[position]).sum())
-    with torch.enable_grad():
-        c_ = c.detach().requires_grad_(True)
-        q1_ = q1.detach()[i].requires_grad_(True)
-        q2_ = q2.detach()[j].requires_grad_(True)
-        w_ = w.detach().requires_grad_(True)
-        out = plan.exact(i, j, c_, q1_, q2_, w_, value)
-        leaves = (c_, q1_, q2_, w_)
-        grads = torch.autograd.grad(out, leaves, grad_outputs=g * scale, allow_unused=True)
-    grads = tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
-    return grads[0], grads[1], grads[2], grads[3].reshape(()), (g * out.detach()).sum()
+            g_c[found], g_q1[found], g_q2[found] = grads[0][at], grads[1][at], grads[2][at]
+            g_w = g_w + grads[3].reshape(())
+            g_scale = g_scale + (g[found] * out.detach()[at]).sum()
+            missing = ~found
+    if bool(missing.any()):
+        # Pairs whose value met its bound but whose gradient series did not: the series to a
+        # higher order first, the general solver for those it does not resolve either.
+        at = missing.nonzero().squeeze(-1)
+        resolved, lam, e1, e2, gw, gs = _refined_gradient(plan, i[at], j[at], c[at], q1, q2, w, g[at], scale, value)
+        done = at[resolved]
+        g_c[done], g_q1[done], g_q2[done] = lam[resolved], e1[resolved], e2[resolved]
+        g_w, g_scale = g_w + gw, g_scale + gs
+        missing[done] = False
+    if bool(missing.any()):
+        im, jm, gm = i[missing], j[missing], g[missing]
+        with torch.enable_grad():
+            c_ = c[missing].detach().requires_grad_(True)
+            q1_ = q1.detach()[im].requires_grad_(True)
+            q2_ = q2.detach()[jm].requires_grad_(True)
+            w_ = w.detach().requires_grad_(True)
+            out = plan.exact(im, jm, c_, q1_, q2_, w_, value)
+            leaves = (c_, q1_, q2_, w_)
+            grads = torch.autograd.grad(out, leaves, grad_outputs=gm * scale, allow_unused=True)
+        grads = tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
+        g_c[missing], g_q1[missing], g_q2[missing] = grads[0], grads[1], grads[2]
+        g_w = g_w + grads[3].reshape(())
+        g_scale = g_scale + (gm * out.detach()).sum()
+    return g_c, g_q1, g_q2, g_w, g_scale
+
+
+#: Order of the series that :func:`_refined_gradient` sums.
+REFINED_ORDER = 128
+
+
+def _refined_gradient(
+    plan: SeriesPlan,
+    i: Tensor,
+    j: Tensor,
+    c: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    w: Tensor,
+    g: Tensor,
+    scale: Tensor,
+    value: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(resolved, dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by a longer series.
+
+    Each pair's root is found again by the checked Newton method on the series to
+    :data:`REFINED_ORDER` (summed from a table of powers), and its gradient terms read ``h, h'`` and the ``q``
+    slopes there; ``resolved`` marks the pairs for which the truncation bounds of all four
+    series hold at that order (the others, and their contributions, are left at zero).
+    """
+    f64, dtype = torch.float64, c.dtype
+    order = REFINED_ORDER
+    act = plan.act
+    qa, qb = q1.detach().to(f64)[i], q2.detach().to(f64)[j]
+    k = torch.arange(order + 1, dtype=f64, device=c.device)
+    tol = series_tolerance(dtype)
+
+    def relative(tail: Tensor, total: Tensor) -> Tensor:
+        return torch.sqrt(tail.clamp_min(0.0) / (tol * total.clamp_min(1e-300)))
+
+    def per_point(q: Tensor, index: Tensor) -> tuple[Tensor, ...]:
+        """Coefficients, slopes and the three relative tails of the points ``q[index]``, once per point."""
+        points, back = torch.unique(index, return_inverse=True)
+        qp = q.detach().to(f64)[points]
+        a, d = act.hermite_expansion(qp, order)
+        s, st, wt = act.hermite_slopes(qp, order)
+        a, s = a.T, s.T  # (points, order + 1)
+        tau = relative(d - (a * a).sum(-1), d)
+        sigma = relative(st - (s * s).sum(-1), st)
+        omega = relative(wt - (k * a * a).sum(-1), wt)
+        return tuple(t[back] for t in (a, s, tau, sigma, omega))
+
+    a1, s1, tau1, sigma1, omega1 = per_point(q1, i)
+    a2, s2, tau2, sigma2, omega2 = per_point(q2, j)
+    products = a1 * a2
+    alpha = w.detach().to(f64) / torch.sqrt(qa * qb)
+    c64 = c.detach().to(f64)
+
+    def powers(x: Tensor) -> Tensor:
+        ones = torch.ones_like(x).unsqueeze(-1)
+        return torch.cat([ones, x.unsqueeze(-1).expand(-1, order).cumprod(-1)], -1)
+
+    def residual(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pw = powers(x)
+        mapped = alpha * (products * pw).sum(-1) + c64
+        slope = (k[1:] * products[:, 1:] * pw[:, :-1]).sum(-1)
+        return x - mapped, 1.0 - alpha * slope, 1.0 + mapped.abs()
+
+    ones = torch.ones_like(c64)
+    x = newton(residual, c64.clamp(-1.0, 1.0), -ones, ones, what="pair").clamp(-1.0, 1.0)
+    pw = powers(x)
+    h = (products * pw).sum(-1)
+    dh = (k[1:] * products[:, 1:] * pw[:, :-1]).sum(-1)
+    h1, h2 = (s1 * a2 * pw).sum(-1), (a1 * s2 * pw).sum(-1)
+    slope = 1.0 - alpha * dh
+    power_k = x.abs() ** order
+    power = power_k * x.abs()
+    resolved = (
+        (slope > 0)
+        & (power * (tau1 * tau2) <= slope)
+        & (power * (sigma1 * tau2) <= slope)
+        & (power * (tau1 * sigma2) <= slope)
+        & (power_k * (omega1 * omega2) <= slope)
+    )
+    lam, e1, e2, _, gw, gs = _gradient_from(x, h, dh, h1, h2, alpha, ~resolved, g.to(f64), scale.to(f64), qa, qb, value)
+    return resolved, lam.to(dtype), e1.to(dtype), e2.to(dtype), gw.sum().to(dtype), gs.sum().to(dtype)
 
 
 def series_kernel(
