@@ -769,9 +769,7 @@ def _exact_gradient(
         if bool(found.any()):
             at = position[found]
             weights = torch.zeros_like(out).index_put_((at,), (g * scale)[found], accumulate=True)
-            with torch.enable_grad():
-                grads = torch.autograd.grad(out, leaves, grad_outputs=weights, allow_unused=True, retain_graph=True)
-            grads = tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
+            grads = _leaf_gradients(out, leaves, weights, keep=True)
             g_c[found], g_q1[found], g_q2[found] = grads[0][at], grads[1][at], grads[2][at]
             g_w = g_w + grads[3].reshape(())
             g_scale = g_scale + (g[found] * out.detach()[at]).sum()
@@ -793,13 +791,18 @@ def _exact_gradient(
             q2_ = q2.detach()[jm].requires_grad_(True)
             w_ = w.detach().requires_grad_(True)
             out = plan.exact(im, jm, c_, q1_, q2_, w_, value)
-            leaves = (c_, q1_, q2_, w_)
-            grads = torch.autograd.grad(out, leaves, grad_outputs=gm * scale, allow_unused=True)
-        grads = tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
+        grads = _leaf_gradients(out, (c_, q1_, q2_, w_), gm * scale, keep=False)
         g_c[missing], g_q1[missing], g_q2[missing] = grads[0], grads[1], grads[2]
         g_w = g_w + grads[3].reshape(())
         g_scale = g_scale + (gm * out.detach()).sum()
     return g_c, g_q1, g_q2, g_w, g_scale
+
+
+def _leaf_gradients(out: Tensor, leaves: tuple[Tensor, ...], weights: Tensor, keep: bool) -> tuple[Tensor, ...]:
+    """The gradients of ``<weights, out>`` with respect to ``leaves`` (zeros for an unused one)."""
+    with torch.enable_grad():
+        grads = torch.autograd.grad(out, leaves, grad_outputs=weights, allow_unused=True, retain_graph=keep)
+    return tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
 
 
 #: Order of the series that :func:`_refined_gradient` sums.
