@@ -234,20 +234,43 @@ def _gradient_terms(
     more slowly; a pair whose truncation bound for them, amplified by ``1 / r'`` as ``V``'s is,
     exceeds the tolerance is flagged for the general solver too.
     """
-    tau1, tau2, sigma1, sigma2, omega1, omega2 = tails
-    r = rho.abs()
-    power_k = _int_power(r, order)
-    power = power_k * r
-    slope = 1.0 - alpha * dh
-    flag = (
-        flag
-        | (power * (sigma1 * tau2) > slope)
-        | (power * (tau1 * sigma2) > slope)
-        | (power_k * (omega1 * omega2) > slope)
-    )
+    flag = flag | _gradient_series_miss(rho.abs(), order, 1.0 - alpha * dh, tails)
     h1, _, _ = _series(rho, da1, a2, exps, 0)
     h2, _, _ = _series(rho, a1, da2, exps, 0)
     return _gradient_from(rho, h, dh, h1, h2, alpha, flag, grad, scale, q1, q2, value)
+
+
+def _gradient_series_miss(r: Tensor, order: int, slope: Tensor, tails: tuple[Tensor, ...]) -> Tensor:
+    """Pairs at ``|rho| = r`` whose series of ``dV/dq`` or ``dV/drho``, cut after ``rho^order``, miss their bound.
+
+    ``tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)``: ``dV/dq1`` errs by at most
+    ``|rho|^(order+1) sqrt(S_tail1 T2)``, ``dV/drho`` by ``|rho|^order sqrt(W_tail1 W_tail2)``; each
+    relative to its scale and amplified by ``1 / r'``, as ``V``'s bound is.
+    """
+    tau1, tau2, sigma1, sigma2, omega1, omega2 = tails
+    power_k = _int_power(r, order)
+    power = power_k * r
+    # Written as "not within the bound", so that a NaN bound counts as a miss.
+    within = (power * (sigma1 * tau2) <= slope) & (power * (tau1 * sigma2) <= slope)
+    return ~(within & (power_k * (omega1 * omega2) <= slope))
+
+
+def _relative_tail(tail: Tensor, total: Tensor, tol: float) -> Tensor:
+    """``sqrt(tail / (tol total))``: a series' truncation bound relative to the tolerance."""
+    return torch.sqrt(tail.clamp_min(0.0) / (tol * total.clamp_min(1e-300)))
+
+
+def _gradient_tails(
+    k: Tensor, a: Tensor, slopes: Tensor, slope_total: Tensor, weighted_total: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """``(sigma, omega)`` of points whose coefficients ``a`` and their ``q`` slopes, ``(terms, points)``, are kept.
+
+    ``k`` holds the kept exponents ``(terms, 1)``; the totals are those of
+    :meth:`~deq_kernel.activations.Activation.hermite_slopes`.
+    """
+    sigma = _relative_tail(slope_total - (slopes * slopes).sum(0), slope_total, tol)
+    omega = _relative_tail(weighted_total - (k * a * a).sum(0), weighted_total, tol)
+    return sigma, omega
 
 
 def _gradient_from(
@@ -390,15 +413,9 @@ class SeriesPlan:
         full, slope_total, weighted_total = self.act.hermite_slopes(q, self.order)
         kept = full[list(self.exps)]
         k = torch.tensor(self.exps, dtype=torch.float64, device=kept.device).unsqueeze(-1)
-        a64 = a.to(torch.float64)
         tol = series_tolerance(dtype)
-
-        def relative(tail: Tensor, total: Tensor) -> Tensor:
-            return torch.sqrt(tail.clamp_min(0.0) / (tol * total.clamp_min(1e-300))).to(dtype)
-
-        sigma = relative(slope_total - (kept * kept).sum(0), slope_total)
-        omega = relative(weighted_total - (k * a64 * a64).sum(0), weighted_total)
-        return kept.to(dtype), sigma, omega
+        sigma, omega = _gradient_tails(k, a.to(torch.float64), kept, slope_total, weighted_total, tol)
+        return kept.to(dtype), sigma.to(dtype), omega.to(dtype)
 
 
 def _main_order(coefs: list[Tensor], totals: list[Tensor], cover: float, tol: float) -> int:
@@ -835,20 +852,16 @@ def _refined_gradient(
     k = torch.arange(order + 1, dtype=f64, device=c.device)
     tol = series_tolerance(dtype)
 
-    def relative(tail: Tensor, total: Tensor) -> Tensor:
-        return torch.sqrt(tail.clamp_min(0.0) / (tol * total.clamp_min(1e-300)))
-
     def per_point(q: Tensor, index: Tensor) -> tuple[Tensor, ...]:
         """Coefficients, slopes and the three relative tails of the points ``q[index]``, once per point."""
         points, back = torch.unique(index, return_inverse=True)
         qp = q.detach().to(f64)[points]
         a, d = act.hermite_expansion(qp, order)
-        s, st, wt = act.hermite_slopes(qp, order)
-        a, s = a.T, s.T  # (points, order + 1)
-        tau = relative(d - (a * a).sum(-1), d)
-        sigma = relative(st - (s * s).sum(-1), st)
-        omega = relative(wt - (k * a * a).sum(-1), wt)
-        return tuple(t[back] for t in (a, s, tau, sigma, omega))
+        s, slope_total, weighted_total = act.hermite_slopes(qp, order)
+        tau = _relative_tail(d - (a * a).sum(0), d, tol)
+        sigma, omega = _gradient_tails(k.unsqueeze(-1), a, s, slope_total, weighted_total, tol)
+        # (pairs, order + 1) for the coefficients, (pairs,) for the tails.
+        return a.T[back], s.T[back], tau[back], sigma[back], omega[back]
 
     a1, s1, tau1, sigma1, omega1 = per_point(q1, i)
     a2, s2, tau2, sigma2, omega2 = per_point(q2, j)
@@ -873,14 +886,12 @@ def _refined_gradient(
     dh = (k[1:] * products[:, 1:] * pw[:, :-1]).sum(-1)
     h1, h2 = (s1 * a2 * pw).sum(-1), (a1 * s2 * pw).sum(-1)
     slope = 1.0 - alpha * dh
-    power_k = x.abs() ** order
-    power = power_k * x.abs()
+    r = x.abs()
+    tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
     resolved = (
         (slope > 0)
-        & (power * (tau1 * tau2) <= slope)
-        & (power * (sigma1 * tau2) <= slope)
-        & (power * (tau1 * sigma2) <= slope)
-        & (power_k * (omega1 * omega2) <= slope)
+        & (_int_power(r, order + 1) * (tau1 * tau2) <= slope)
+        & ~_gradient_series_miss(r, order, slope, tails)
     )
     lam, e1, e2, _, gw, gs = _gradient_from(x, h, dh, h1, h2, alpha, ~resolved, g.to(f64), scale.to(f64), qa, qb, value)
     return resolved, lam.to(dtype), e1.to(dtype), e2.to(dtype), gw.sum().to(dtype), gs.sum().to(dtype)
