@@ -212,3 +212,20 @@ def test_series_order_chosen_from_a_sample_keeps_every_pair_exact(rng, monkeypat
     scale = float(default.abs().max())
     assert torch.allclose(narrowed, default, rtol=0, atol=1e-12 * scale)
     assert torch.allclose(cross, default.flip(-1), rtol=0, atol=1e-12 * scale)
+
+
+def test_few_elementwise_pairs_snap_collinear_correlations_as_the_bulk_phase_does():
+    # x' = a x without bias has correlation exactly 1; rounding leaves it within an ulp or
+    # two, where the relu dual's derivatives are singular: the few-pairs path snaps it as the
+    # bulk phase does, so that its value and gradient agree with the matrix's diagonal.
+    x1 = torch.as_tensor(np.random.default_rng(3).normal(size=(6, 3)))
+    x2 = x1 * torch.tensor([1e-9, 0.5, 2.0, 3.0, 1e3, 0.1], dtype=torch.float64).unsqueeze(-1)
+    grads = []
+    for diag in (True, False):
+        b = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+        with settings.pair_solver("general"):
+            k = equilibrium_covariance(x1, x2, activation="relu", weight_variance=0.4, bias_variance=b, diag=diag)
+        k = k if diag else k.diagonal()
+        grads.append((k.detach(), *torch.autograd.grad(k.sum(), b)))
+    for few, bulk in zip(*grads, strict=True):
+        assert torch.allclose(few, bulk, rtol=1e-13, atol=0)

@@ -257,7 +257,7 @@ def _few_pairs_forward(
 
     start = torch.where(free, act.pair_start(state1, state2, c_tilde, inv_root, w), 0.0)
     x = newton(residual, start, -torch.ones_like(start), torch.ones_like(start), what="pair", skip=~free)
-    at = torch.where(free, x.clamp(-1.0, 1.0), 0.0)
+    at = torch.where(free, snap_correlation(x, eps), 0.0)  # as the bulk phase's finish has it
     value = act.pair_dual(state1, state2, at)[0]
     # Identical to rounding: D of either point; their mean keeps k(x, x') = k(x', x).
     rho = torch.where(identical, 1.0, at)
