@@ -227,5 +227,9 @@ def test_few_elementwise_pairs_snap_collinear_correlations_as_the_bulk_phase_doe
             k = equilibrium_covariance(x1, x2, activation="relu", weight_variance=0.4, bias_variance=b, diag=diag)
         k = k if diag else k.diagonal()
         grads.append((k.detach(), *torch.autograd.grad(k.sum(), b)))
-    for few, bulk in zip(*grads, strict=True):
-        assert torch.allclose(few, bulk, rtol=1e-13, atol=0)
+    (few_k, few_g), (bulk_k, bulk_g) = grads
+    assert torch.allclose(few_k, bulk_k, rtol=1e-13, atol=0)
+    # The bias gradient of the pair x' = 1e-9 x is a difference of terms 1e9 times larger
+    # than itself (d sqrt(q1 q2)/db against d rho/db): both paths are exact to about
+    # 1e9 epsilons there, and an unsnapped rho was off by 17%.
+    assert torch.allclose(few_g, bulk_g, rtol=1e-6, atol=0)
