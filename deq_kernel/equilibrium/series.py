@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -624,10 +624,19 @@ class _SeriesKernel(torch.autograd.Function):
                 _symmetrise_square(result, rows)
         ctx.exact = None
         if handed:
+            gi, gj, c_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
+            # A longer series first (for tanh it takes almost all of them), then the general solver.
+            resolved, refined = _refined_value(plan, gi, gj, c_vals, q1, q2, w, value)
+            result[gi, gj] = refined * scale_d.reshape(())  # the unresolved ones are overwritten below
+            if symmetric:
+                result[gj, gi] = result[gi, gj]
+            left = ~resolved
+            handed = bool(left.any())
+            gi, gj, c_vals = gi[left], gj[left], c_vals[left]
+        if handed:
             # All pairs for the general solver at once: it prepares its states per call. Where a
             # gradient will be asked for, its graph is kept for the backward pass (a handful of
             # pairs), which then need not solve them again.
-            gi, gj, c_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
             keep = any(ctx.needs_input_grad[4:10])
             with torch.enable_grad() if keep else contextlib.nullcontext():
                 leaves = tuple(t.detach().requires_grad_(keep) for t in (c_vals, q1.detach()[gi], q2.detach()[gj], w))
@@ -822,49 +831,53 @@ def _leaf_gradients(out: Tensor, leaves: tuple[Tensor, ...], weights: Tensor, ke
     return tuple(torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves, strict=True))
 
 
-#: Order of the series that :func:`_refined_gradient` sums.
+#: Order of the series that :func:`_refined` sums.
 REFINED_ORDER = 128
+#: Factor on :func:`series_tolerance` for the value bound of the order-128 series. Near
+#: correlation 1 the bound is read through ``1/r'`` of a root that is itself a sum of
+#: many terms of one sign, so the bulk tolerance (1e-12 in float64) let values through
+#: that were up to 4e-13 off an independent two-dimensional quadrature (silu, sigmoid);
+#: a hundred times tighter, every checked pair agreed to 6e-15.
+REFINED_TIGHTER = 1e-2
 
 
-def _refined_gradient(
-    plan: SeriesPlan,
-    i: Tensor,
-    j: Tensor,
-    c: Tensor,
-    q1: Tensor,
-    q2: Tensor,
-    w: Tensor,
-    g: Tensor,
-    scale: Tensor,
-    value: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(resolved, dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by a longer series.
+class _Refined(NamedTuple):
+    """The pairs of :func:`_refined`, in float64: root, series, its slope, and the value bound's verdict."""
 
-    Each pair's root is found again by the checked Newton method on the series to
-    :data:`REFINED_ORDER` (summed from a table of powers), and its gradient terms read ``h, h'`` and the ``q``
-    slopes there; ``resolved`` marks the pairs for which the truncation bounds of all four
-    series hold at that order (the others, and their contributions, are left at zero).
+    x: Tensor
+    h: Tensor
+    dh: Tensor
+    slope: Tensor
+    alpha: Tensor
+    qa: Tensor
+    qb: Tensor
+    powers: Tensor
+    coefs: tuple[Tensor, Tensor]
+    tails: tuple[Tensor, Tensor]
+    value_resolved: Tensor
+
+
+def _refined(plan: SeriesPlan, i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: Tensor, w: Tensor) -> _Refined:
+    """The pairs ``(i, j)`` solved again by the checked Newton method on the series to :data:`REFINED_ORDER`.
+
+    The series is summed from a table of powers, with coefficients computed once per point.
+    ``value_resolved`` marks the pairs whose truncation bound (with the ``1/r'`` of the root)
+    holds at that order: strongly correlated pairs that the bulk order cannot take but a
+    longer series can, without the general solver's quadrature (for tanh at moderate
+    variance the coefficients beyond 128 are below rounding even at correlation 1).
     """
-    f64, dtype = torch.float64, c.dtype
+    f64 = torch.float64
     order = REFINED_ORDER
-    act = plan.act
     qa, qb = q1.detach().to(f64)[i], q2.detach().to(f64)[j]
     k = torch.arange(order + 1, dtype=f64, device=c.device)
-    tol = series_tolerance(dtype)
+    tol = series_tolerance(c.dtype) * REFINED_TIGHTER
 
-    def per_point(q: Tensor, index: Tensor) -> tuple[Tensor, ...]:
-        """Coefficients, slopes and the three relative tails of the points ``q[index]``, once per point."""
+    def per_point(q: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         points, back = torch.unique(index, return_inverse=True)
-        qp = q.detach().to(f64)[points]
-        a, d = act.hermite_expansion(qp, order)
-        s, slope_total, weighted_total = act.hermite_slopes(qp, order)
-        tau = _relative_tail(d - (a * a).sum(0), d, tol)
-        sigma, omega = _gradient_tails(k.unsqueeze(-1), a, s, slope_total, weighted_total, tol)
-        # (pairs, order + 1) for the coefficients, (pairs,) for the tails.
-        return a.T[back], s.T[back], tau[back], sigma[back], omega[back]
+        a, d = plan.act.hermite_expansion(q.detach().to(f64)[points], order)
+        return a.T[back], _relative_tail(d - (a * a).sum(0), d, tol)[back]
 
-    a1, s1, tau1, sigma1, omega1 = per_point(q1, i)
-    a2, s2, tau2, sigma2, omega2 = per_point(q2, j)
+    (a1, tau1), (a2, tau2) = per_point(q1, i), per_point(q2, j)
     products = a1 * a2
     alpha = w.detach().to(f64) / torch.sqrt(qa * qb)
     c64 = c.detach().to(f64)
@@ -884,16 +897,61 @@ def _refined_gradient(
     pw = powers(x)
     h = (products * pw).sum(-1)
     dh = (k[1:] * products[:, 1:] * pw[:, :-1]).sum(-1)
-    h1, h2 = (s1 * a2 * pw).sum(-1), (a1 * s2 * pw).sum(-1)
     slope = 1.0 - alpha * dh
-    r = x.abs()
+    value_resolved = (slope > 0) & (_int_power(x.abs(), order + 1) * (tau1 * tau2) <= slope)
+    return _Refined(x, h, dh, slope, alpha, qa, qb, pw, (a1, a2), (tau1, tau2), value_resolved)
+
+
+def _refined_value(
+    plan: SeriesPlan, i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: Tensor, w: Tensor, value: bool
+) -> tuple[Tensor, Tensor]:
+    """``(resolved, output)`` of the pairs ``(i, j)`` by :func:`_refined`: ``V`` (``value``) or ``K*``, in c's dtype."""
+    r = _refined(plan, i, j, c, q1, q2, w)
+    out = r.h if value else r.x * torch.sqrt(r.qa * r.qb)
+    return r.value_resolved, out.to(c.dtype)
+
+
+def _refined_gradient(
+    plan: SeriesPlan,
+    i: Tensor,
+    j: Tensor,
+    c: Tensor,
+    q1: Tensor,
+    q2: Tensor,
+    w: Tensor,
+    g: Tensor,
+    scale: Tensor,
+    value: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(resolved, dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by :func:`_refined`.
+
+    The gradient terms read ``h, h'`` and the ``q`` slopes at the refined root; ``resolved``
+    marks the pairs for which the truncation bounds of all four series hold at that order
+    (the others, and their contributions, are left at zero).
+    """
+    f64, dtype = torch.float64, c.dtype
+    order = REFINED_ORDER
+    k = torch.arange(order + 1, dtype=f64, device=c.device)
+    tol = series_tolerance(dtype)
+    r = _refined(plan, i, j, c, q1, q2, w)
+
+    def per_point(q: Tensor, index: Tensor) -> tuple[Tensor, ...]:
+        """Slopes and the two gradient tails of the points ``q[index]``, once per point."""
+        points, back = torch.unique(index, return_inverse=True)
+        qp = q.detach().to(f64)[points]
+        a, _ = plan.act.hermite_expansion(qp, order)
+        s, slope_total, weighted_total = plan.act.hermite_slopes(qp, order)
+        sigma, omega = _gradient_tails(k.unsqueeze(-1), a, s, slope_total, weighted_total, tol)
+        return s.T[back], sigma[back], omega[back]
+
+    (s1, sigma1, omega1), (s2, sigma2, omega2) = per_point(q1, i), per_point(q2, j)
+    (a1, a2), (tau1, tau2) = r.coefs, r.tails
+    h1, h2 = (s1 * a2 * r.powers).sum(-1), (a1 * s2 * r.powers).sum(-1)
     tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
-    resolved = (
-        (slope > 0)
-        & (_int_power(r, order + 1) * (tau1 * tau2) <= slope)
-        & ~_gradient_series_miss(r, order, slope, tails)
+    resolved = r.value_resolved & ~_gradient_series_miss(r.x.abs(), order, r.slope, tails)
+    lam, e1, e2, _, gw, gs = _gradient_from(
+        r.x, r.h, r.dh, h1, h2, r.alpha, ~resolved, g.to(f64), scale.to(f64), r.qa, r.qb, value
     )
-    lam, e1, e2, _, gw, gs = _gradient_from(x, h, dh, h1, h2, alpha, ~resolved, g.to(f64), scale.to(f64), qa, qb, value)
     return resolved, lam.to(dtype), e1.to(dtype), e2.to(dtype), gw.sum().to(dtype), gs.sum().to(dtype)
 
 
