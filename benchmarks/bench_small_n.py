@@ -35,6 +35,16 @@ kernel evaluation with gradient on 8 points; a fit that takes longer than ``--sk
 seconds (default 900) is stopped and reported as ``> timeout``. Target: <= 2x the ARD RBF fit
 for relu and erf.
 
+The fits run in each configuration of ``--sklearn-blas-threads`` (default ``default,1``):
+``default`` leaves every thread pool as the process found it; a number wraps the fit in
+``threadpoolctl.threadpool_limits(number, user_api="blas")``, which is how scikit-learn's
+documentation tells users to keep thread pools from oversubscribing the cores. Each
+configuration has its own RBF baseline. On a machine with few cores it matters: scipy's
+OpenBLAS threads keep spinning for about 0.1 s after each of the fit's Cholesky solves, and the
+kernel's torch operations, run inside that window on torch's OpenMP threads, wait for the cores
+(on 2 cores the same ``DEQ(...)(X, eval_gradient=True)`` took 25 ms alone and 120 ms right after
+a Cholesky solve). The RBF kernel is plain NumPy and does not meet the contention.
+
 Usage::
 
     python benchmarks/bench_small_n.py                                   # both sections
@@ -46,6 +56,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -66,6 +77,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 import deq_kernel
 from deq_kernel.sklearn import DEQ
@@ -181,7 +193,7 @@ def make_regressor(name: str) -> GaussianProcessRegressor:
     )
 
 
-def _fit_child(name: str, data: tuple, threads: int | None, conn) -> None:
+def _fit_child(name: str, data: tuple, threads: int | None, blas_threads: int | None, conn) -> None:
     """Fit in a spawned process; send "started" just before the timed fit, then the result."""
     try:
         if threads is not None:
@@ -190,7 +202,8 @@ def _fit_child(name: str, data: tuple, threads: int | None, conn) -> None:
         gpr = make_regressor(name)
         gpr.kernel(X[:8], eval_gradient=True)  # warm-up: first-call costs are not the fit's
         conn.send("started")
-        with warnings.catch_warnings(record=True) as caught:
+        limits = contextlib.nullcontext() if blas_threads is None else threadpool_limits(blas_threads, user_api="blas")
+        with limits, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             start = time.perf_counter()
             gpr.fit(X, y)
@@ -210,11 +223,11 @@ def _fit_child(name: str, data: tuple, threads: int | None, conn) -> None:
         conn.close()
 
 
-def timed_fit(name: str, data: tuple, threads: int | None, timeout: float) -> dict:
+def timed_fit(name: str, data: tuple, threads: int | None, blas_threads: int | None, timeout: float) -> dict:
     """The fit of ``name`` in a spawned process, stopped after ``timeout`` seconds of fitting."""
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_fit_child, args=(name, data, threads, sender), daemon=True)
+    process = ctx.Process(target=_fit_child, args=(name, data, threads, blas_threads, sender), daemon=True)
     process.start()
     sender.close()
     try:
@@ -243,12 +256,25 @@ def sklearn_section(args: argparse.Namespace) -> list[dict]:
         f"timeout {args.sklearn_timeout:g} s"
     )
     header = f"{'kernel':<12} {'fit s':>9} {'ratio':>7} {'target':>7} {'':>6} {'LML':>9} {'test R^2':>9} {'warn':>5}"
-    print(header)
-    print("-" * len(header))
+    rows = []
+    for blas in args.sklearn_blas_threads.split(","):
+        blas_threads = None if blas == "default" else int(blas)
+        print()
+        limit = "as the process found them" if blas_threads is None else f"threadpool_limits({blas})"
+        print(f"BLAS threads: {limit}")
+        print(header)
+        print("-" * len(header))
+        rows += _sklearn_fits(args, data, blas_threads)
+    return rows
+
+
+def _sklearn_fits(args: argparse.Namespace, data: tuple, blas_threads: int | None) -> list[dict]:
+    """The baseline's and the DEQ kernels' fits in one BLAS configuration, ratios to that baseline."""
     rows = []
     baseline = None
     for name in ["rbf", *args.sklearn_activations.split(",")]:
-        result = dict(kernel=name, **timed_fit(name, data, args.threads, args.sklearn_timeout))
+        fit = timed_fit(name, data, args.threads, blas_threads, args.sklearn_timeout)
+        result = dict(kernel=name, blas_threads=blas_threads, **fit)
         rows.append(result)
         label = "ARD RBF" if name == "rbf" else f"DEQ {name}"
         if "error" in result:
@@ -288,6 +314,11 @@ def main() -> None:
     )
     parser.add_argument("--sklearn-activations", default="relu,erf")
     parser.add_argument("--sklearn-n", type=int, default=None, help="first N of the 331 training points (default all)")
+    parser.add_argument(
+        "--sklearn-blas-threads",
+        default="default,1",
+        help="comma-separated BLAS thread limits for the fits, 'default' for none (default: default,1)",
+    )
     parser.add_argument("--sklearn-timeout", type=float, default=900.0, help="seconds per fit (default 900)")
     parser.add_argument("--json", type=Path, default=None, help="also save the results to this file")
     args = parser.parse_args()
