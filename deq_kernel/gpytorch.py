@@ -344,8 +344,20 @@ class DEQKernel(Kernel):
         self._check_batch(x1, x2)
         return super().__call__(x1, x2, diag=diag, **params)
 
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The kernel's batch shape. It holds no sub-kernels, so GPyTorch's search for them (a walk
+        over every submodule on every read, several reads per call) is not needed."""
+        return self._batch_shape
+
+    @batch_shape.setter
+    def batch_shape(self, value: torch.Size) -> None:
+        self._batch_shape = value
+
     def _check_batch(self, x1: Any, x2: Any) -> None:
         """Inputs whose batch dimensions broadcast with :attr:`batch_shape` (BoTorch's commonest shape error)."""
+        if not self._batch_shape:  # every batch shape broadcasts with ()
+            return
         for name, x in (("x1", x1), ("x2", x2)):
             if isinstance(x, Tensor) and x.dim() >= 2:
                 try:
