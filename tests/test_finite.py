@@ -22,6 +22,7 @@ from deq_kernel import ConvergenceError, equilibrium_covariance
 from deq_kernel.finite import (
     DEQNetwork,
     DroppedNetworksWarning,
+    _SubspaceWeights,
     empirical_covariance,
     finite_depth_covariance,
     network_generator,
@@ -70,6 +71,80 @@ def test_empirical_covariance_matches_the_kernel_within_its_standard_error(point
     assert _frobenius_error(estimate, exact) < 0.02
     z = ((estimate - exact) / stderr).abs()
     assert float(z.max()) < 4.5
+
+
+# --------------------------------------------------------------------------- the subspace sampler
+
+
+def _adaptive_queries(op: _SubspaceWeights, batch: int, n: int, width: int, dtype: torch.dtype, steps: int):
+    """Apply ``op`` to vectors that depend on its earlier answers, with zero, repeated and
+    duplicated rows among them; return the queries and the answers."""
+    gen = torch.Generator().manual_seed(5)
+    queries, answers = [], []
+    h = torch.zeros(batch, n, width, dtype=dtype)
+    for step in range(steps):
+        if step % 4 == 2:
+            h = 2.0 * queries[-1]  # directions met before
+        elif step % 4 == 3:
+            h = h.clone()
+            h[:, -1] = h[:, 0]  # two equal rows
+        queries.append(h)
+        answers.append(op(h))
+        h = torch.tanh(answers[-1] + torch.randn(batch, n, width, generator=gen, dtype=dtype))
+    return queries, answers
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_subspace_weights_answer_as_one_matrix(dtype, tol):
+    # Once the basis is complete the operator holds W whole: every earlier answer must be W
+    # times its query (the basis kept orthonormal throughout, also for zero and repeated rows).
+    width = 24
+    op = _SubspaceWeights([torch.Generator().manual_seed(i) for i in range(3)], width, 0.7, dtype, "cpu")
+    queries, answers = _adaptive_queries(op, 3, 4, width, dtype, 12)
+    assert op.whole is not None
+    for h, out in zip(queries, answers, strict=True):
+        expected = h @ op.whole.mT
+        assert float((out - expected).abs().max()) <= tol * float(expected.abs().max() + 1)
+
+
+def test_subspace_weights_have_the_law_of_a_dense_draw():
+    # W assembled from adaptive queries (each depending on earlier answers) over 3000 operators:
+    # its entries must be independent N(0, std^2), as a dense draw's.
+    width, std, count = 6, 0.7, 3000
+    op = _SubspaceWeights([torch.Generator().manual_seed(i) for i in range(count)], width, std, torch.float64, "cpu")
+    _adaptive_queries(op, count, 2, width, torch.float64, 5)
+    entries = op.whole.reshape(count, -1) / std
+    assert stats.kstest(entries.flatten().numpy(), "norm").pvalue > 1e-3
+    corr = torch.corrcoef(entries.T)
+    off = corr - torch.eye(width * width, dtype=torch.float64)
+    assert float(off.abs().max()) < 5.0 / math.sqrt(count) * 1.6
+    assert abs(float(entries.var()) - 1.0) < 0.03
+    # A biased construction fails this: the entries along the first query's direction alone.
+    first = op.whole[:, :, 0] / std
+    assert abs(float(first.var()) - 1.0) < 0.08
+
+
+def test_subspace_sampler_has_the_dense_samplers_law(points):
+    # The two modes draw other networks from the same distribution: their estimates of the
+    # width-64 covariance (finite-width bias included) agree within their standard errors.
+    kw = dict(width=64, n_networks=600, weight_variance=WV, estimator="conditional", return_stderr=True)
+    dense, se_dense = empirical_covariance(points, seed=0, **kw)
+    sub, se_sub = empirical_covariance(points, seed=0, weights="subspace", **kw)
+    z = (dense - sub).abs() / torch.sqrt(se_dense**2 + se_sub**2)
+    assert float(z.max()) < 4.5
+    assert not torch.equal(dense, sub)
+    # And both tend to the kernel.
+    exact = equilibrium_covariance(points, weight_variance=WV)
+    assert _frobenius_error(sub, exact) < 0.05
+
+
+def test_subspace_sampler_is_reproducible_and_batch_independent(points):
+    kw = dict(width=200, n_networks=6, seed=3, activation="tanh", weight_variance=WV, weights="subspace")
+    first = sample_outputs(points, **kw)
+    assert torch.equal(first, sample_outputs(points, **kw))
+    # One network per batch stops each iteration at its own tolerance: equal to it.
+    single = sample_outputs(points, batch_size=1, **kw)
+    assert torch.allclose(first, single, rtol=0, atol=1e-4 * float(first.abs().max()))
 
 
 def test_output_marginals_are_gaussian_at_width_512(points, wide_outputs):
@@ -446,6 +521,7 @@ def test_network_rejects_bad_inputs():
         ({"estimator": "mle"}, ValueError, "estimator"),
         ({"return_stderr": 1}, TypeError, "return_stderr"),
         ({"nonconverged": "ignore"}, ValueError, "nonconverged"),
+        ({"weights": "sparse"}, ValueError, "weights must be one of 'dense', 'subspace'"),
         ({"weight_variance": 2.5}, ValueError, "weight_variance"),
         ({"dtype": torch.int64}, TypeError, "dtype"),
         ({"negative_slope": 0.1}, TypeError, "activation options|negative_slope"),
