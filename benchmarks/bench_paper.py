@@ -12,7 +12,9 @@ the paper's method as its text describes it: one network at a time, its weights 
 together until the relative change is below 1e-5 (float32; the "float64" row does the same in
 float64), timed on ``--baseline-networks`` networks (default 200) and reported as networks per
 second. Targets: 10 000 networks in at most 10 minutes on 2 cores; at least 20x the baseline's
-networks per second.
+networks per second. Both of the sampler's modes are timed: ``weights="dense"`` (each network's
+whole ``W``) and ``weights="subspace"`` (``W`` drawn only on the directions the iteration meets;
+the same distribution), each with its ratio to the baseline.
 
 **Experiments** (``gaussian``, ``covariance``, ``eigenvalue``, ``limits``, ``digits`` and
 ``fixed-point``): the notebooks ``notebooks/02`` to ``06`` and ``01`` executed at their full
@@ -111,24 +113,28 @@ def run_sampler(args: argparse.Namespace, log: list[str]) -> dict:
 def _sampler_row(x: torch.Tensor, activation: str, width: int, args: argparse.Namespace, log: list[str]) -> dict:
     from deq_kernel.finite import sample_outputs
 
-    sample_outputs(x, width=width, n_networks=4, seed=99, activation=activation, weight_variance=WEIGHT_VARIANCE)
-    start = time.perf_counter()
-    f = sample_outputs(
-        x, width=width, n_networks=args.networks, seed=0, activation=activation, weight_variance=WEIGHT_VARIANCE
-    )
-    ours = time.perf_counter() - start
-    row = {"ours_s": ours, "ours_per_s": args.networks / ours, "ours_shape": list(f.shape)}
-    say(
-        log,
-        f"  {activation}: sample_outputs {args.networks} networks in {ours:.1f} s "
-        f"({args.networks / ours:.1f} networks/s"
-        + (
-            f"; target {SAMPLER_TARGET_S / 60:.0f} min for 10 000: "
-            f"{'met' if ours * 10000 / args.networks <= SAMPLER_TARGET_S else 'MISSED'})"
-            if width == WIDTH
-            else ")"
-        ),
-    )
+    row: dict = {}
+    samples = {}
+    for mode in ("dense", "subspace"):
+        options = dict(activation=activation, weight_variance=WEIGHT_VARIANCE, weights=mode)
+        sample_outputs(x, width=width, n_networks=4, seed=99, **options)
+        start = time.perf_counter()
+        samples[mode] = f = sample_outputs(x, width=width, n_networks=args.networks, seed=0, **options)
+        ours = time.perf_counter() - start
+        key = "ours" if mode == "dense" else "subspace"
+        row.update({f"{key}_s": ours, f"{key}_per_s": args.networks / ours, f"{key}_shape": list(f.shape)})
+        say(
+            log,
+            f"  {activation}: sample_outputs(weights={mode!r}) {args.networks} networks in {ours:.1f} s "
+            f"({args.networks / ours:.1f} networks/s"
+            + (
+                f"; target {SAMPLER_TARGET_S / 60:.0f} min for 10 000: "
+                f"{'met' if ours * 10000 / args.networks <= SAMPLER_TARGET_S else 'MISSED'})"
+                if width == WIDTH
+                else ")"
+            ),
+        )
+    f = samples["dense"]
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
         count = args.baseline_networks if dtype == torch.float32 else max(1, args.baseline_networks // 2)
         start = time.perf_counter()
@@ -137,16 +143,19 @@ def _sampler_row(x: torch.Tensor, activation: str, width: int, args: argparse.Na
         rate = count / seconds
         row[f"baseline_{name}_per_s"] = rate
         row[f"baseline_{name}_iterations"] = iterations
-        ratio = row["ours_per_s"] / rate
-        row[f"ratio_{name}"] = ratio
-        # Same distribution: the two samples' variances of f(x_1) agree within Monte Carlo error.
+        ratio, ratio_subspace = row["ours_per_s"] / rate, row["subspace_per_s"] / rate
+        row[f"ratio_{name}"], row[f"ratio_subspace_{name}"] = ratio, ratio_subspace
+        # Same distribution: the samples' variances of f(x_1) agree within Monte Carlo error.
         var_ours, var_ref = float(f[:, 0].double().var()), float(reference[:, 0].double().var())
-        verdict = f" (target >= {RATIO_TARGET:.0f}x: {'met' if ratio >= RATIO_TARGET else 'MISSED'})"
+        var_subspace = float(samples["subspace"][:, 0].double().var())
+        best = max(ratio, ratio_subspace)
+        verdict = f" (target >= {RATIO_TARGET:.0f}x: {'met' if best >= RATIO_TARGET else 'MISSED'})"
         say(
             log,
             f"    baseline ({name}, one network at a time, Picard to {TOL:g}): {rate:.1f} networks/s, "
-            f"{iterations:.1f} iterations; ours / baseline {ratio:.1f}x{verdict if width == WIDTH else ''}; "
-            f"var f(x_1): ours {var_ours:.4f}, baseline {var_ref:.4f} ({count} networks)",
+            f"{iterations:.1f} iterations; ours / baseline: dense {ratio:.1f}x, subspace {ratio_subspace:.1f}x"
+            f"{verdict if width == WIDTH else ''}; var f(x_1): dense {var_ours:.4f}, subspace {var_subspace:.4f}, "
+            f"baseline {var_ref:.4f} ({count} networks)",
         )
     return row
 
