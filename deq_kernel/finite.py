@@ -822,7 +822,7 @@ _SAMPLER_DOC = """x : tensor or array-like, shape ``(n, d)``
         orthonormal basis of them; ``W`` times it is again i.i.d. Gaussian, and so is ``W`` on
         each new direction given the earlier ones), about ``n x iterations`` columns instead of
         ``width``: the same distribution of networks exactly, other draws from the same seed,
-        faster where the inputs times the iterations are well below the width (2.3x at
+        faster where the inputs times the iterations are well below the width (2x at
         width 1000 with 10 inputs), slower where they are not (width 100)."""
 
 
