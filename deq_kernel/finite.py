@@ -731,7 +731,7 @@ class _SubspaceWeights:
         """``rows`` standard normal vectors per network, ``(b, rows, width)``, each from its network's generator."""
         out = torch.empty(len(self.generators), rows, self.width, dtype=self.dtype)
         for t, generator in zip(out, self.generators, strict=True):
-            torch.randn(t.shape, generator=generator, dtype=self.dtype, out=t)
+            _draw_normals((t,), generator)
         return out.to(self.device)
 
     def _append(self, basis: Tensor, images: Tensor) -> None:

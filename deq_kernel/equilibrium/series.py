@@ -935,17 +935,17 @@ def _refined_gradient(
     tol = series_tolerance(dtype)
     r = _refined(plan, i, j, c, q1, q2, w)
 
-    def per_point(q: Tensor, index: Tensor) -> tuple[Tensor, ...]:
-        """Slopes and the two gradient tails of the points ``q[index]``, once per point."""
+    def per_point(q: Tensor, index: Tensor, a: Tensor) -> tuple[Tensor, ...]:
+        """Slopes and the two gradient tails of the points ``q[index]`` (slopes once per point;
+        the coefficients ``a``, per pair, are the refined solution's)."""
         points, back = torch.unique(index, return_inverse=True)
-        qp = q.detach().to(f64)[points]
-        a, _ = plan.act.hermite_expansion(qp, order)
-        s, slope_total, weighted_total = plan.act.hermite_slopes(qp, order)
-        sigma, omega = _gradient_tails(k.unsqueeze(-1), a, s, slope_total, weighted_total, tol)
-        return s.T[back], sigma[back], omega[back]
+        slopes = plan.act.hermite_slopes(q.detach().to(f64)[points], order)
+        s, slope_total, weighted_total = (t[..., back] for t in slopes)
+        sigma, omega = _gradient_tails(k.unsqueeze(-1), a.T, s, slope_total, weighted_total, tol)
+        return s.T, sigma, omega
 
-    (s1, sigma1, omega1), (s2, sigma2, omega2) = per_point(q1, i), per_point(q2, j)
     (a1, a2), (tau1, tau2) = r.coefs, r.tails
+    (s1, sigma1, omega1), (s2, sigma2, omega2) = per_point(q1, i, a1), per_point(q2, j, a2)
     h1, h2 = (s1 * a2 * r.powers).sum(-1), (a1 * s2 * r.powers).sum(-1)
     tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
     resolved = r.value_resolved & ~_gradient_series_miss(r.x.abs(), order, r.slope, tails)
