@@ -269,21 +269,68 @@ def test_bad_activation_options():
         get_activation(lambda x: x.numpy())
 
 
-def test_gelu_hand_derivative_matches_autograd():
-    # The bulk (Newton) path differentiates the GELU closed form by hand; autograd on the
-    # same expression is the independent check, over variances from 1e-5 to 1e5.
+@pytest.mark.parametrize("q", [1e-3, 1.0, 1e2, 1e6, 1e12])
+def test_gelu_derivative_dual_is_the_covariance_derivative_at_every_scale(q):
+    """E[gelu'(u) gelu'(v)] in closed form against the derivative of the value's closed form.
+
+    The reference differentiates GELU's value expression numerically at 50 digits (the value
+    itself is checked against 2-D quadrature above). Differentiating it in float64, term by
+    term, was off by eps * q (7.6e-5 at q = 1e12, rho = 1): the NTK of near-duplicates at scale
+    1e6 had eigenvalues of -7e-4 of its largest.
+    """
+    import mpmath as mp
+
     from deq_kernel.activations import Gelu
 
-    gen = torch.Generator().manual_seed(3)
-    n = 20000
-    q1 = 10 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 10 - 5)
-    q2 = 10 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 10 - 5)
-    rho = torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
-    rho[:500] = 1 - 10 ** (-torch.rand(500, generator=gen, dtype=torch.float64) * 15)
-    value, slope = Gelu().bulk_pair_dual((q1,), (q2,), rho)
-    ref_value, ref_slope = Gelu().pair_dual((q1,), (q2,), rho)
-    assert torch.equal(value, ref_value)
-    assert torch.allclose(slope, ref_slope, rtol=1e-9, atol=0)
+    def value(q1, q2, c):
+        e = q1 * q2 - c * c
+        a, b, det = q1 + 1, q2 + 1, q1 * q2 - c * c + q1 + q2 + 1
+        root = mp.sqrt(det)
+        pi_t = mp.pi - mp.atan2(root, c)
+        prob, e_ab = pi_t / (2 * mp.pi), (root + pi_t * c) / (2 * mp.pi)
+        e_sq = (pi_t + c * root / (a * b)) / (2 * mp.pi)
+        alpha, beta, gamma = (e + q1) / det, c / det, (e + q2) / det
+        return beta * prob + alpha * beta * a * e_sq + (alpha * gamma + beta * beta) * e_ab + beta * gamma * b * e_sq
+
+    derivative = Gelu().derivative_activation()
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    with mp.workdps(50):
+        for q2 in (q, 0.37 * q):
+            for rho in (-1.0, -0.3, 0.5, 0.999, 1 - 1e-9, 1.0):
+                c = mp.mpf(rho) * mp.sqrt(mp.mpf(q) * mp.mpf(q2))
+                ref = mp.diff(lambda t, q2=q2: value(mp.mpf(q), mp.mpf(q2), t), c)
+                curvature = mp.diff(lambda t, q2=q2: value(mp.mpf(q), mp.mpf(q2), t), c, 2)
+                dual, slope = derivative.pair_dual((one(q),), (one(q2),), one(rho))
+                scale = 0.5  # the dual's size at rho = 1: its values near rho = -1 are tiny differences
+                assert abs(float(dual) - float(ref)) <= 2e-14 * scale, (q2, rho)
+                assert abs(float(slope) - float(curvature)) <= 1e-13 * abs(float(curvature)), (q2, rho)
+                if rho in (0.5, 1.0):  # Gelu's own slope forms c from rho first
+                    assert abs(float(Gelu().pair_dual((one(q),), (one(q2),), one(rho))[1]) - float(ref)) <= 2e-14
+
+
+def test_gelu_derivative_dual_does_not_depend_on_whether_the_variance_requires_grad():
+    """The diagonal's derivative dual is a partial derivative in the covariance (regression).
+
+    It was formed by autograd in ``c``; when ``q`` required a gradient, ``c`` and the variances
+    were one tensor and the total derivative came back: the NTK of a GPyTorch model (whose
+    hyperparameters require gradients) was 2% off the same kernel evaluated without them.
+    """
+    derivative = deq_kernel.get_activation("gelu").derivative_activation()
+    for q in (0.3, 2.0, 50.0):
+        root = math.sqrt(q)
+
+        def integrand(z, root=root):
+            return (norm.cdf(root * z) + root * z * norm.pdf(root * z)) ** 2 * norm.pdf(z)
+
+        ref = integrate.quad(integrand, -np.inf, np.inf, epsabs=1e-15, limit=200)[0]
+        plain = derivative.diag_dual(torch.tensor([q], dtype=torch.float64))[0]
+        tracked = derivative.diag_dual(torch.tensor([q], dtype=torch.float64, requires_grad=True))[0]
+        assert abs(float(plain) - ref) <= 1e-14 and float(tracked.detach()) == float(plain)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor(1.0, dtype=torch.float64)
+    plain = deq_kernel.equilibrium_covariance(x, activation="gelu", output="ntk", weight_variance=w)
+    tracked = deq_kernel.equilibrium_covariance(x, activation="gelu", output="ntk", weight_variance=w.requires_grad_())
+    assert torch.equal(plain, tracked.detach())
 
 
 def test_a_misspelled_keyword_is_named_with_the_closest_valid_one():

@@ -179,6 +179,13 @@ REGRESSIONS = [
         False,
         "order-dependent 2-D fallback: asymmetric NTK",
     ),
+    (
+        "gelu",
+        [[0.0], [509087.20510169514], [1223762.3376552262], [755233.4197237066], [-292554.3776527704]],
+        _hyper(iv=9.303, ov=2.436),
+        True,
+        "derivative dual by differentiating the value: eps * q off, NTK eigenvalue -7e-4",
+    ),
 ]
 
 
