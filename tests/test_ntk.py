@@ -210,3 +210,67 @@ def test_ntk_is_the_limit_of_finite_deq_ntks(rng):
     slope = np.polyfit(np.log(widths), np.log(per_network), 1)[0]
     assert -0.8 < slope < -0.3, (per_network, slope)  # fluctuations of order 1/sqrt(width)
     assert averaged[-1] < 0.05, averaged
+
+
+def _piecewise_linear_ntk_50_digits(x, a: float, w: float, iv: float, b: float, ov: float) -> np.ndarray:
+    """The tangent kernel of ``leaky(a)`` from the angle's fixed point solved at 50 digits (bisection)."""
+    import mpmath as mp
+
+    with mp.workdps(50):
+        w, iv, b, ov = (mp.mpf(v) for v in (w, iv, b, ov))
+        rows = [[mp.mpf(float(v)) for v in r] for r in x]
+        d, g, m = len(rows[0]), (1 - mp.mpf(a)) ** 2 / (2 * mp.pi), (1 + mp.mpf(a) ** 2) / 2
+
+        def s(i, j):
+            return iv / d * mp.fsum(u * v for u, v in zip(rows[i], rows[j], strict=True)) + b
+
+        def kappa(t):
+            return g * (mp.sin(t) + (mp.pi - t) * mp.cos(t)) + a * mp.cos(t)
+
+        q = [s(i, i) / (1 - w * m) for i in range(len(rows))]
+        out = np.empty((len(rows), len(rows)))
+        for i in range(len(rows)):
+            for j in range(len(rows)):
+                r = mp.sqrt(q[i] * q[j])
+
+                def residual(t, r=r, i=i, j=j):
+                    return r * mp.cos(t) - w * r * kappa(t) - s(i, j)
+
+                t = (
+                    mp.mpf(0)
+                    if residual(0) <= 0
+                    else mp.findroot(residual, (0, mp.pi), solver="illinois", tol=mp.mpf(10) ** -45, maxsteps=500)
+                )
+                slope = a + g * (mp.pi - t)
+                out[i, j] = float(ov * (r * kappa(t) + slope * r * mp.cos(t) / (1 - w * slope)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,a,x,hyper",
+    [
+        # Inputs a millionth apart with a large bias near the bound: the pair equation's
+        # correlation is a difference of numbers near one (entries were 1.7e-5 off).
+        ("relu", 0.0, [[0.0], [-6.0055e-07], [1.11656e-06], [8.8881e-07], [2.5923e-07]], (1.99422, 9.92, 2.66, 2.13)),
+        # Points a few ulps of s apart (taken for identical before, 1.4e-7 off).
+        ("abs", -1.0, [[1.01097e-07], [1.01097e-07], [1.31574e-07], [-5.13914e-07]], (0.8038, 5.34, 1.82, 0.85)),
+        ("leaky_relu", 0.01, [[0.0335821], [0.0335821], [-0.0270971], [0.0534266]], (1.96197, 3.84, 0.0, 0.88)),
+        ("relu", 0.0, [[0.3, -0.2], [0.3 + 1e-9, -0.2], [0.3, -0.2 - 3e-8], [-0.1, 0.5]], (1.999, 1.0, 0.5, 1.0)),
+    ],
+)
+def test_relu_family_tangent_kernel_near_correlation_one(name, a, x, hyper):
+    """Pairs near correlation one are solved in the angle, to rounding (sweep misses, seed 3)."""
+    w, iv, b, ov = hyper
+    x = np.asarray(x)
+    k = equilibrium_covariance(
+        torch.tensor(x),
+        activation=name,
+        output="ntk",
+        weight_variance=w,
+        input_variance=iv,
+        bias_variance=b,
+        output_variance=ov,
+    ).numpy()
+    ref = _piecewise_linear_ntk_50_digits(x, a, w, iv, b, ov)
+    assert np.abs(k - ref).max() <= 1e-14 * np.abs(ref).max()
+    assert np.linalg.eigvalsh(k).min() >= -1e-13 * np.abs(ref).max()

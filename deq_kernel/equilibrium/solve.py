@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..activations import Activation, safe_sqrt
 from . import plan
+from .complement import tangent_near_one
 from .diagonal import solve_diagonal
 from .general import snap_correlation
 from .ntk import tangent_kernel
@@ -120,7 +121,8 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     square = p.outer and p.symmetric
     if square:
         identical = identical | identical.mT  # the product s12 need not be bitwise symmetric
-    special = identical | ((p.rows(p.q1) * p.cols(p.q2)).detach() == 0)
+    zero = (p.rows(p.q1) * p.cols(p.q2)).detach() == 0
+    special = identical | zero
     state1, state2 = derivative.prepare(p.q1, None if p.symmetric else p.q2)
     state2 = state1 if state2 is None else state2
     slope = derivative.pair_dual(
@@ -132,6 +134,9 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     if square:
         slope = 0.5 * (slope + slope.mT)  # a quadrature fallback may integrate in one order of the pair
     out = tangent_kernel(value, cov, slope, w, ov)
+    if act.offers.pair_equation == "correlation_table":
+        # "identical" above is judged on s, to its rounding: points a few ulps apart are re-solved too
+        out = tangent_near_one(act, p, rho, zero, out, w, ov)
     if square:
         diagonal = tangent_kernel(p.d1, p.q1, derivative.diag_dual(p.q1)[0], w.squeeze(-1), ov.squeeze(-1))
         out = scatter_diagonal(out, diagonal)
