@@ -274,3 +274,40 @@ def test_relu_family_tangent_kernel_near_correlation_one(name, a, x, hyper):
     ref = _piecewise_linear_ntk_50_digits(x, a, w, iv, b, ov)
     assert np.abs(k - ref).max() <= 1e-14 * np.abs(ref).max()
     assert np.linalg.eigvalsh(k).min() >= -1e-13 * np.abs(ref).max()
+
+
+def test_cos_tangent_kernel_near_correlation_one():
+    """cos near its bound, inputs at scale 1e-6: the distance q1 + q2 - 2K* is solved in closed form (sweep, seed 4)."""
+    import mpmath as mp
+
+    x = [[0.0, 0.0], [1.17982e-06, 6.84683e-07], [1.08442e-06, -1.20445e-06], [-1.99120e-07, 1.21002e-06]]
+    x.append([-v for v in x[1]])
+    w, iv, b, ov = 1.99251, 6.76291, 1.89509, 2.64468
+    k = equilibrium_covariance(
+        torch.tensor(x, dtype=torch.float64),
+        activation="cos",
+        output="ntk",
+        weight_variance=w,
+        input_variance=iv,
+        bias_variance=b,
+        output_variance=ov,
+    ).numpy()
+    with mp.workdps(50):
+        w_, iv_, b_, ov_ = (mp.mpf(v) for v in (w, iv, b, ov))
+        rows = [[mp.mpf(v) for v in r] for r in x]
+
+        def s(i, j):
+            return iv_ / 2 * mp.fsum(u * v for u, v in zip(rows[i], rows[j], strict=True)) + b_
+
+        q = [
+            mp.findroot(lambda t, i=i: t - w_ * (1 + mp.exp(-2 * t)) / 2 - s(i, i), s(i, i) + 1) for i in range(len(x))
+        ]
+        ref = np.empty_like(k)
+        for i in range(len(x)):
+            for j in range(len(x)):
+                damp = mp.exp(-(q[i] + q[j]) / 2)
+                cov = mp.findroot(lambda t, i=i, j=j, damp=damp: t - w_ * damp * mp.cosh(t) - s(i, j), s(i, j) + 1)
+                slope = damp * mp.sinh(cov)
+                ref[i, j] = float(ov_ * (damp * mp.cosh(cov) + slope * cov / (1 - w_ * slope)))
+    assert np.abs(k - ref).max() <= 5e-14 * np.abs(ref).max()
+    assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(ref).max()

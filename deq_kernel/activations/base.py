@@ -71,12 +71,17 @@ class Offers:
     series_states : bool
         :meth:`Activation.prepare` returns Hermite coefficient states whose order
         ``narrow(state1, state2, coverage)`` can lower for the correlations a call reaches.
+    near_one : {"angle", "distance"} or None
+        The tangent kernel's pairs near correlation one can be re-solved in a complement of the
+        correlation (:mod:`deq_kernel.equilibrium.complement`): ``"angle"`` for the relu family,
+        ``"distance"`` (``q1 + q2 - 2 K*``) for cos.
     """
 
     pair_equation: str | None = None
     linear_diagonal: bool = False
     hermite_series: bool = False
     series_states: bool = False
+    near_one: str | None = None
 
 
 class Activation(abc.ABC):

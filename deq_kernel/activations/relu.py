@@ -46,7 +46,7 @@ class PiecewiseLinear(Activation):
     (relu: 2; abs and identity: 1).
     """
 
-    offers = Offers(pair_equation="correlation_table", linear_diagonal=True)
+    offers = Offers(pair_equation="correlation_table", linear_diagonal=True, near_one="angle")
 
     def __init__(self, negative_slope: float = 0.0, name: str | None = None) -> None:
         if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):

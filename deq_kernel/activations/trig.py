@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Activation, State, safe_sqrt
+from .base import Activation, Offers, State, safe_sqrt
 
 
 class Sin(Activation):
@@ -47,6 +47,7 @@ class Cos(Activation):
 
     name = "cos"
     weight_variance_bound = 2.0
+    offers = Offers(near_one="distance")
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.cos(x)

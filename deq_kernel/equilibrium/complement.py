@@ -1,4 +1,10 @@
-r"""The relu family's tangent kernel near correlation one, solved in the complement of the correlation.
+r"""The tangent kernel near correlation one, solved in a complement of the correlation (relu family, cos).
+
+The activations whose ``offers.near_one`` names a complement have a pair equation that can be
+written in it in closed form: the relu family in the angle (below), cos in the distance
+``q1 + q2 - 2 K*`` (:func:`_distance_tangent`; its dual is smooth, but near its bound the
+pair equation's rounding, ``eps / (1 - w V_c)`` in ``rho``, reached the tangent kernel squared:
+inputs at scale 1e-6 near the bound had entries 1e-11 off and eigenvalues of -3e-12).
 
 The derivative dual of a piecewise-linear activation is :math:`\kappa'(\rho) = m - g\theta`
 (``theta = arccos rho``, ``g = (1-a)^2/(2 pi)``, ``m = (1+a^2)/2``): its slope in ``rho`` is
@@ -29,6 +35,7 @@ gradient stays that of the pair solver's computation.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,13 +52,30 @@ NEAR = 1e-3
 _STEPS = 40
 
 
+class _Near(NamedTuple):
+    """The pairs near correlation one, gathered (float64, without a graph)."""
+
+    u: Tensor  # (k, d): the first point of each pair
+    v: Tensor
+    metric: Tensor  # (k, d): input_variance / d
+    bias: Tensor  # (k,)
+    s11: Tensor
+    s22: Tensor
+    q1: Tensor
+    q2: Tensor
+    rho: Tensor  # as the pair solver found it
+    w: Tensor
+    ov: Tensor
+
+
 def tangent_near_one(
     act: Activation, p: Pairs, rho: Tensor, skip: Tensor, out: Tensor, w: Tensor, ov: Tensor
 ) -> Tensor:
     """``out`` (the tangent kernel of the pairs) with the pairs near correlation one re-solved.
 
-    ``rho`` is the pairs' correlation as solved, ``skip`` the pairs that take another value
-    (zero-variance points); ``w`` and ``ov`` broadcast against the pair array.
+    ``act.offers.near_one`` says in which complement. ``rho`` is the pairs' correlation as
+    solved, ``skip`` the pairs that take another value (zero-variance points); ``w`` and
+    ``ov`` broadcast against the pair array.
     """
     near = ((rho.detach() > 1.0 - NEAR) & ~skip).expand(out.shape)
     if p.outer and p.symmetric:
@@ -59,7 +83,23 @@ def tangent_near_one(
     if not bool(near.any()):
         return out
     idx = near.nonzero(as_tuple=True)
-    shape, batch, d = near.shape, near.shape[: -2 if p.outer else -1], p.x1.shape[-1]
+    with torch.no_grad():
+        pairs = _gather(p, near, idx, rho, w, ov)
+        if act.offers.near_one == "angle":
+            tangent, converged = _angle_tangent(act, pairs)
+        else:
+            tangent, converged = _distance_tangent(pairs)
+        change = torch.zeros(near.shape, dtype=out.dtype, device=out.device)
+        # A pair whose complement did not converge keeps the pair solver's value.
+        change[idx] = torch.where(converged, tangent.to(out.dtype) - out.detach()[idx], 0.0)
+        if p.outer and p.symmetric:
+            change = change + change.mT
+    return out + change
+
+
+def _gather(p: Pairs, near: Tensor, idx: tuple[Tensor, ...], rho: Tensor, w: Tensor, ov: Tensor) -> _Near:
+    shape, d = near.shape, p.x1.shape[-1]
+    batch = shape[: -2 if p.outer else -1]
     bidx, i = idx[: len(batch)], idx[len(batch)]
     j = idx[len(batch) + 1] if p.outer else i
     f64 = torch.float64
@@ -70,34 +110,80 @@ def tangent_near_one(
     def rows_of(x: Tensor, k: Tensor) -> Tensor:
         return torch.broadcast_to(x.detach(), (*batch, x.shape[-2], d))[(*bidx, k)].to(f64)
 
-    with torch.no_grad():
-        u, v = rows_of(p.x1, i), rows_of(p.x2, j)
-        metric = torch.broadcast_to(p.scale.detach(), (*batch, 1, d))[(*bidx, torch.zeros_like(i))].to(f64)
-        bias = per_pair(p.bias[..., None, None] if p.outer else p.bias[..., None])
-        s11, s22 = per_pair(p.rows(p.s11)), per_pair(p.cols(p.s22))
-        q1, q2 = per_pair(p.rows(p.q1)), per_pair(p.cols(p.q2))
-        w_, ov_ = per_pair(w), per_pair(ov)
-        e = v - u
-        see = (metric * e * e).sum(-1)
-        # S(x,x) S(e,e) - S(x,e)^2 vanishes for collinear inputs (d = 1 exactly)
-        gram = ((metric * u * u).sum(-1) * see - (metric * u * e).sum(-1) ** 2).clamp_min(0.0) if d > 1 else 0.0
-        root_s = torch.sqrt(s11 * s22)
-        s12 = (metric * u * v).sum(-1) + bias
-        complement = (gram + bias * see) / (root_s * (root_s + s12))  # 1 - rho_s
-        theta, converged = _solve_angle(act, complement, rho.detach().expand(shape)[idx].to(f64), w_)
-        a, m = act.negative_slope, act.variance_gain
-        g = (1.0 - a) ** 2 / (2.0 * math.pi)
-        delta = 2.0 * torch.sin(0.5 * theta) ** 2
-        kappa = m - (g * ((math.pi - theta) * delta + _theta_minus_sin(theta)) + a * delta)
-        slope = m - g * theta
-        root = torch.sqrt(q1 * q2)
-        tangent = ov_ * root * (kappa + slope * (1.0 - delta) / ((1.0 - w_ * m) + w_ * g * theta))
-        change = torch.zeros(shape, dtype=out.dtype, device=out.device)
-        # A pair whose angle did not converge keeps the pair solver's value.
-        change[idx] = torch.where(converged, tangent.to(out.dtype) - out.detach()[idx], 0.0)
-        if p.outer and p.symmetric:
-            change = change + change.mT
-    return out + change
+    return _Near(
+        u=rows_of(p.x1, i),
+        v=rows_of(p.x2, j),
+        metric=torch.broadcast_to(p.scale.detach(), (*batch, 1, d))[(*bidx, torch.zeros_like(i))].to(f64),
+        bias=per_pair(p.bias[..., None, None] if p.outer else p.bias[..., None]),
+        s11=per_pair(p.rows(p.s11)),
+        s22=per_pair(p.cols(p.s22)),
+        q1=per_pair(p.rows(p.q1)),
+        q2=per_pair(p.cols(p.q2)),
+        rho=per_pair(rho),
+        w=per_pair(w),
+        ov=per_pair(ov),
+    )
+
+
+def _input_distance(n: _Near) -> Tensor:
+    """``s11 + s22 - 2 s12 = S(e, e)``, ``e = x' - x``: the bias cancels exactly."""
+    e = n.v - n.u
+    return (n.metric * e * e).sum(-1)
+
+
+def _angle_tangent(act: Activation, n: _Near) -> tuple[Tensor, Tensor]:
+    """The relu family: the angle's equation (module docstring), then the tangent kernel."""
+    d = n.u.shape[-1]
+    see = _input_distance(n)
+    e = n.v - n.u
+    # S(x,x) S(e,e) - S(x,e)^2 vanishes for collinear inputs (d = 1 exactly)
+    gram = ((n.metric * n.u * n.u).sum(-1) * see - (n.metric * n.u * e).sum(-1) ** 2).clamp_min(0.0) if d > 1 else 0.0
+    root_s = torch.sqrt(n.s11 * n.s22)
+    s12 = (n.metric * n.u * n.v).sum(-1) + n.bias
+    complement = (gram + n.bias * see) / (root_s * (root_s + s12))  # 1 - rho_s
+    theta, converged = _solve_angle(act, complement, n.rho, n.w)
+    a, m = act.negative_slope, act.variance_gain
+    g = (1.0 - a) ** 2 / (2.0 * math.pi)
+    delta = 2.0 * torch.sin(0.5 * theta) ** 2
+    kappa = m - (g * ((math.pi - theta) * delta + _theta_minus_sin(theta)) + a * delta)
+    slope = m - g * theta
+    root = torch.sqrt(n.q1 * n.q2)
+    return n.ov * root * (kappa + slope * (1.0 - delta) / ((1.0 - n.w * m) + n.w * g * theta)), converged
+
+
+def _distance_tangent(n: _Near) -> tuple[Tensor, Tensor]:
+    r"""cos: the equation of the distance :math:`\Delta = q_1 + q_2 - 2K^*`, then the tangent kernel.
+
+    With :math:`V = (e^{-\Delta/2} + e^{\Delta/2 - Q})/2`, ``Q = q1 + q2``, the pair equation less
+    the two diagonal ones is
+    :math:`\Delta = w\,[-\mathrm{expm1}(-\Delta/2) - e^{-Q}\mathrm{expm1}(\Delta/2) + (e^{-q_1} - e^{-q_2})^2/2]
+    + S(e, e)`,
+    convex and increasing in ``Delta`` (slope ``1 - w V_c``), so Newton's method converges from
+    the solver's distance; each term keeps its relative accuracy as ``Delta -> 0``.
+    """
+    total = n.q1 + n.q2
+    damp = torch.exp(-total)
+    given = _input_distance(n) + 0.5 * n.w * (torch.exp(-n.q1) - torch.exp(-n.q2)) ** 2
+    dist = (total - 2.0 * n.rho * torch.sqrt(n.q1 * n.q2)).clamp_min(0.0)
+    eps = torch.finfo(dist.dtype).eps
+
+    def lift(dist: Tensor) -> Tensor:  # e^{Delta/2 - Q} - e^{-Q}, without cancellation or overflow
+        return torch.where(dist < 1.0, damp * torch.expm1(0.5 * dist), torch.exp(0.5 * dist - total) - damp)
+
+    for _ in range(_STEPS):
+        fall, rise = torch.expm1(-0.5 * dist), lift(dist)
+        residual = dist + n.w * (fall + rise) - given
+        # |r| at the rounding of its terms (all of the size of Delta): the root to rounding.
+        converged = residual.abs() <= 8.0 * eps * (dist + n.w * (fall.abs() + rise) + given)
+        if bool(converged.all()):
+            break
+        # 1 - w V_c, with e^{-Delta/2} = 1 + fall and e^{Delta/2 - Q} = rise + damp
+        slope = 1.0 - 0.5 * n.w * (1.0 + fall - (rise + damp))
+        dist = torch.where(converged, dist, (dist - residual / slope).clamp_min(0.0))
+    shrink, grow = 1.0 + torch.expm1(-0.5 * dist), lift(dist) + damp
+    value, slope = 0.5 * (shrink + grow), 0.5 * (shrink - grow)
+    cov = 0.5 * (total - dist)
+    return n.ov * (value + slope * cov / (1.0 - n.w * slope)), converged
 
 
 def _solve_angle(act: Activation, complement: Tensor, rho: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
