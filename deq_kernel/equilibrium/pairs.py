@@ -28,6 +28,7 @@ __all__ = [
     "broadcast_shapes",
     "inner",
     "inverse",
+    "one_product_both",
     "operands",
     "product",
     "sampled_coverage",
@@ -176,6 +177,26 @@ def one_product(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) ->
     if table:
         return homogeneous_kernel(act, lhs, rhs, w, p.rows(r1), p.cols(r2), **options)
     return arcsine_kernel(lhs, rhs, w, p.rows(r1), p.cols(r2), **options)
+
+
+def one_product_both(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ov * E[phi(u) phi(v)], K*)`` (what the NTK needs) from one fused solve of ``K*``.
+
+    The value is a closed form of the solved correlation: ``sqrt(q1 q2) kappa(rho)`` for the relu
+    family, ``(2/pi) asin(t)`` for erf. Its gradient is the closed form's first derivative
+    (``kappa'``, finite at ``rho = +-1`` where autograd through ``arccos`` is not).
+    """
+    cov = one_product(act, p, w, ov, False)
+    if act.offers.pair_equation == "correlation_table":
+        r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
+        rho = (cov * (p.rows(inverse(r1)) * p.cols(inverse(r2)))).clamp(-1.0, 1.0)
+        with torch.no_grad():
+            kappa, kappa_prime = act.kappa(rho.detach())
+        value = (p.rows(r1) * p.cols(r2)) * (kappa + kappa_prime * (rho - rho.detach()))
+    else:
+        t = cov / (p.rows(torch.sqrt(p.q1 + 0.5)) * p.cols(torch.sqrt(p.q2 + 0.5)))  # |t| < 1
+        value = (2.0 / math.pi) * torch.asin(t)
+    return with_exact_diagonal(p, value * ov, ov, True), cov
 
 
 def series(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:

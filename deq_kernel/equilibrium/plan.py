@@ -103,12 +103,14 @@ SOLVERS: tuple[PairSolver, ...] = (
         "relu family: rho*(c~) tabulated once per weight variance, one fused pass after one product",
         _table_refuses,
         _pairs.one_product,
+        run_both=_pairs.one_product_both,
     ),
     PairSolver(
         "arcsine",
         "erf: t - alpha asin t = beta by monotone Newton steps, one fused pass after one product",
         _arcsine_refuses,
         _pairs.one_product,
+        run_both=_pairs.one_product_both,
     ),
     PairSolver(
         "series",
