@@ -311,3 +311,45 @@ def test_cos_tangent_kernel_near_correlation_one():
                 ref[i, j] = float(ov_ * (damp * mp.cosh(cov) + slope * cov / (1 - w_ * slope)))
     assert np.abs(k - ref).max() <= 5e-14 * np.abs(ref).max()
     assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("output", ["nngp", "preactivation", "ntk"])
+def test_erf_near_correlation_one_at_large_variance(output):
+    """erf at scale 1e6, collinear inputs: the arcsine variable's complement 1 - t is solved in closed form.
+
+    Solved as ``t``, its rounding reached the entries as ``eps sqrt(q)`` (the arcsine's slope):
+    eigenvalues of -7e-9 of the largest entry (sweep, seed 5).
+    """
+    import mpmath as mp
+
+    x = [[-534469.59], [1219645.48], [817950.91], [1397580.49], [1031971.27]]
+    w, iv, ov = 0.25832, 5.56835, 1.28589
+    k = equilibrium_covariance(
+        torch.tensor(x, dtype=torch.float64),
+        activation="erf",
+        output=output,
+        weight_variance=w,
+        input_variance=iv,
+        output_variance=ov,
+    ).numpy()
+    with mp.workdps(50):
+        w_, iv_, ov_ = mp.mpf(w), mp.mpf(iv), mp.mpf(ov)
+        rows = [mp.mpf(r[0]) for r in x]
+        s = [[iv_ * u * v for v in rows] for u in rows]
+        q = [
+            mp.findroot(lambda t, i=i: t - w_ * 2 / mp.pi * mp.asin(t / (t + 0.5)) - s[i][i], s[i][i]) for i in range(5)
+        ]
+        ref = np.empty_like(k)
+        for i in range(5):
+            for j in range(5):
+                r = mp.sqrt((q[i] + 0.5) * (q[j] + 0.5))
+                cov = mp.findroot(lambda t, i=i, j=j, r=r: t - w_ * 2 / mp.pi * mp.asin(t / r) - s[i][j], s[i][j])
+                value = 2 / mp.pi * mp.asin(cov / r)
+                slope = 2 / mp.pi / mp.sqrt(r * r - cov * cov)
+                ref[i, j] = float(
+                    {"nngp": ov_ * value, "preactivation": cov, "ntk": ov_ * (value + slope * cov / (1 - w_ * slope))}[
+                        output
+                    ]
+                )
+    assert np.abs(k - ref).max() <= 1e-14 * np.abs(ref).max()
+    assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(ref).max()

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..activations import Activation
 from .pairs import Pairs
 
-__all__ = ["NEAR", "tangent_near_one"]
+__all__ = ["NEAR", "near_one"]
 
 #: Pairs with ``1 - rho`` below this are re-solved in the angle.
 NEAR = 1e-3
@@ -68,16 +68,19 @@ class _Near(NamedTuple):
     ov: Tensor
 
 
-def tangent_near_one(
-    act: Activation, p: Pairs, rho: Tensor, skip: Tensor, out: Tensor, w: Tensor, ov: Tensor
+def near_one(
+    act: Activation, p: Pairs, rho: Tensor, skip: Tensor, out: Tensor, w: Tensor, ov: Tensor, output: str = "ntk"
 ) -> Tensor:
-    """``out`` (the tangent kernel of the pairs) with the pairs near correlation one re-solved.
+    """``out`` (the pairs' ``output``) with the pairs near correlation one re-solved.
 
-    ``act.offers.near_one`` says in which complement. ``rho`` is the pairs' correlation as
-    solved, ``skip`` the pairs that take another value (zero-variance points); ``w`` and
-    ``ov`` broadcast against the pair array.
+    ``act.offers.near_one`` says in which complement. ``rho = K* / sqrt(q1 q2)`` is the pairs'
+    correlation as solved, ``skip`` the pairs that take another value (zero-variance points);
+    ``w`` and ``ov`` broadcast against the pair array. The relu family and cos correct the
+    tangent kernel only (their NNGP duals have finite slopes at one); erf every output.
     """
-    near = ((rho.detach() > 1.0 - NEAR) & ~skip).expand(out.shape)
+    odd = act.offers.near_one == "arcsine"  # erf is odd: correlation -1 is correlation 1 of (x, -x')
+    far = rho.detach().abs() if odd else rho.detach()
+    near = ((far > 1.0 - NEAR) & ~skip).expand(out.shape)
     if p.outer and p.symmetric:
         near = near.triu(1)  # solved once per pair and mirrored: the matrix stays bitwise symmetric
     if not bool(near.any()):
@@ -87,8 +90,10 @@ def tangent_near_one(
         pairs = _gather(p, near, idx, rho, w, ov)
         if act.offers.near_one == "angle":
             tangent, converged = _angle_tangent(act, pairs)
-        else:
+        elif act.offers.near_one == "distance":
             tangent, converged = _distance_tangent(pairs)
+        else:
+            tangent, converged = _arcsine_outputs(pairs, output)
         change = torch.zeros(near.shape, dtype=out.dtype, device=out.device)
         # A pair whose complement did not converge keeps the pair solver's value.
         change[idx] = torch.where(converged, tangent.to(out.dtype) - out.detach()[idx], 0.0)
@@ -131,16 +136,23 @@ def _input_distance(n: _Near) -> Tensor:
     return (n.metric * e * e).sum(-1)
 
 
+def _gram_complement(n: _Near) -> Tensor:
+    """``s11 s22 - s12^2 = S(x,x) S(e,e) - S(x,e)^2 + b S(e,e)`` from the inputs' differences.
+
+    The first part vanishes for collinear inputs, exactly so for ``d = 1``.
+    """
+    see, e = _input_distance(n), n.v - n.u
+    if n.u.shape[-1] == 1:
+        return n.bias * see
+    gram = (n.metric * n.u * n.u).sum(-1) * see - (n.metric * n.u * e).sum(-1) ** 2
+    return gram.clamp_min(0.0) + n.bias * see
+
+
 def _angle_tangent(act: Activation, n: _Near) -> tuple[Tensor, Tensor]:
     """The relu family: the angle's equation (module docstring), then the tangent kernel."""
-    d = n.u.shape[-1]
-    see = _input_distance(n)
-    e = n.v - n.u
-    # S(x,x) S(e,e) - S(x,e)^2 vanishes for collinear inputs (d = 1 exactly)
-    gram = ((n.metric * n.u * n.u).sum(-1) * see - (n.metric * n.u * e).sum(-1) ** 2).clamp_min(0.0) if d > 1 else 0.0
     root_s = torch.sqrt(n.s11 * n.s22)
     s12 = (n.metric * n.u * n.v).sum(-1) + n.bias
-    complement = (gram + n.bias * see) / (root_s * (root_s + s12))  # 1 - rho_s
+    complement = _gram_complement(n) / (root_s * (root_s + s12))  # 1 - rho_s
     theta, converged = _solve_angle(act, complement, n.rho, n.w)
     a, m = act.negative_slope, act.variance_gain
     g = (1.0 - a) ** 2 / (2.0 * math.pi)
@@ -184,6 +196,72 @@ def _distance_tangent(n: _Near) -> tuple[Tensor, Tensor]:
     value, slope = 0.5 * (shrink + grow), 0.5 * (shrink - grow)
     cov = 0.5 * (total - dist)
     return n.ov * (value + slope * cov / (1.0 - n.w * slope)), converged
+
+
+def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
+    r"""erf: the arcsine variable's complement ``u = 1 - t``, ``t = K* / (r1 r2)``, ``r = sqrt(q + 1/2)``.
+
+    ``t - alpha asin t = beta`` (:mod:`.arcsine`) is :math:`u - \alpha\arccos(1 - u) = G`,
+    :math:`G = (r_1 r_2 - s_{12} - w) / (r_1 r_2)`, convex and increasing past its minimum.
+    ``G``'s numerator is :math:`(P - (s_{12} + w)^2) / (r_1 r_2 + s_{12} + w)` with
+    ``P = r1^2 r2^2`` and, writing ``q + 1/2 = s + w + h``, ``h = 1/2 - w (1 - D(q))``,
+    :math:`P - (s_{12}+w)^2 = (s_{11}s_{22} - s_{12}^2) + w S(e,e) + h_1(s_{22} + w) + h_2(s_{11} + w) + h_1h_2`,
+    whose terms are positive at large variances, where ``t`` is near one. Then
+    :math:`E[\phi\phi] = 1 - (2/\pi)\arccos t` and the derivative dual
+    :math:`(2/\pi)/\sqrt{P u (2 - u)}` keep their accuracy as ``u -> 0``.
+    """
+    # Near correlation -1 the pair (x, -x') is solved and the odd outputs negated: with
+    # v = sign * x', s12 becomes sign * s12, s11 + s22 - 2 sign s12 = S(v - x) + 2 b (1 - sign),
+    # and s11 s22 - s12^2 is unchanged (its Gram part taken on the short difference v - x).
+    sign = torch.where(n.rho < 0, -1.0, 1.0)
+    r1, r2 = torch.sqrt(n.q1 + 0.5), torch.sqrt(n.q2 + 0.5)
+    root = r1 * r2
+    s12 = sign * ((n.metric * n.u * n.v).sum(-1) + n.bias)
+    short = sign.unsqueeze(-1) * n.v - n.u
+    distance = (n.metric * short * short).sum(-1) + 2.0 * n.bias * (1.0 - sign)
+    if n.u.shape[-1] == 1:
+        gram = n.bias * _input_distance(n)
+    else:
+        gram = (
+            (n.metric * n.u * n.u).sum(-1) * (n.metric * short * short).sum(-1) - (n.metric * n.u * short).sum(-1) ** 2
+        ).clamp_min(0.0) + n.bias * _input_distance(n)
+
+    def h(q: Tensor) -> Tensor:  # 1/2 - w (1 - D(q)), 1 - D(q) = (2/pi) acos(2q / (1 + 2q))
+        return 0.5 - n.w * (2.0 / math.pi) * torch.atan2(torch.sqrt(1.0 + 4.0 * q), 2.0 * q)
+
+    h1, h2 = h(n.q1), h(n.q2)
+    gap = (gram + n.w * distance + h1 * (n.s22 + n.w) + h2 * (n.s11 + n.w) + h1 * h2) / (root + s12 + n.w)
+    target = gap / root
+    alpha = (2.0 / math.pi) * n.w / root
+    eps = torch.finfo(target.dtype).eps
+    # A start right of the root (Newton then decreases monotonically to it): the solver's,
+    # where it is, else the root of u - c sqrt(u) = G with acos(1 - u) <= pi sqrt(u / 2).
+    c = alpha * math.pi / math.sqrt(2.0)
+    right = (0.5 * (c + torch.sqrt(c * c + 4.0 * target.clamp_min(0.0)))) ** 2
+    given = (1.0 - sign * n.rho * torch.sqrt(n.q1 * n.q2) / root).clamp(0.0, 2.0)
+
+    def residual(u: Tensor) -> tuple[Tensor, Tensor]:
+        angle = 2.0 * torch.asin(torch.sqrt(0.5 * u))  # acos(1 - u)
+        return u - alpha * angle - target, u + alpha * angle + target.abs()
+
+    u = torch.where(residual(given)[0] >= 0, given, right)
+    converged = torch.zeros_like(u, dtype=torch.bool)
+    for _ in range(_STEPS):
+        r, size = residual(u)
+        converged = r.abs() <= 8.0 * eps * size
+        if bool(converged.all()):
+            break
+        slope = 1.0 - alpha / torch.sqrt(u * (2.0 - u)).clamp_min(1e-300)
+        u = torch.where(converged | (slope <= 0), u, (u - r / slope).clamp(0.0, 2.0))
+    angle = 2.0 * torch.asin(torch.sqrt(0.5 * u))
+    cov = root * (1.0 - u)
+    if output == "preactivation":
+        return sign * cov, converged
+    value = 1.0 - (2.0 / math.pi) * angle
+    if output == "nngp":
+        return sign * n.ov * value, converged
+    slope = (2.0 / math.pi) / (root * torch.sqrt(u * (2.0 - u)))  # even in the covariance
+    return sign * n.ov * (value + slope * cov / (1.0 - n.w * slope)), converged
 
 
 def _solve_angle(act: Activation, complement: Tensor, rho: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..activations import Activation, safe_sqrt
 from . import plan
-from .complement import tangent_near_one
+from .complement import near_one
 from .diagonal import solve_diagonal
 from .general import snap_correlation
 from .ntk import tangent_kernel
@@ -64,18 +64,24 @@ def solve(
     w_b, ov_b = (w_point.unsqueeze(-1), ov_point.unsqueeze(-1)) if outer else (w_point, ov_point)
     if output == "ntk":
         out = _ntk(act, derivative, pairs, w_b, ov_b)
+    elif act.offers.near_one == "arcsine":
+        # Both outputs from one solve, for the correlation of the pairs near one (re-solved)
+        value, cov = plan.choose(act, pairs, w_b, ov_b).both(act, pairs, w_b, ov_b)
+        rho = cov * (pairs.rows(inverse(safe_sqrt(q1))) * pairs.cols(inverse(safe_sqrt(q2))))
+        zero = (pairs.rows(q1) * pairs.cols(q2)).detach() == 0
+        out = near_one(act, pairs, rho, zero, value if output == "nngp" else cov, w_b, ov_b, output)
     else:
         out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
-        if outer:
-            same = _repeated_points(x1, x2, symmetric)
-            if same is not None:
-                # A pair of equal inputs is the diagonal's pair: its exact value (the pair solvers
-                # reach it only to the conditioning of the dual at correlation 1, which for erf at
-                # large variance left a 2x2 matrix of duplicates with an eigenvalue of -2e-12 of
-                # its entries). The gradient stays the pair solver's.
-                exact = (ov_b * d1.unsqueeze(-1)) if output == "nngp" else q1.unsqueeze(-1)
-                out, exact = torch.broadcast_tensors(out, exact)
-                out = torch.where(same, out + (exact - out).detach(), out)
+    if output != "ntk" and outer:
+        same = _repeated_points(x1, x2, symmetric)
+        if same is not None:
+            # A pair of equal inputs is the diagonal's pair: its exact value (the pair solvers
+            # reach it only to the conditioning of the dual at correlation 1, which for erf at
+            # large variance left a 2x2 matrix of duplicates with an eigenvalue of -2e-12 of
+            # its entries). The gradient stays the pair solver's.
+            exact = (ov_b * d1.unsqueeze(-1)) if output == "nngp" else q1.unsqueeze(-1)
+            out, exact = torch.broadcast_tensors(out, exact)
+            out = torch.where(same, out + (exact - out).detach(), out)
     return out.expand(*batch, x1.shape[-2], *((x2.shape[-2],) if outer else ()))
 
 
@@ -136,7 +142,7 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     out = tangent_kernel(value, cov, slope, w, ov)
     if act.offers.near_one is not None:
         # "identical" above is judged on s, to its rounding: points a few ulps apart are re-solved too
-        out = tangent_near_one(act, p, rho, zero, out, w, ov)
+        out = near_one(act, p, rho, zero, out, w, ov)
     if square:
         diagonal = tangent_kernel(p.d1, p.q1, derivative.diag_dual(p.q1)[0], w.squeeze(-1), ov.squeeze(-1))
         out = scatter_diagonal(out, diagonal)
