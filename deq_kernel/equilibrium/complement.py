@@ -78,8 +78,12 @@ def near_one(
     ``w`` and ``ov`` broadcast against the pair array. The relu family and cos correct the
     tangent kernel only (their NNGP duals have finite slopes at one); erf every output.
     """
-    odd = act.offers.near_one == "arcsine"  # erf is odd: correlation -1 is correlation 1 of (x, -x')
-    far = rho.detach().abs() if odd else rho.detach()
+    far = rho.detach()
+    if act.offers.near_one == "arcsine":
+        # erf: near one in its arcsine variable t = K* / sqrt((q1 + 1/2)(q2 + 1/2)), which is far
+        # below rho at small variances; and erf is odd, so t near -1 is t near 1 for (x, -x').
+        ratio = torch.sqrt(p.rows(p.q1 / (p.q1 + 0.5)).detach() * p.cols(p.q2 / (p.q2 + 0.5)).detach())
+        far = (far * ratio).abs()
     near = ((far > 1.0 - NEAR) & ~skip).expand(out.shape)
     if p.outer and p.symmetric:
         near = near.triu(1)  # solved once per pair and mirrored: the matrix stays bitwise symmetric
