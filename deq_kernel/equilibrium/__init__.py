@@ -14,7 +14,7 @@ A call flows one way through these modules::
     blocks    row blocks, symmetric mirroring, fused calls, implicit backward
     backend   torch.compile where it pays and works; memory checks
     ntk       the neural tangent kernel from the equilibrium quantities
-    complement  relu family: the NTK's pairs near correlation one, solved in the angle
+    complement  pairs near correlation +-1 solved in a complement (relu family, cos, erf)
     conv      convolutional DEQs: pixel variances per image, same-pixel covariances per pair
 
 Every path returns the same numbers to rounding; ``deq_kernel.settings.pair_solver`` forces

@@ -1,10 +1,13 @@
-r"""The tangent kernel near correlation one, solved in a complement of the correlation (relu family, cos).
+r"""Pairs near correlation +-1, re-solved in a complement of the correlation (relu family, cos, erf).
 
 The activations whose ``offers.near_one`` names a complement have a pair equation that can be
 written in it in closed form: the relu family in the angle (below), cos in the distance
 ``q1 + q2 - 2 K*`` (:func:`_distance_tangent`; its dual is smooth, but near its bound the
 pair equation's rounding, ``eps / (1 - w V_c)`` in ``rho``, reached the tangent kernel squared:
-inputs at scale 1e-6 near the bound had entries 1e-11 off and eigenvalues of -3e-12).
+inputs at scale 1e-6 near the bound had entries 1e-11 off and eigenvalues of -3e-12), erf in
+``1 - t`` of its arcsine variable (:func:`_arcsine_outputs`; the arcsine's slope turned the
+rounding of ``t`` into ``eps sqrt(q)`` in every output). The relu family and cos correct the
+tangent kernel, erf every output; near -1 only erf (odd) is re-solved.
 
 The derivative dual of a piecewise-linear activation is :math:`\kappa'(\rho) = m - g\theta`
 (``theta = arccos rho``, ``g = (1-a)^2/(2 pi)``, ``m = (1+a^2)/2``): its slope in ``rho`` is
