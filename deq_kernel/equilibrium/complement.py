@@ -81,15 +81,20 @@ def near_one(
     ``w`` and ``ov`` broadcast against the pair array. The relu family and cos correct the
     tangent kernel only (their NNGP duals have finite slopes at one); erf every output.
     """
-    far = rho.detach()
-    if act.offers.near_one == "arcsine":
+    odd = act.offers.near_one == "arcsine"
+    far = rho.detach().abs() if odd else rho.detach()
+    square = p.outer and p.symmetric
+    near = (far > 1.0 - NEAR).expand(out.shape)
+    if square:
+        near = near.triu(1)  # solved once per pair and mirrored: the matrix stays bitwise symmetric
+    if not bool(near.any()):  # a quick test first: most calls have no such pair
+        return out
+    if odd:
         # erf: near one in its arcsine variable t = K* / sqrt((q1 + 1/2)(q2 + 1/2)), which is far
         # below rho at small variances; and erf is odd, so t near -1 is t near 1 for (x, -x').
         ratio = torch.sqrt(p.rows(p.q1 / (p.q1 + 0.5)).detach() * p.cols(p.q2 / (p.q2 + 0.5)).detach())
-        far = (far * ratio).abs()
-    near = ((far > 1.0 - NEAR) & ~skip).expand(out.shape)
-    if p.outer and p.symmetric:
-        near = near.triu(1)  # solved once per pair and mirrored: the matrix stays bitwise symmetric
+        near = near & (far * ratio > 1.0 - NEAR)
+    near = near & ~skip
     if not bool(near.any()):
         return out
     idx = near.nonzero(as_tuple=True)
@@ -104,7 +109,7 @@ def near_one(
         change = torch.zeros(near.shape, dtype=out.dtype, device=out.device)
         # A pair whose complement did not converge keeps the pair solver's value.
         change[idx] = torch.where(converged, tangent.to(out.dtype) - out.detach()[idx], 0.0)
-        if p.outer and p.symmetric:
+        if square:
             change = change + change.mT
     return out + change
 
