@@ -46,7 +46,7 @@ from torch import Tensor
 from ..activations import Activation
 from .pairs import Pairs
 
-__all__ = ["NEAR", "near_one"]
+__all__ = ["NEAR", "arcsine_near_possible", "near_one"]
 
 #: Pairs with ``1 - rho`` below this are re-solved in the angle.
 NEAR = 1e-3
@@ -71,29 +71,55 @@ class _Near(NamedTuple):
     ov: Tensor
 
 
+def arcsine_near_possible(p: Pairs) -> bool:
+    """Whether some pair of erf can have its arcsine variable within :data:`NEAR` of +-1: an O(n) test.
+
+    ``|t| <= sqrt(q1/(q1 + 1/2) q2/(q2 + 1/2))``, so only variances above about ``1/(4 NEAR)``
+    can; typical (standardised) inputs have variances of order one and skip the pair test.
+    """
+    if p.q1.numel() == 0 or p.q2.numel() == 0:
+        return False
+    top1 = float((p.q1 / (p.q1 + 0.5)).amax())
+    top2 = top1 if p.q2 is p.q1 else float((p.q2 / (p.q2 + 0.5)).amax())
+    return top1 * top2 > (1.0 - NEAR) ** 2
+
+
 def near_one(
-    act: Activation, p: Pairs, rho: Tensor, skip: Tensor, out: Tensor, w: Tensor, ov: Tensor, output: str = "ntk"
+    act: Activation,
+    p: Pairs,
+    rho: Tensor,
+    skip: Tensor | None,
+    out: Tensor,
+    w: Tensor,
+    ov: Tensor,
+    output: str = "ntk",
 ) -> Tensor:
     """``out`` (the pairs' ``output``) with the pairs near correlation one re-solved.
 
     ``act.offers.near_one`` says in which complement. ``rho = K* / sqrt(q1 q2)`` is the pairs'
-    correlation as solved, ``skip`` the pairs that take another value (zero-variance points);
+    correlation as solved, ``skip`` the pairs that take another value (zero-variance points;
+    ``None``: found here, only if some pair is near one);
     ``w`` and ``ov`` broadcast against the pair array. The relu family and cos correct the
     tangent kernel only (their NNGP duals have finite slopes at one); erf every output.
     """
     odd = act.offers.near_one == "arcsine"
     far = rho.detach().abs() if odd else rho.detach()
     square = p.outer and p.symmetric
-    near = (far > 1.0 - NEAR).expand(out.shape)
+    near = far > 1.0 - NEAR
+    # A quick test first (most calls have no such pair): a count, less the diagonal's own pairs.
+    found = int(near.sum()) - (int(near.diagonal(dim1=-2, dim2=-1).sum()) if square else 0)
+    if found == 0:
+        return out
+    near = near.expand(out.shape)
     if square:
         near = near.triu(1)  # solved once per pair and mirrored: the matrix stays bitwise symmetric
-    if not bool(near.any()):  # a quick test first: most calls have no such pair
-        return out
     if odd:
         # erf: near one in its arcsine variable t = K* / sqrt((q1 + 1/2)(q2 + 1/2)), which is far
         # below rho at small variances; and erf is odd, so t near -1 is t near 1 for (x, -x').
         ratio = torch.sqrt(p.rows(p.q1 / (p.q1 + 0.5)).detach() * p.cols(p.q2 / (p.q2 + 0.5)).detach())
         near = near & (far * ratio > 1.0 - NEAR)
+    if skip is None:
+        skip = (p.rows(p.q1) * p.cols(p.q2)).detach() == 0
     near = near & ~skip
     if not bool(near.any()):
         return out

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..activations import Activation, safe_sqrt
 from . import plan
-from .complement import near_one
+from .complement import arcsine_near_possible, near_one
 from .diagonal import solve_diagonal
 from .general import snap_correlation
 from .ntk import tangent_kernel
@@ -64,12 +64,12 @@ def solve(
     w_b, ov_b = (w_point.unsqueeze(-1), ov_point.unsqueeze(-1)) if outer else (w_point, ov_point)
     if output == "ntk":
         out = _ntk(act, derivative, pairs, w_b, ov_b)
-    elif act.offers.near_one == "arcsine":
+    elif act.offers.near_one == "arcsine" and arcsine_near_possible(pairs):
         # Both outputs from one solve, for the correlation of the pairs near one (re-solved)
         value, cov = plan.choose(act, pairs, w_b, ov_b).both(act, pairs, w_b, ov_b)
-        rho = cov * (pairs.rows(inverse(safe_sqrt(q1))) * pairs.cols(inverse(safe_sqrt(q2))))
-        zero = (pairs.rows(q1) * pairs.cols(q2)).detach() == 0
-        out = near_one(act, pairs, rho, zero, value if output == "nngp" else cov, w_b, ov_b, output)
+        with torch.no_grad():
+            rho = cov * (pairs.rows(inverse(safe_sqrt(q1))) * pairs.cols(inverse(safe_sqrt(q2))))
+        out = near_one(act, pairs, rho, None, value if output == "nngp" else cov, w_b, ov_b, output)
     else:
         out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
     if output != "ntk" and outer:
@@ -140,7 +140,7 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     if square:
         slope = 0.5 * (slope + slope.mT)  # a quadrature fallback may integrate in one order of the pair
     out = tangent_kernel(value, cov, slope, w, ov)
-    if act.offers.near_one is not None:
+    if act.offers.near_one is not None and (act.offers.near_one != "arcsine" or arcsine_near_possible(p)):
         # "identical" above is judged on s, to its rounding: points a few ulps apart are re-solved too
         out = near_one(act, p, rho, zero, out, w, ov)
     if square:
