@@ -212,144 +212,131 @@ def test_ntk_is_the_limit_of_finite_deq_ntks(rng):
     assert averaged[-1] < 0.05, averaged
 
 
-def _piecewise_linear_ntk_50_digits(x, a: float, w: float, iv: float, b: float, ov: float) -> np.ndarray:
-    """The tangent kernel of ``leaky(a)`` from the angle's fixed point solved at 50 digits (bisection)."""
+def _fixed_point_50_digits(x, activation: str, w: float, iv: float, b: float, ov: float, output: str = "ntk"):
+    """The kernel from the diagonal and pair fixed points solved at 50 digits, by bracketed root finding.
+
+    ``activation`` names a closed form: ``("leaky", a)``-style strings ``"leaky:a"``, ``"cos"``
+    or ``"erf"``; each gives the diagonal dual, the pair dual ``V(q1, q2, c)`` and the
+    derivative dual ``E(q1, q2, c)`` as written in their papers.
+    """
     import mpmath as mp
 
     with mp.workdps(50):
         w, iv, b, ov = (mp.mpf(v) for v in (w, iv, b, ov))
         rows = [[mp.mpf(float(v)) for v in r] for r in x]
-        d, g, m = len(rows[0]), (1 - mp.mpf(a)) ** 2 / (2 * mp.pi), (1 + mp.mpf(a) ** 2) / 2
+        d = len(rows[0])
+        if activation.startswith("leaky:"):
+            a = mp.mpf(activation.split(":")[1])
+            g, m = (1 - a) ** 2 / (2 * mp.pi), (1 + a * a) / 2
+
+            def pair(q1, q2, c):
+                r = mp.sqrt(q1 * q2)
+                t = mp.acos(max(min(c / r, 1), -1))
+                return r * (g * (mp.sin(t) + (mp.pi - t) * mp.cos(t)) + a * mp.cos(t)), a + g * (mp.pi - t)
+
+            def diag(q):
+                return m * q
+
+        elif activation == "cos":
+
+            def pair(q1, q2, c):
+                damp = mp.exp(-(q1 + q2) / 2)
+                return damp * mp.cosh(c), damp * mp.sinh(c)
+
+            def diag(q):
+                return (1 + mp.exp(-2 * q)) / 2
+
+        else:  # erf
+
+            def pair(q1, q2, c):
+                r = mp.sqrt((q1 + mp.mpf(0.5)) * (q2 + mp.mpf(0.5)))
+                return 2 / mp.pi * mp.asin(c / r), 2 / mp.pi / mp.sqrt(r * r - c * c)
+
+            def diag(q):
+                return pair(q, q, q)[0]
 
         def s(i, j):
             return iv / d * mp.fsum(u * v for u, v in zip(rows[i], rows[j], strict=True)) + b
 
-        def kappa(t):
-            return g * (mp.sin(t) + (mp.pi - t) * mp.cos(t)) + a * mp.cos(t)
+        def root(f, lo, hi):
+            if f(hi) <= 0:  # the upper end (correlation one) is the root
+                return hi
+            return mp.findroot(f, (lo, hi), solver="illinois", tol=mp.mpf(10) ** -45, maxsteps=500)
 
-        q = [s(i, i) / (1 - w * m) for i in range(len(rows))]
+        def diagonal(i):
+            f, hi = (lambda t: t - w * diag(t) - s(i, i)), s(i, i) + 1
+            while f(hi) < 0:  # q = w D(q) + s lies in [s, hi]
+                hi *= 2
+            return root(f, s(i, i), hi)
+
+        q = [diagonal(i) for i in range(len(rows))]
         out = np.empty((len(rows), len(rows)))
         for i in range(len(rows)):
             for j in range(len(rows)):
                 r = mp.sqrt(q[i] * q[j])
-
-                def residual(t, r=r, i=i, j=j):
-                    return r * mp.cos(t) - w * r * kappa(t) - s(i, j)
-
-                t = (
-                    mp.mpf(0)
-                    if residual(0) <= 0
-                    else mp.findroot(residual, (0, mp.pi), solver="illinois", tol=mp.mpf(10) ** -45, maxsteps=500)
-                )
-                slope = a + g * (mp.pi - t)
-                out[i, j] = float(ov * (r * kappa(t) + slope * r * mp.cos(t) / (1 - w * slope)))
+                cov = q[i] if i == j else root(lambda t, i=i, j=j: t - w * pair(q[i], q[j], t)[0] - s(i, j), -r, r)
+                value, slope = pair(q[i], q[j], cov)
+                tangent = value + slope * cov / (1 - w * slope)
+                out[i, j] = float({"nngp": ov * value, "preactivation": cov, "ntk": ov * tangent}[output])
     return out
 
 
-@pytest.mark.parametrize(
-    "name,a,x,hyper",
-    [
-        # Inputs a millionth apart with a large bias near the bound: the pair equation's
-        # correlation is a difference of numbers near one (entries were 1.7e-5 off).
-        ("relu", 0.0, [[0.0], [-6.0055e-07], [1.11656e-06], [8.8881e-07], [2.5923e-07]], (1.99422, 9.92, 2.66, 2.13)),
-        # Points a few ulps of s apart (taken for identical before, 1.4e-7 off).
-        ("abs", -1.0, [[1.01097e-07], [1.01097e-07], [1.31574e-07], [-5.13914e-07]], (0.8038, 5.34, 1.82, 0.85)),
-        ("leaky_relu", 0.01, [[0.0335821], [0.0335821], [-0.0270971], [0.0534266]], (1.96197, 3.84, 0.0, 0.88)),
-        ("relu", 0.0, [[0.3, -0.2], [0.3 + 1e-9, -0.2], [0.3, -0.2 - 3e-8], [-0.1, 0.5]], (1.999, 1.0, 0.5, 1.0)),
-    ],
-)
-def test_relu_family_tangent_kernel_near_correlation_one(name, a, x, hyper):
-    """Pairs near correlation one are solved in the angle, to rounding (sweep misses, seed 3)."""
+_COS_X = [[0.0, 0.0], [1.17982e-06, 6.84683e-07], [1.08442e-06, -1.20445e-06], [-1.99120e-07, 1.21002e-06]]
+_ERF_X = [[-534469.59], [1219645.48], [817950.91], [1397580.49], [1031971.27]]
+#: (activation, its reference closed form, inputs, (w, iv, b, ov), output, what went wrong)
+NEAR_ONE = [
+    # Inputs a millionth apart with a large bias near the bound: the pair equation's
+    # correlation is a difference of numbers near one (entries were 1.7e-5 off).
+    (
+        "relu",
+        "leaky:0",
+        [[0.0], [-6.0055e-07], [1.11656e-06], [8.8881e-07], [2.5923e-07]],
+        (1.99422, 9.92, 2.66, 2.13),
+        "ntk",
+    ),
+    # Points a few ulps of s apart (taken for identical before, 1.4e-7 off).
+    (
+        "abs",
+        "leaky:-1",
+        [[1.01097e-07], [1.01097e-07], [1.31574e-07], [-5.13914e-07]],
+        (0.8038, 5.34, 1.82, 0.85),
+        "ntk",
+    ),
+    (
+        "leaky_relu",
+        "leaky:0.01",
+        [[0.0335821], [0.0335821], [-0.0270971], [0.0534266]],
+        (1.96197, 3.84, 0.0, 0.88),
+        "ntk",
+    ),
+    (
+        "relu",
+        "leaky:0",
+        [[0.3, -0.2], [0.3 + 1e-9, -0.2], [0.3, -0.2 - 3e-8], [-0.1, 0.5]],
+        (1.999, 1.0, 0.5, 1.0),
+        "ntk",
+    ),
+    # cos near its bound at scale 1e-6: the rounding of rho reached the NTK squared (1e-11).
+    ("cos", "cos", [*_COS_X, [-1.17982e-06, -6.84683e-07]], (1.99251, 6.76291, 1.89509, 2.64468), "ntk"),
+    # erf at scale 1e6, collinear: the rounding of t reached the entries as eps sqrt(q) through
+    # the arcsine's slope (NNGP 2e-10, NTK 1e-4 off).
+    *[("erf", "erf", _ERF_X, (0.25832, 5.56835, 0.0, 1.28589), out) for out in ("nngp", "preactivation", "ntk")],
+]
+
+
+@pytest.mark.parametrize("name,form,x,hyper,output", NEAR_ONE)
+def test_pairs_near_correlation_one_against_50_digit_fixed_points(name, form, x, hyper, output):
+    """Pairs near correlation +-1 are re-solved in a complement of the correlation, to rounding (sweep misses)."""
     w, iv, b, ov = hyper
-    x = np.asarray(x)
     k = equilibrium_covariance(
-        torch.tensor(x),
+        torch.tensor(x, dtype=torch.float64),
         activation=name,
-        output="ntk",
-        weight_variance=w,
-        input_variance=iv,
-        bias_variance=b,
-        output_variance=ov,
-    ).numpy()
-    ref = _piecewise_linear_ntk_50_digits(x, a, w, iv, b, ov)
-    assert np.abs(k - ref).max() <= 1e-14 * np.abs(ref).max()
-    assert np.linalg.eigvalsh(k).min() >= -1e-13 * np.abs(ref).max()
-
-
-def test_cos_tangent_kernel_near_correlation_one():
-    """cos near its bound, inputs at scale 1e-6: the distance q1 + q2 - 2K* is solved in closed form (sweep, seed 4)."""
-    import mpmath as mp
-
-    x = [[0.0, 0.0], [1.17982e-06, 6.84683e-07], [1.08442e-06, -1.20445e-06], [-1.99120e-07, 1.21002e-06]]
-    x.append([-v for v in x[1]])
-    w, iv, b, ov = 1.99251, 6.76291, 1.89509, 2.64468
-    k = equilibrium_covariance(
-        torch.tensor(x, dtype=torch.float64),
-        activation="cos",
-        output="ntk",
-        weight_variance=w,
-        input_variance=iv,
-        bias_variance=b,
-        output_variance=ov,
-    ).numpy()
-    with mp.workdps(50):
-        w_, iv_, b_, ov_ = (mp.mpf(v) for v in (w, iv, b, ov))
-        rows = [[mp.mpf(v) for v in r] for r in x]
-
-        def s(i, j):
-            return iv_ / 2 * mp.fsum(u * v for u, v in zip(rows[i], rows[j], strict=True)) + b_
-
-        q = [
-            mp.findroot(lambda t, i=i: t - w_ * (1 + mp.exp(-2 * t)) / 2 - s(i, i), s(i, i) + 1) for i in range(len(x))
-        ]
-        ref = np.empty_like(k)
-        for i in range(len(x)):
-            for j in range(len(x)):
-                damp = mp.exp(-(q[i] + q[j]) / 2)
-                cov = mp.findroot(lambda t, i=i, j=j, damp=damp: t - w_ * damp * mp.cosh(t) - s(i, j), s(i, j) + 1)
-                slope = damp * mp.sinh(cov)
-                ref[i, j] = float(ov_ * (damp * mp.cosh(cov) + slope * cov / (1 - w_ * slope)))
-    assert np.abs(k - ref).max() <= 5e-14 * np.abs(ref).max()
-    assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(ref).max()
-
-
-@pytest.mark.parametrize("output", ["nngp", "preactivation", "ntk"])
-def test_erf_near_correlation_one_at_large_variance(output):
-    """erf at scale 1e6, collinear inputs: the arcsine variable's complement 1 - t is solved in closed form.
-
-    Solved as ``t``, its rounding reached the entries as ``eps sqrt(q)`` (the arcsine's slope):
-    eigenvalues of -7e-9 of the largest entry (sweep, seed 5).
-    """
-    import mpmath as mp
-
-    x = [[-534469.59], [1219645.48], [817950.91], [1397580.49], [1031971.27]]
-    w, iv, ov = 0.25832, 5.56835, 1.28589
-    k = equilibrium_covariance(
-        torch.tensor(x, dtype=torch.float64),
-        activation="erf",
         output=output,
         weight_variance=w,
         input_variance=iv,
+        bias_variance=b,
         output_variance=ov,
     ).numpy()
-    with mp.workdps(50):
-        w_, iv_, ov_ = mp.mpf(w), mp.mpf(iv), mp.mpf(ov)
-        rows = [mp.mpf(r[0]) for r in x]
-        s = [[iv_ * u * v for v in rows] for u in rows]
-        q = [
-            mp.findroot(lambda t, i=i: t - w_ * 2 / mp.pi * mp.asin(t / (t + 0.5)) - s[i][i], s[i][i]) for i in range(5)
-        ]
-        ref = np.empty_like(k)
-        for i in range(5):
-            for j in range(5):
-                r = mp.sqrt((q[i] + 0.5) * (q[j] + 0.5))
-                cov = mp.findroot(lambda t, i=i, j=j, r=r: t - w_ * 2 / mp.pi * mp.asin(t / r) - s[i][j], s[i][j])
-                value = 2 / mp.pi * mp.asin(cov / r)
-                slope = 2 / mp.pi / mp.sqrt(r * r - cov * cov)
-                ref[i, j] = float(
-                    {"nngp": ov_ * value, "preactivation": cov, "ntk": ov_ * (value + slope * cov / (1 - w_ * slope))}[
-                        output
-                    ]
-                )
-    assert np.abs(k - ref).max() <= 1e-14 * np.abs(ref).max()
+    ref = _fixed_point_50_digits(x, form, w, iv, b, ov, output)
+    assert np.abs(k - ref).max() <= 5e-14 * np.abs(ref).max()
     assert np.linalg.eigvalsh(k).min() >= -1e-12 * np.abs(ref).max()
