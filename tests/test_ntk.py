@@ -246,6 +246,14 @@ def _fixed_point_50_digits(x, activation: str, w: float, iv: float, b: float, ov
             def diag(q):
                 return (1 + mp.exp(-2 * q)) / 2
 
+        elif activation == "step":
+
+            def pair(q1, q2, c):
+                return (mp.pi - mp.acos(max(min(c / mp.sqrt(q1 * q2), 1), -1))) / (2 * mp.pi), 0
+
+            def diag(q):
+                return mp.mpf(0.5)
+
         else:  # erf
 
             def pair(q1, q2, c):
@@ -282,6 +290,7 @@ def _fixed_point_50_digits(x, activation: str, w: float, iv: float, b: float, ov
 
 
 _COS_X = [[0.0, 0.0], [1.17982e-06, 6.84683e-07], [1.08442e-06, -1.20445e-06], [-1.99120e-07, 1.21002e-06]]
+_STEP_X = [[263556.128719064], [-1773964.7380981196], [306684.9774561852], [-1920305.3951625698], [1346180.67890585]]
 _ERF_X = [[-534469.59], [1219645.48], [817950.91], [1397580.49], [1031971.27]]
 #: (activation, its reference closed form, inputs, (w, iv, b, ov), output, what went wrong)
 NEAR_ONE = [
@@ -321,6 +330,8 @@ NEAR_ONE = [
     # erf at scale 1e6, collinear: the rounding of t reached the entries as eps sqrt(q) through
     # the arcsine's slope (NNGP 2e-10, NTK 1e-4 off).
     *[("erf", "erf", _ERF_X, (0.25832, 5.56835, 0.0, 1.28589), out) for out in ("nngp", "preactivation", "ntk")],
+    # The step at large weight variance and scale 1e5: its dual's slope is infinite at one.
+    *[("step", "step", _STEP_X, (7.93842, 7.09872, 4.94066, 1.76057), out) for out in ("nngp", "preactivation")],
 ]
 
 

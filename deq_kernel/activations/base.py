@@ -71,11 +71,11 @@ class Offers:
     series_states : bool
         :meth:`Activation.prepare` returns Hermite coefficient states whose order
         ``narrow(state1, state2, coverage)`` can lower for the correlations a call reaches.
-    near_one : {"angle", "distance", "arcsine"} or None
+    near_one : {"angle", "distance", "arcsine", "step"} or None
         The pairs near correlation one can be re-solved in a complement of the correlation
         (:mod:`deq_kernel.equilibrium.complement`): ``"angle"`` for the relu family and
         ``"distance"`` (``q1 + q2 - 2 K*``) for cos (the tangent kernel), ``"arcsine"``
-        (``1 - t``) for erf (every output).
+        (``1 - t``) for erf and ``"step"`` (the angle) for the step (every output).
     """
 
     pair_equation: str | None = None

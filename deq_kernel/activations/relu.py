@@ -150,6 +150,7 @@ class Step(Activation):
 
     name = "step"
     weight_variance_bound = math.inf
+    offers = Offers(near_one="step")
 
     def __call__(self, x: Tensor) -> Tensor:
         return (x > 0).to(x.dtype)

@@ -6,8 +6,10 @@ written in it in closed form: the relu family in the angle (below), cos in the d
 pair equation's rounding, ``eps / (1 - w V_c)`` in ``rho``, reached the tangent kernel squared:
 inputs at scale 1e-6 near the bound had entries 1e-11 off and eigenvalues of -3e-12), erf in
 ``1 - t`` of its arcsine variable (:func:`_arcsine_outputs`; the arcsine's slope turned the
-rounding of ``t`` into ``eps sqrt(q)`` in every output). The relu family and cos correct the
-tangent kernel, erf every output; near -1 only erf (odd) is re-solved.
+rounding of ``t`` into ``eps sqrt(q)`` in every output), and the step in its angle
+(:func:`_step_outputs`; its dual ``(pi - theta)/(2 pi)`` has an infinite slope at both ends).
+The relu family and cos correct the tangent kernel, erf and the step every output, the last
+two near -1 as well.
 
 The derivative dual of a piecewise-linear activation is :math:`\kappa'(\rho) = m - g\theta`
 (``theta = arccos rho``, ``g = (1-a)^2/(2 pi)``, ``m = (1+a^2)/2``): its slope in ``rho`` is
@@ -100,10 +102,11 @@ def near_one(
     correlation as solved, ``skip`` the pairs that take another value (zero-variance points;
     ``None``: found here, only if some pair is near one);
     ``w`` and ``ov`` broadcast against the pair array. The relu family and cos correct the
-    tangent kernel only (their NNGP duals have finite slopes at one); erf every output.
+    tangent kernel only (their NNGP duals have finite slopes at one); erf and the step every output.
     """
     odd = act.offers.near_one == "arcsine"
-    far = rho.detach().abs() if odd else rho.detach()
+    both_ends = odd or act.offers.near_one == "step"  # re-solved near -1 too
+    far = rho.detach().abs() if both_ends else rho.detach()
     square = p.outer and p.symmetric
     near = far > 1.0 - NEAR
     # A quick test first (most calls have no such pair): a count, less the diagonal's own pairs.
@@ -130,6 +133,8 @@ def near_one(
             tangent, converged = _angle_tangent(act, pairs)
         elif act.offers.near_one == "distance":
             tangent, converged = _distance_tangent(pairs)
+        elif act.offers.near_one == "step":
+            tangent, converged = _step_outputs(pairs, output)
         else:
             tangent, converged = _arcsine_outputs(pairs, output)
         change = torch.zeros(near.shape, dtype=out.dtype, device=out.device)
@@ -174,15 +179,18 @@ def _input_distance(n: _Near) -> Tensor:
     return (n.metric * e * e).sum(-1)
 
 
-def _gram_complement(n: _Near) -> Tensor:
-    """``s11 s22 - s12^2 = S(x,x) S(e,e) - S(x,e)^2 + b S(e,e)`` from the inputs' differences.
+def _gram_complement(n: _Near, sign: Tensor | float = 1.0) -> Tensor:
+    """``s11 s22 - s12^2 = S(x,x) S(f,f) - S(x,f)^2 + b S(e,e)`` from the inputs' differences.
 
-    The first part vanishes for collinear inputs, exactly so for ``d = 1``.
+    ``e = x' - x``, and ``f = sign x' - x`` the short difference (``sign = -1`` for pairs near
+    correlation -1: the Gram part is the same for ``x'`` and ``-x'``). The Gram part vanishes
+    for collinear inputs, exactly so for ``d = 1``.
     """
-    see, e = _input_distance(n), n.v - n.u
+    see = _input_distance(n)
     if n.u.shape[-1] == 1:
         return n.bias * see
-    gram = (n.metric * n.u * n.u).sum(-1) * see - (n.metric * n.u * e).sum(-1) ** 2
+    f = (sign.unsqueeze(-1) if isinstance(sign, Tensor) else sign) * n.v - n.u
+    gram = (n.metric * n.u * n.u).sum(-1) * (n.metric * f * f).sum(-1) - (n.metric * n.u * f).sum(-1) ** 2
     return gram.clamp_min(0.0) + n.bias * see
 
 
@@ -257,12 +265,7 @@ def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
     s12 = sign * ((n.metric * n.u * n.v).sum(-1) + n.bias)
     short = sign.unsqueeze(-1) * n.v - n.u
     distance = (n.metric * short * short).sum(-1) + 2.0 * n.bias * (1.0 - sign)
-    if n.u.shape[-1] == 1:
-        gram = n.bias * _input_distance(n)
-    else:
-        gram = (
-            (n.metric * n.u * n.u).sum(-1) * (n.metric * short * short).sum(-1) - (n.metric * n.u * short).sum(-1) ** 2
-        ).clamp_min(0.0) + n.bias * _input_distance(n)
+    gram = _gram_complement(n, sign)
 
     def h(q: Tensor) -> Tensor:  # 1/2 - w (1 - D(q)), 1 - D(q) = (2/pi) acos(2q / (1 + 2q))
         return 0.5 - n.w * (2.0 / math.pi) * torch.atan2(torch.sqrt(1.0 + 4.0 * q), 2.0 * q)
@@ -300,6 +303,54 @@ def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
         return sign * n.ov * value, converged
     slope = (2.0 / math.pi) / (root * torch.sqrt(u * (2.0 - u)))  # even in the covariance
     return sign * n.ov * (value + slope * cov / (1.0 - n.w * slope)), converged
+
+
+def _step_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
+    r"""The step: ``K* = w (pi - theta)/(2 pi) + s12`` with ``q = w/2 + s``, in the angle.
+
+    :math:`H(\theta) = 2r\sin^2(\theta/2) - w\theta/(2\pi) = r - w/2 - s_{12}`, ``r = sqrt(q1 q2)``,
+    whose right side is :math:`(q_1q_2 - (s_{12} + w/2)^2)/(r + s_{12} + w/2)` with
+    :math:`q_1q_2 - (s_{12}+w/2)^2 = (s_{11}s_{22} - s_{12}^2) + (w/2) S(e, e)`. The root lies where
+    ``H`` increases (:class:`deq_kernel.activations.Step`); Newton's method there, kept inside
+    the bracket ``[theta where H' = 0, pi]`` (bisection where a step would leave it).
+    """
+    root = torch.sqrt(n.q1 * n.q2)
+    s12 = (n.metric * n.u * n.v).sum(-1) + n.bias
+    half = 0.5 * n.w
+    # Near -1, theta = pi - phi: 2 r sin^2(phi/2) - w phi/(2 pi) = r + s12, the same equation in
+    # phi, with r^2 - s12^2 = (s11 s22 - s12^2) + (w/2)(s11 + s22) + w^2/4.
+    minus = n.rho < 0
+    sign = torch.where(minus, -1.0, 1.0)
+    gram = _gram_complement(n, sign)
+    target = torch.where(
+        minus,
+        (gram + half * (n.s11 + n.s22) + half * half) / (root - s12),
+        (gram + half * _input_distance(n)) / (root + s12 + half),
+    )
+    lo = torch.asin((n.w / (2.0 * math.pi * root)).clamp(max=1.0))
+    hi = torch.full_like(lo, math.pi)
+    theta = torch.arccos((sign * n.rho).clamp(-1.0, 1.0)).clamp_min(0.0)
+    theta = torch.where((theta > lo) & (theta < hi), theta, 0.5 * (lo + hi))
+    eps = torch.finfo(theta.dtype).eps
+    converged = torch.zeros_like(theta, dtype=torch.bool)
+    for _ in range(4 * _STEPS):
+        big = 2.0 * root * torch.sin(0.5 * theta) ** 2
+        small = n.w * theta / (2.0 * math.pi)
+        r = big - small - target
+        converged = r.abs() <= 8.0 * eps * (big + small + target)
+        if bool(converged.all()):
+            break
+        lo = torch.where(r < 0, theta, lo)
+        hi = torch.where(r > 0, theta, hi)
+        slope = root * torch.sin(theta) - n.w / (2.0 * math.pi)
+        step = theta - r / torch.where(slope > 0, slope, 1.0)
+        inside = (slope > 0) & (step > lo) & (step < hi)
+        theta = torch.where(converged, theta, torch.where(inside, step, 0.5 * (lo + hi)))
+    theta = torch.where(target > 0, theta, 0.0)  # phi near -1
+    converged = converged | (target <= 0)
+    if output == "preactivation":
+        return sign * root * (1.0 - 2.0 * torch.sin(0.5 * theta) ** 2), converged
+    return n.ov * torch.where(minus, theta, math.pi - theta) / (2.0 * math.pi), converged
 
 
 def _solve_angle(act: Activation, complement: Tensor, rho: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:

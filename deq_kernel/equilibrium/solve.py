@@ -8,6 +8,8 @@ tangent kernel (:mod:`.ntk`) from what the solvers return.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,16 @@ def solve(
     w_b, ov_b = (w_point.unsqueeze(-1), ov_point.unsqueeze(-1)) if outer else (w_point, ov_point)
     if output == "ntk":
         out = _ntk(act, derivative, pairs, w_b, ov_b)
+    elif act.offers.near_one == "step":
+        # One solve of the requested output; the correlation for the pairs near +-1 from it
+        # (the step's value is (pi - theta) / (2 pi), so rho = -cos(2 pi V)).
+        out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
+        with torch.no_grad():
+            if output == "nngp":
+                rho = -torch.cos((2.0 * math.pi) * out / torch.where(ov_b > 0, ov_b, 1.0))
+            else:
+                rho = out * (pairs.rows(inverse(safe_sqrt(q1))) * pairs.cols(inverse(safe_sqrt(q2))))
+        out = near_one(act, pairs, rho, None, out, w_b, ov_b, output)
     elif act.offers.near_one == "arcsine" and arcsine_near_possible(pairs):
         # Both outputs from one solve, for the correlation of the pairs near one (re-solved)
         value, cov = plan.choose(act, pairs, w_b, ov_b).both(act, pairs, w_b, ov_b)
