@@ -46,15 +46,13 @@ import torch
 from torch import Tensor
 
 from ..activations import Activation
+from .newton import newton
 from .pairs import Pairs
 
 __all__ = ["NEAR", "arcsine_near_possible", "near_one"]
 
 #: Pairs with ``1 - rho`` below this are re-solved in the angle.
 NEAR = 1e-3
-
-#: Most Newton steps from the solver's angle (a few per cent off at worst, so usually 3 or 4).
-_STEPS = 40
 
 
 class _Near(NamedTuple):
@@ -66,6 +64,7 @@ class _Near(NamedTuple):
     bias: Tensor  # (k,)
     s11: Tensor
     s22: Tensor
+    s12: Tensor
     q1: Tensor
     q2: Tensor
     rho: Tensor  # as the pair solver found it
@@ -130,16 +129,15 @@ def near_one(
     with torch.no_grad():
         pairs = _gather(p, near, idx, rho, w, ov)
         if act.offers.near_one == "angle":
-            tangent, converged = _angle_tangent(act, pairs)
+            tangent = _angle_tangent(act, pairs)
         elif act.offers.near_one == "distance":
-            tangent, converged = _distance_tangent(pairs)
+            tangent = _distance_tangent(pairs)
         elif act.offers.near_one == "step":
-            tangent, converged = _step_outputs(pairs, output)
+            tangent = _step_outputs(pairs, output)
         else:
-            tangent, converged = _arcsine_outputs(pairs, output)
+            tangent = _arcsine_outputs(pairs, output)
         change = torch.zeros(near.shape, dtype=out.dtype, device=out.device)
-        # A pair whose complement did not converge keeps the pair solver's value.
-        change[idx] = torch.where(converged, tangent.to(out.dtype) - out.detach()[idx], 0.0)
+        change[idx] = tangent.to(out.dtype) - out.detach()[idx]
         if square:
             change = change + change.mT
     return out + change
@@ -158,13 +156,17 @@ def _gather(p: Pairs, near: Tensor, idx: tuple[Tensor, ...], rho: Tensor, w: Ten
     def rows_of(x: Tensor, k: Tensor) -> Tensor:
         return torch.broadcast_to(x.detach(), (*batch, x.shape[-2], d))[(*bidx, k)].to(f64)
 
+    u, v = rows_of(p.x1, i), rows_of(p.x2, j)
+    metric = torch.broadcast_to(p.scale.detach(), (*batch, 1, d))[(*bidx, torch.zeros_like(i))].to(f64)
+    bias = per_pair(p.bias[..., None, None] if p.outer else p.bias[..., None])
     return _Near(
-        u=rows_of(p.x1, i),
-        v=rows_of(p.x2, j),
-        metric=torch.broadcast_to(p.scale.detach(), (*batch, 1, d))[(*bidx, torch.zeros_like(i))].to(f64),
-        bias=per_pair(p.bias[..., None, None] if p.outer else p.bias[..., None]),
+        u=u,
+        v=v,
+        metric=metric,
+        bias=bias,
         s11=per_pair(p.rows(p.s11)),
         s22=per_pair(p.cols(p.s22)),
+        s12=(metric * u * v).sum(-1) + bias,
         q1=per_pair(p.rows(p.q1)),
         q2=per_pair(p.cols(p.q2)),
         rho=per_pair(rho),
@@ -197,16 +199,15 @@ def _gram_complement(n: _Near, sign: Tensor | float = 1.0) -> Tensor:
 def _angle_tangent(act: Activation, n: _Near) -> tuple[Tensor, Tensor]:
     """The relu family: the angle's equation (module docstring), then the tangent kernel."""
     root_s = torch.sqrt(n.s11 * n.s22)
-    s12 = (n.metric * n.u * n.v).sum(-1) + n.bias
-    complement = _gram_complement(n) / (root_s * (root_s + s12))  # 1 - rho_s
-    theta, converged = _solve_angle(act, complement, n.rho, n.w)
+    complement = _gram_complement(n) / (root_s * (root_s + n.s12))  # 1 - rho_s
+    theta = _solve_angle(act, complement, n.rho, n.w)
     a, m = act.negative_slope, act.variance_gain
     g = (1.0 - a) ** 2 / (2.0 * math.pi)
     delta = 2.0 * torch.sin(0.5 * theta) ** 2
     kappa = m - (g * ((math.pi - theta) * delta + _theta_minus_sin(theta)) + a * delta)
     slope = m - g * theta
     root = torch.sqrt(n.q1 * n.q2)
-    return n.ov * root * (kappa + slope * (1.0 - delta) / ((1.0 - n.w * m) + n.w * g * theta)), converged
+    return n.ov * root * (kappa + slope * (1.0 - delta) / ((1.0 - n.w * m) + n.w * g * theta))
 
 
 def _distance_tangent(n: _Near) -> tuple[Tensor, Tensor]:
@@ -216,32 +217,30 @@ def _distance_tangent(n: _Near) -> tuple[Tensor, Tensor]:
     the two diagonal ones is
     :math:`\Delta = w\,[-\mathrm{expm1}(-\Delta/2) - e^{-Q}\mathrm{expm1}(\Delta/2) + (e^{-q_1} - e^{-q_2})^2/2]
     + S(e, e)`,
-    convex and increasing in ``Delta`` (slope ``1 - w V_c``), so Newton's method converges from
-    the solver's distance; each term keeps its relative accuracy as ``Delta -> 0``.
+    increasing in ``Delta`` (slope ``1 - w V_c``), solved by :func:`.newton.newton` from the
+    solver's distance; each term keeps its relative accuracy as ``Delta -> 0``.
     """
     total = n.q1 + n.q2
     damp = torch.exp(-total)
     given = _input_distance(n) + 0.5 * n.w * (torch.exp(-n.q1) - torch.exp(-n.q2)) ** 2
-    dist = (total - 2.0 * n.rho * torch.sqrt(n.q1 * n.q2)).clamp_min(0.0)
-    eps = torch.finfo(dist.dtype).eps
+    start = (total - 2.0 * n.rho * torch.sqrt(n.q1 * n.q2)).clamp_min(0.0)
 
     def lift(dist: Tensor) -> Tensor:  # e^{Delta/2 - Q} - e^{-Q}, without cancellation or overflow
         return torch.where(dist < 1.0, damp * torch.expm1(0.5 * dist), torch.exp(0.5 * dist - total) - damp)
 
-    for _ in range(_STEPS):
+    def residual(dist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         fall, rise = torch.expm1(-0.5 * dist), lift(dist)
-        residual = dist + n.w * (fall + rise) - given
-        # |r| at the rounding of its terms (all of the size of Delta): the root to rounding.
-        converged = residual.abs() <= 8.0 * eps * (dist + n.w * (fall.abs() + rise) + given)
-        if bool(converged.all()):
-            break
-        # 1 - w V_c, with e^{-Delta/2} = 1 + fall and e^{Delta/2 - Q} = rise + damp
+        # 1 - w V_c, with e^{-Delta/2} = 1 + fall and e^{Delta/2 - Q} = rise + damp; the terms
+        # are all of the size of Delta, so the stopping rule takes the root to rounding.
         slope = 1.0 - 0.5 * n.w * (1.0 + fall - (rise + damp))
-        dist = torch.where(converged, dist, (dist - residual / slope).clamp_min(0.0))
+        return dist + n.w * (fall + rise) - given, slope, dist + n.w * (fall.abs() + rise) + given
+
+    zero = torch.zeros_like(start)
+    dist = newton(residual, start, zero, torch.full_like(start, math.inf), what="cos pair distance").clamp_min(0.0)
     shrink, grow = 1.0 + torch.expm1(-0.5 * dist), lift(dist) + damp
     value, slope = 0.5 * (shrink + grow), 0.5 * (shrink - grow)
     cov = 0.5 * (total - dist)
-    return n.ov * (value + slope * cov / (1.0 - n.w * slope)), converged
+    return n.ov * (value + slope * cov / (1.0 - n.w * slope))
 
 
 def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
@@ -262,7 +261,7 @@ def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
     sign = torch.where(n.rho < 0, -1.0, 1.0)
     r1, r2 = torch.sqrt(n.q1 + 0.5), torch.sqrt(n.q2 + 0.5)
     root = r1 * r2
-    s12 = sign * ((n.metric * n.u * n.v).sum(-1) + n.bias)
+    s12 = sign * n.s12
     short = sign.unsqueeze(-1) * n.v - n.u
     distance = (n.metric * short * short).sum(-1) + 2.0 * n.bias * (1.0 - sign)
     gram = _gram_complement(n, sign)
@@ -274,35 +273,26 @@ def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
     gap = (gram + n.w * distance + h1 * (n.s22 + n.w) + h2 * (n.s11 + n.w) + h1 * h2) / (root + s12 + n.w)
     target = gap / root
     alpha = (2.0 / math.pi) * n.w / root
-    eps = torch.finfo(target.dtype).eps
-    # A start right of the root (Newton then decreases monotonically to it): the solver's,
-    # where it is, else the root of u - c sqrt(u) = G with acos(1 - u) <= pi sqrt(u / 2).
-    c = alpha * math.pi / math.sqrt(2.0)
-    right = (0.5 * (c + torch.sqrt(c * c + 4.0 * target.clamp_min(0.0)))) ** 2
     given = (1.0 - sign * n.rho * torch.sqrt(n.q1 * n.q2) / root).clamp(0.0, 2.0)
 
-    def residual(u: Tensor) -> tuple[Tensor, Tensor]:
+    def residual(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         angle = 2.0 * torch.asin(torch.sqrt(0.5 * u))  # acos(1 - u)
-        return u - alpha * angle - target, u + alpha * angle + target.abs()
-
-    u = torch.where(residual(given)[0] >= 0, given, right)
-    converged = torch.zeros_like(u, dtype=torch.bool)
-    for _ in range(_STEPS):
-        r, size = residual(u)
-        converged = r.abs() <= 8.0 * eps * size
-        if bool(converged.all()):
-            break
         slope = 1.0 - alpha / torch.sqrt(u * (2.0 - u)).clamp_min(1e-300)
-        u = torch.where(converged | (slope <= 0), u, (u - r / slope).clamp(0.0, 2.0))
+        return u - alpha * angle - target, slope, u + alpha * angle + target.abs()
+
+    # Increasing from its minimum, u = 1 - sqrt(1 - alpha^2), where r <= r(0) = -G <= 0, to 2.
+    low = alpha * alpha / (1.0 + torch.sqrt((1.0 - alpha * alpha).clamp_min(0.0)))
+    high = torch.full_like(low, 2.0)
+    u = newton(residual, torch.maximum(given, low), low, high, what="erf pair complement").clamp(0.0, 2.0)
     angle = 2.0 * torch.asin(torch.sqrt(0.5 * u))
     cov = root * (1.0 - u)
     if output == "preactivation":
-        return sign * cov, converged
+        return sign * cov
     value = 1.0 - (2.0 / math.pi) * angle
     if output == "nngp":
-        return sign * n.ov * value, converged
+        return sign * n.ov * value
     slope = (2.0 / math.pi) / (root * torch.sqrt(u * (2.0 - u)))  # even in the covariance
-    return sign * n.ov * (value + slope * cov / (1.0 - n.w * slope)), converged
+    return sign * n.ov * (value + slope * cov / (1.0 - n.w * slope))
 
 
 def _step_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
@@ -311,11 +301,11 @@ def _step_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
     :math:`H(\theta) = 2r\sin^2(\theta/2) - w\theta/(2\pi) = r - w/2 - s_{12}`, ``r = sqrt(q1 q2)``,
     whose right side is :math:`(q_1q_2 - (s_{12} + w/2)^2)/(r + s_{12} + w/2)` with
     :math:`q_1q_2 - (s_{12}+w/2)^2 = (s_{11}s_{22} - s_{12}^2) + (w/2) S(e, e)`. The root lies where
-    ``H`` increases (:class:`deq_kernel.activations.Step`); Newton's method there, kept inside
-    the bracket ``[theta where H' = 0, pi]`` (bisection where a step would leave it).
+    ``H`` increases (:class:`deq_kernel.activations.Step`): :func:`.newton.newton` on the bracket
+    ``[theta where H' = 0, pi]``.
     """
     root = torch.sqrt(n.q1 * n.q2)
-    s12 = (n.metric * n.u * n.v).sum(-1) + n.bias
+    s12 = n.s12
     half = 0.5 * n.w
     # Near -1, theta = pi - phi: 2 r sin^2(phi/2) - w phi/(2 pi) = r + s12, the same equation in
     # phi, with r^2 - s12^2 = (s11 s22 - s12^2) + (w/2)(s11 + s22) + w^2/4.
@@ -327,58 +317,39 @@ def _step_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
         (gram + half * (n.s11 + n.s22) + half * half) / (root - s12),
         (gram + half * _input_distance(n)) / (root + s12 + half),
     )
-    lo = torch.asin((n.w / (2.0 * math.pi * root)).clamp(max=1.0))
+
+    def residual(theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        big, small = 2.0 * root * torch.sin(0.5 * theta) ** 2, n.w * theta / (2.0 * math.pi)
+        return big - small - target, root * torch.sin(theta) - n.w / (2.0 * math.pi), big + small + target
+
+    lo = torch.asin((n.w / (2.0 * math.pi * root)).clamp(max=1.0))  # H' = 0: H(lo) <= H(0) = 0
     hi = torch.full_like(lo, math.pi)
-    theta = torch.arccos((sign * n.rho).clamp(-1.0, 1.0)).clamp_min(0.0)
-    theta = torch.where((theta > lo) & (theta < hi), theta, 0.5 * (lo + hi))
-    eps = torch.finfo(theta.dtype).eps
-    converged = torch.zeros_like(theta, dtype=torch.bool)
-    for _ in range(4 * _STEPS):
-        big = 2.0 * root * torch.sin(0.5 * theta) ** 2
-        small = n.w * theta / (2.0 * math.pi)
-        r = big - small - target
-        converged = r.abs() <= 8.0 * eps * (big + small + target)
-        if bool(converged.all()):
-            break
-        lo = torch.where(r < 0, theta, lo)
-        hi = torch.where(r > 0, theta, hi)
-        slope = root * torch.sin(theta) - n.w / (2.0 * math.pi)
-        step = theta - r / torch.where(slope > 0, slope, 1.0)
-        inside = (slope > 0) & (step > lo) & (step < hi)
-        theta = torch.where(converged, theta, torch.where(inside, step, 0.5 * (lo + hi)))
+    start = torch.arccos((sign * n.rho).clamp(-1.0, 1.0)).clamp(lo, hi)
+    theta = newton(residual, start, lo, hi, what="step pair angle", skip=target <= 0)
     theta = torch.where(target > 0, theta, 0.0)  # phi near -1
-    converged = converged | (target <= 0)
     if output == "preactivation":
-        return sign * root * (1.0 - 2.0 * torch.sin(0.5 * theta) ** 2), converged
-    return n.ov * torch.where(minus, theta, math.pi - theta) / (2.0 * math.pi), converged
+        return sign * root * (1.0 - 2.0 * torch.sin(0.5 * theta) ** 2)
+    return n.ov * torch.where(minus, theta, math.pi - theta) / (2.0 * math.pi)
 
 
-def _solve_angle(act: Activation, complement: Tensor, rho: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """The root of ``H(theta) = (1 - w m) complement`` (module docstring) by Newton's method from the solver's angle.
-
-    Also returns which pairs converged (all, unless the step limit was reached).
-    """
+def _solve_angle(act: Activation, complement: Tensor, rho: Tensor, w: Tensor) -> Tensor:
+    """The root of ``H(theta) = (1 - w m) complement`` (module docstring) in ``[0, pi]``, from the solver's angle."""
     a, m = act.negative_slope, act.variance_gain
     g = (1.0 - a) ** 2 / (2.0 * math.pi)
     lin = 1.0 - w * m
     target = lin * complement
+
+    def residual(theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        delta, gain, rest = 2.0 * torch.sin(0.5 * theta) ** 2, lin + w * g * theta, w * g * _theta_minus_sin(theta)
+        return delta * gain - rest - target, torch.sin(theta) * gain, delta * gain + rest + target
+
     # The solver's angle where it has one; at a correlation rounded to one, the small-angle root
     # of lin theta^2 / 2 = target (above the root: H grows faster than its first term).
     theta = torch.where(rho < 1.0, 2.0 * torch.asin(torch.sqrt(((1.0 - rho) / 2.0).clamp(0.0, 1.0))), 0.0)
-    theta = torch.where(theta > 0, theta, torch.sqrt(2.0 * target / lin.clamp_min(1e-300)))
-    eps = torch.finfo(theta.dtype).eps
-    for _ in range(_STEPS):
-        delta = 2.0 * torch.sin(0.5 * theta) ** 2
-        gain = lin + w * g * theta
-        h = delta * gain - w * g * _theta_minus_sin(theta) - target
-        dh = torch.sin(theta) * gain
-        new = torch.where(dh > 0, theta - h / torch.where(dh > 0, dh, 1.0), theta).clamp(0.0, math.pi)
-        done = bool(((new - theta).abs() <= 4.0 * eps * theta).all())
-        theta = new
-        if done:
-            return torch.where(complement > 0, theta, 0.0), torch.ones_like(theta, dtype=torch.bool)
-    converged = (h.abs() <= 16.0 * eps * (delta * gain).abs()) | (complement <= 0)
-    return torch.where(complement > 0, theta, 0.0), converged
+    theta = torch.where(theta > 0, theta, torch.sqrt(2.0 * target / lin.clamp_min(1e-300))).clamp(0.0, math.pi)
+    zero = torch.zeros_like(theta)
+    theta = newton(residual, theta, zero, torch.full_like(theta, math.pi), what="relu pair angle", skip=complement <= 0)
+    return torch.where(complement > 0, theta, 0.0)
 
 
 def _theta_minus_sin(theta: Tensor) -> Tensor:
