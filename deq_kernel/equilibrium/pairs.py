@@ -66,6 +66,10 @@ class Pairs(NamedTuple):
         """A per-point tensor of ``x2`` broadcast against the pair array."""
         return t.unsqueeze(-2) if self.outer else t
 
+    def correlation(self, cov: Tensor) -> Tensor:
+        """``cov / sqrt(q1 q2)`` of the pairs, 0 where a variance is 0."""
+        return cov * (self.rows(inverse(safe_sqrt(self.q1))) * self.cols(inverse(safe_sqrt(self.q2))))
+
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
     """``torch.broadcast_shapes`` of a few short shapes, without its per-call overhead (a hot path)."""
@@ -188,11 +192,10 @@ def one_product_both(act: Activation, p: Pairs, w: Tensor, ov: Tensor) -> tuple[
     """
     cov = one_product(act, p, w, ov, False)
     if act.offers.pair_equation == "correlation_table":
-        r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
-        rho = (cov * (p.rows(inverse(r1)) * p.cols(inverse(r2)))).clamp(-1.0, 1.0)
+        rho = p.correlation(cov).clamp(-1.0, 1.0)
         with torch.no_grad():
             kappa, kappa_prime = act.kappa(rho.detach())
-        value = (p.rows(r1) * p.cols(r2)) * (kappa + kappa_prime * (rho - rho.detach()))
+        value = (p.rows(safe_sqrt(p.q1)) * p.cols(safe_sqrt(p.q2))) * (kappa + kappa_prime * (rho - rho.detach()))
     else:
         t = cov / (p.rows(torch.sqrt(p.q1 + 0.5)) * p.cols(torch.sqrt(p.q2 + 0.5)))  # |t| < 1
         value = (2.0 / math.pi) * torch.asin(t)

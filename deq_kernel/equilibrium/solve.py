@@ -13,13 +13,13 @@ import math
 import torch
 from torch import Tensor
 
-from ..activations import Activation, safe_sqrt
+from ..activations import Activation
 from . import plan
 from .complement import arcsine_near_possible, near_one
 from .diagonal import solve_diagonal
 from .general import snap_correlation
 from .ntk import tangent_kernel
-from .pairs import Pairs, inner, inverse, scatter_diagonal
+from .pairs import Pairs, inner, scatter_diagonal
 
 __all__ = ["solve"]
 
@@ -74,13 +74,13 @@ def solve(
             if output == "nngp":
                 rho = -torch.cos((2.0 * math.pi) * out / torch.where(ov_b > 0, ov_b, 1.0))
             else:
-                rho = out * (pairs.rows(inverse(safe_sqrt(q1))) * pairs.cols(inverse(safe_sqrt(q2))))
+                rho = pairs.correlation(out)
         out = near_one(act, pairs, rho, None, out, w_b, ov_b, output)
     elif act.offers.near_one == "arcsine" and arcsine_near_possible(pairs):
         # Both outputs from one solve, for the correlation of the pairs near one (re-solved)
         value, cov = plan.choose(act, pairs, w_b, ov_b).both(act, pairs, w_b, ov_b)
         with torch.no_grad():
-            rho = cov * (pairs.rows(inverse(safe_sqrt(q1))) * pairs.cols(inverse(safe_sqrt(q2))))
+            rho = pairs.correlation(cov)
         out = near_one(act, pairs, rho, None, value if output == "nngp" else cov, w_b, ov_b, output)
     else:
         out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
@@ -128,8 +128,7 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     """The neural tangent kernel (see :mod:`.ntk`) from the equilibrium quantities."""
     one = torch.ones_like(ov)
     value, cov = plan.choose(act, p, w, one).both(act, p, w, one)
-    r1, r2 = safe_sqrt(p.q1), safe_sqrt(p.q2)
-    rho = snap_correlation(cov * (p.rows(inverse(r1)) * p.cols(inverse(r2))), torch.finfo(cov.dtype).eps)
+    rho = snap_correlation(p.correlation(cov), torch.finfo(cov.dtype).eps)
     # Identical points (correlation 1, where some derivative duals have infinite slope)
     # and zero-variance points take the diagonal's value; the others the pair dual.
     s12 = inner(p)
