@@ -416,3 +416,27 @@ def test_torch_func_transforms_are_refused_with_what_to_use_instead():
     # Outside a transform, the batch is the way: the same matrices as one call per element.
     batched = equilibrium_covariance(x, weight_variance=1.0)
     assert torch.allclose(batched[1], equilibrium_covariance(x[1], weight_variance=1.0), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_no_warnings_with_gradients_at_any_scale(rng, name):
+    """The library warns only about what the user did (no torch warning from its own code):
+    erf's O(n) test for pairs near correlation one read a variance that required a gradient
+    with ``float()``, and torch warned on every call of every GPyTorch model."""
+    import warnings
+
+    outputs = ("nngp", "preactivation") + (("ntk",) if name != "step" else ())
+    for scale in (1.0, 1e3):
+        x = (torch.as_tensor(rng.normal(size=(12, 3))) * scale).requires_grad_(True)
+        hyper = dict(
+            weight_variance=torch.tensor(0.3, dtype=torch.float64, requires_grad=True),
+            input_variance=torch.ones(3, dtype=torch.float64, requires_grad=True),
+            bias_variance=torch.tensor(0.1, dtype=torch.float64, requires_grad=True),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for output in outputs:
+                kw = dict(activation=name, output=output, **hyper)
+                total = equilibrium_covariance(x, **kw).sum() + equilibrium_covariance(x, x[:5].detach(), **kw).sum()
+                total.backward()
+        assert not caught, [str(w.message) for w in caught]

@@ -80,8 +80,9 @@ def arcsine_near_possible(p: Pairs) -> bool:
     """
     if p.q1.numel() == 0 or p.q2.numel() == 0:
         return False
-    top1 = float((p.q1 / (p.q1 + 0.5)).amax())
-    top2 = top1 if p.q2 is p.q1 else float((p.q2 / (p.q2 + 0.5)).amax())
+    q1, q2 = p.q1.detach(), p.q2.detach()
+    top1 = float((q1 / (q1 + 0.5)).amax())
+    top2 = top1 if p.q2 is p.q1 else float((q2 / (q2 + 0.5)).amax())
     return top1 * top2 > (1.0 - NEAR) ** 2
 
 
