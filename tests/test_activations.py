@@ -200,6 +200,52 @@ def test_series_falls_back_to_direct_quadrature_where_its_tail_is_large():
     assert np.max(np.abs(value.numpy() - expected)) < 1e-9
 
 
+@pytest.mark.parametrize("name", ["tanh", "softplus"])
+def test_direct_quadrature_gradients_in_the_variances(name):
+    """The two-dimensional rule's value re-enters the graph through its partial derivatives in
+    ``q1``, ``q2`` and ``rho``: each against central differences of an independent rule."""
+    act = get_activation(name)
+    q = torch.tensor([40.0, 45.0], dtype=torch.float64, requires_grad=True)
+    s1, _ = act.prepare(q)
+    rows = tuple(t.unsqueeze(-1) for t in s1)
+    cols = tuple(t.unsqueeze(-2) for t in s1)
+    rho = torch.tensor([[0.2, 0.9999], [0.9999, 0.3]], dtype=torch.float64, requires_grad=True)
+    value, _ = act.pair_dual(rows, cols, rho)
+    grad_q, grad_rho = torch.autograd.grad(value[0, 1], (q, rho))
+
+    def dual(q1: float, q2: float, r: float) -> float:
+        return float(quadrature_dual(FUNCTIONS[name], q1, q2, r * math.sqrt(q1 * q2), h=0.01))
+
+    dq, dr = 1e-3, 1e-7
+    expected = [
+        (dual(40.0 + dq, 45.0, 0.9999) - dual(40.0 - dq, 45.0, 0.9999)) / (2 * dq),
+        (dual(40.0, 45.0 + dq, 0.9999) - dual(40.0, 45.0 - dq, 0.9999)) / (2 * dq),
+        (dual(40.0, 45.0, 0.9999 + dr) - dual(40.0, 45.0, 0.9999 - dr)) / (2 * dr),
+    ]
+    got = [float(grad_q[0]), float(grad_q[1]), float(grad_rho[0, 1])]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_direct_quadrature_keeps_no_nodes_for_the_backward_pass():
+    """A graph through the integrand kept every pair's nodes (tens of thousands of numbers per
+    pair): a few thousand strongly correlated pairs of large variances ran out of memory."""
+    act = get_activation("tanh")
+    q = torch.linspace(3e5, 4e5, 40, dtype=torch.float64).requires_grad_(True)
+    s1, _ = act.prepare(q)
+    rho = torch.full((40, 40), 0.99999, dtype=torch.float64, requires_grad=True)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value, _ = act.pair_dual(tuple(t.unsqueeze(-1) for t in s1), tuple(t.unsqueeze(-2) for t in s1), rho)
+    value.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(rho.grad).all()
+    assert sum(saved) <= 1000 * rho.numel(), sum(saved)
+
+
 def test_callable_activation_matches_named():
     x = torch.randn(6, 3, dtype=torch.float64)
     named = deq_kernel.equilibrium_covariance(x, activation="tanh", weight_variance=0.6, bias_variance=0.2)

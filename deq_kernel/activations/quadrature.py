@@ -315,34 +315,52 @@ class QuadratureActivation(Activation):
     def _direct_pairs(
         self, q1: Tensor, q2: Tensor, rho: Tensor, mask: Tensor, value: Tensor, slope: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Two-dimensional trapezoid rule for the pairs in ``mask``."""
+        """Two-dimensional trapezoid rule for the pairs in ``mask``.
+
+        The integrals are taken without a graph, in chunks of a few million nodes, and the
+        value re-enters the graph to first order through its three partial derivatives, each
+        an integral over the same nodes: with ``u = sqrt(q1) z1``, ``v = sqrt(q2) y``,
+        ``y = rho z1 + sqrt(1 - rho^2) z2``,
+
+        * ``dV/dq1 = E[phi'(u) phi(v) z1] / (2 sqrt(q1))``, ``dV/dq2 = E[phi(u) phi'(v) y] / (2 sqrt(q2))``,
+        * ``dV/drho = sqrt(q1 q2) E[phi'(u) phi'(v)]`` (Price's theorem).
+
+        Autograd through the integrand would keep every chunk's nodes for the backward pass:
+        gigabytes for a few thousand pairs.
+        """
         shape = mask.shape
         q1m = q1.expand(shape)[mask].to(torch.float64)
         q2m = q2.expand(shape)[mask].to(torch.float64)
-        rhom = rho.detach().expand(shape)[mask].to(torch.float64).clamp(-1.0, 1.0)
-        z, weights = self._nodes(max(max_or_zero(q1m), max_or_zero(q2m)), hermite=False)
-        z, weights = z.to(rho.device), weights.to(rho.device)
-        values, slopes = [], []
-        chunk = max(1, 2**22 // (z.numel() ** 2))
-        for start in range(0, q1m.numel(), chunk):
-            sl = slice(start, start + chunk)
-            r = rhom[sl, None, None]
-            u = safe_sqrt(q1m[sl])[:, None, None] * z[None, :, None]
-            v = safe_sqrt(q2m[sl])[:, None, None] * (r * z[None, :, None] + _sin_from_cos(r) * z[None, None, :])
+        moved_rho = rho.expand(shape)[mask].to(torch.float64)
+        with torch.no_grad():
+            a1, a2 = safe_sqrt(q1m), safe_sqrt(q2m)
+            rhom = moved_rho.clamp(-1.0, 1.0)
+            z, weights = self._nodes(max(max_or_zero(q1m), max_or_zero(q2m)), hermite=False)
+            z, weights = z.to(rho.device), weights.to(rho.device)
             w2 = weights[:, None] * weights[None, :]
-            values.append((self.fn(u) * self.fn(v) * w2).sum((-1, -2)))
-            ud, vd = u.detach(), v.detach()
-            slopes.append((self.derivative(ud) * self.derivative(vd) * w2).sum((-1, -2)))
-        direct_slope64 = torch.cat(slopes)
-        # The nodes sit at the detached correlation: its derivative, dV/drho = sqrt(q1 q2) E[phi'(u) phi'(v)]
-        # (Price's theorem), enters to first order, so that gradients through rho are kept.
-        moved = rho.expand(shape)[mask].to(torch.float64)
-        moved = moved - moved.detach()
-        direct_value = torch.cat(values) + (safe_sqrt(q1m * q2m).detach() * direct_slope64) * moved
-        direct_value = direct_value.to(value.dtype)
-        direct_slope = direct_slope64.to(slope.dtype)
-        value = value.masked_scatter(mask, direct_value)
-        slope = slope.masked_scatter(mask, direct_slope)
+            z1 = z[None, :, None]
+            sums: list[list[Tensor]] = [[], [], [], []]
+            chunk = max(1, 2**20 // (z.numel() ** 2))
+            for start in range(0, q1m.numel(), chunk):
+                sl = slice(start, start + chunk)
+                r = rhom[sl, None, None]
+                y = r * z1 + _sin_from_cos(r) * z[None, None, :]
+                u, v = a1[sl, None, None] * z1, a2[sl, None, None] * y
+                fu, fv, du, dv = self.fn(u), self.fn(v), self.derivative(u), self.derivative(v)
+                for part, integrand in zip(sums, (fu * fv, du * dv, du * fv * z1, fu * dv * y), strict=True):
+                    part.append((integrand * w2).sum((-1, -2)))
+            integral, prime, along1, along2 = (torch.cat(part) for part in sums)
+            d_q1 = torch.where(a1 > 0, along1 / (2.0 * torch.where(a1 > 0, a1, 1.0)), 0.0)
+            d_q2 = torch.where(a2 > 0, along2 / (2.0 * torch.where(a2 > 0, a2, 1.0)), 0.0)
+            d_rho = a1 * a2 * prime
+        direct_value = (
+            integral
+            + d_q1 * (q1m - q1m.detach())
+            + d_q2 * (q2m - q2m.detach())
+            + d_rho * (moved_rho - moved_rho.detach())
+        )
+        value = value.masked_scatter(mask, direct_value.to(value.dtype))
+        slope = slope.masked_scatter(mask, prime.to(slope.dtype))
         return value, slope
 
     def __repr__(self) -> str:
