@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .activations import Activation, get_activation
+from .activations import Activation, get_activation, safe_divide
 from .equilibrium.newton import ConvergenceError
 
 __all__ = [
@@ -1029,7 +1029,7 @@ def _dual_matrix(act: Activation, cov: Tensor) -> Tensor:
     """``E[phi(u) phi(u)^T]`` for ``u ~ N(0, cov)``, ``cov`` of shape (n, n)."""
     q = cov.diagonal().clamp_min(0.0)
     root = q.sqrt()
-    inv = torch.where(root > 0, 1.0 / torch.where(root > 0, root, 1.0), 0.0)
+    inv = safe_divide(1.0, root)
     rho = (cov * inv.unsqueeze(-1) * inv.unsqueeze(-2)).clamp(-1.0, 1.0)
     state, _ = act.prepare(q)
     rows = tuple(t.unsqueeze(-1) for t in state)

@@ -38,7 +38,7 @@ the names.
 
 from __future__ import annotations
 
-from .base import Activation, Offers, State, safe_sqrt
+from .base import Activation, Offers, State, safe_divide, safe_sqrt
 from .erf import Erf, Gaussian
 from .gelu import Gelu
 from .quadrature import QuadratureActivation, estimate_weight_variance_bound
@@ -64,5 +64,6 @@ __all__ = [
     "estimate_weight_variance_bound",
     "get_activation",
     "kappa_from_angle",
+    "safe_divide",
     "safe_sqrt",
 ]

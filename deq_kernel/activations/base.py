@@ -30,6 +30,15 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
 
 
+def safe_divide(num: Tensor | float, den: Tensor) -> Tensor:
+    """``num / den`` where ``den > 0``, else 0 (a zero-variance point: every covariance with it is 0).
+
+    Written with ``where`` on both sides, so that neither the value nor the gradient sees ``x / 0``.
+    """
+    positive = den > 0
+    return torch.where(positive, num / torch.where(positive, den, 1.0), 0.0)
+
+
 def _sin_from_cos(rho: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(1.0 - rho * rho, min=0.0))
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import _PI, _TWO_PI, Activation, Offers, State, safe_sqrt
+from .base import _PI, _TWO_PI, Activation, Offers, State, safe_divide, safe_sqrt
 from .hermite import hermite_expansion
 
 
@@ -59,7 +59,7 @@ class Gelu(Activation):
         # alpha1 = (e + q1)/Delta, beta1 = alpha2 = c/Delta, beta2 = (e + q2)/Delta, and the
         # residual covariance of (u, v) given (a, b) is c/Delta.
         root = safe_sqrt(q1 * q2)
-        rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0).clamp(-1.0, 1.0)
+        rho = safe_divide(c, root).clamp(-1.0, 1.0)
         e = q1 * q2 * (1.0 - rho) * (1.0 + rho)
         a = q1 + 1.0
         b = q2 + 1.0

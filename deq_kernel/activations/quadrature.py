@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .base import Activation, Offers, State, _sin_from_cos, safe_sqrt
+from .base import Activation, Offers, State, _sin_from_cos, safe_divide, safe_sqrt
 from .hermite import (
     HermiteSeries,
     hermite_expansion,
@@ -287,7 +287,7 @@ class QuadratureActivation(Activation):
         else:
             still = inexact
         root = torch.sqrt(q1 * q2).detach()
-        slope = torch.where(root > 0, slope_rho / torch.where(root > 0, root, 1.0), 0.0)
+        slope = safe_divide(slope_rho, root)
         if bool(still.any()):
             value, slope = self._direct_pairs(q1, q2, rho, still, value, slope)
         return value, slope
@@ -304,7 +304,7 @@ class QuadratureActivation(Activation):
         a1, a2 = state1[1], state2[1]
         value, slope, _ = horner(rho, lambda k: a1[k] * a2[k], range(a1.shape[0]), 1)
         root = torch.sqrt(state1[0] * state2[0])
-        return value, torch.where(root > 0, slope / torch.where(root > 0, root, 1.0), 0.0)
+        return value, safe_divide(slope, root)
 
     def inexact_pairs(self, state1: State, state2: State, rho: Tensor) -> Tensor:
         _, a1, _, total1, tail1, *_ = state1
@@ -350,8 +350,8 @@ class QuadratureActivation(Activation):
                 for part, integrand in zip(sums, (fu * fv, du * dv, du * fv * z1, fu * dv * y), strict=True):
                     part.append((integrand * w2).sum((-1, -2)))
             integral, prime, along1, along2 = (torch.cat(part) for part in sums)
-            d_q1 = torch.where(a1 > 0, along1 / (2.0 * torch.where(a1 > 0, a1, 1.0)), 0.0)
-            d_q2 = torch.where(a2 > 0, along2 / (2.0 * torch.where(a2 > 0, a2, 1.0)), 0.0)
+            d_q1 = safe_divide(along1, 2.0 * a1)
+            d_q2 = safe_divide(along2, 2.0 * a2)
             d_rho = a1 * a2 * prime
         direct_value = (
             integral

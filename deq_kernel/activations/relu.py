@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import _PI, _TWO_PI, Activation, Offers, State, _orthant, _sin_from_cos, safe_sqrt
+from .base import _PI, _TWO_PI, Activation, Offers, State, _orthant, _sin_from_cos, safe_divide, safe_sqrt
 
 
 def kappa_from_angle(
@@ -174,5 +174,5 @@ class Step(Activation):
         qq = qq.detach()
         denom = _TWO_PI * torch.sqrt(qq) * _sin_from_cos(rho.detach())
         # Infinite at |rho| = 1, where rho is extreme and its own derivative vanishes: 0 there.
-        slope = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
+        slope = safe_divide(1.0, denom)
         return value, slope

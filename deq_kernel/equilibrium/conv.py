@@ -49,7 +49,7 @@ from torch import Tensor
 
 from .. import settings
 from .._autograd import first_derivatives_only
-from ..activations import Activation, safe_sqrt
+from ..activations import Activation, safe_divide, safe_sqrt
 from .general import snap_correlation
 from .newton import tolerance, unconverged
 
@@ -71,7 +71,7 @@ def _pair_value(act: Activation, q1: Tensor, q2: Tensor, c: Tensor) -> Tensor:
     fixed correlation; the correlation's own derivative is ``V_c sqrt(q1 q2)`` (Price's theorem).
     """
     root = safe_sqrt(q1 * q2)
-    rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0)
+    rho = safe_divide(c, root)
     # Correlation 1 to rounding (a pixel with itself) is 1: the derivative activations' duals
     # (the tangent kernel's E') have an infinite slope there, which would turn eps into sqrt(eps).
     fixed = snap_correlation(rho.detach(), torch.finfo(rho.dtype).eps)
@@ -292,7 +292,7 @@ def _pair_covariances(
         # Without a graph: the states and 1 / sqrt(q1 q2) once, then the map alone.
         st1, st2 = act.prepare(q1_, q2_)
         root = safe_sqrt(q1_ * q2_)
-        inv_root = torch.where(root > 0, 1.0 / torch.where(root > 0, root, 1.0), 0.0)
+        inv_root = safe_divide(1.0, root)
         scale = 1.0 + s_.abs()
         centre = w_ / kernel_size**2  # A's diagonal: the centre of every patch is on the grid
 
@@ -308,7 +308,7 @@ def _pair_covariances(
         with torch.no_grad():
             st1, st2 = act.prepare(q1_, q2_)
             root = safe_sqrt(q1_ * q2_)
-            rho = torch.where(root > 0, c / torch.where(root > 0, root, 1.0), 0.0).clamp(-1.0, 1.0)
+            rho = safe_divide(c, root).clamp(-1.0, 1.0)
             diagonal = act.pair_dual(st1, st2, rho)[1] * (w.detach() / kernel_size**2)
         return _solve_adjoint(out, c, grad, diagonal, problems)
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..activations import Activation, safe_sqrt
+from ..activations import Activation, safe_divide, safe_sqrt
 from .arcsine import arcsine_kernel
 from .general import solve_pairs
 from .series import series_kernel, series_plan
@@ -142,7 +142,7 @@ def inner(p: Pairs) -> Tensor:
 
 def inverse(r: Tensor) -> Tensor:
     """``1 / r``, and 0 where ``r`` is 0 (a zero-variance point has covariance 0 with everything)."""
-    return torch.where(r > 0, 1.0 / torch.where(r > 0, r, 1.0), 0.0)
+    return safe_divide(1.0, r)
 
 
 def diagonal_output(p: Pairs, ov: Tensor, nngp: bool) -> Tensor | None:
