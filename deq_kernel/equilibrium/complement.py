@@ -105,6 +105,8 @@ def near_one(
     tangent kernel only (their NNGP duals have finite slopes at one); erf and the step every output.
     """
     odd = act.offers.near_one == "arcsine"
+    if odd and not arcsine_near_possible(p):
+        return out
     both_ends = odd or act.offers.near_one == "step"  # re-solved near -1 too
     far = rho.detach().abs() if both_ends else rho.detach()
     square = p.outer and p.symmetric
@@ -130,15 +132,15 @@ def near_one(
     with torch.no_grad():
         pairs = _gather(p, near, idx, rho, w, ov)
         if act.offers.near_one == "angle":
-            tangent = _angle_tangent(act, pairs)
+            solved = _angle_tangent(act, pairs)
         elif act.offers.near_one == "distance":
-            tangent = _distance_tangent(pairs)
+            solved = _distance_tangent(pairs)
         elif act.offers.near_one == "step":
-            tangent = _step_outputs(pairs, output)
+            solved = _step_outputs(pairs, output)
         else:
-            tangent = _arcsine_outputs(pairs, output)
+            solved = _arcsine_outputs(pairs, output)
         change = torch.zeros(near.shape, dtype=out.dtype, device=out.device)
-        change[idx] = tangent.to(out.dtype) - out.detach()[idx]
+        change[idx] = solved.to(out.dtype) - out.detach()[idx]
         if square:
             change = change + change.mT
     return out + change
@@ -197,7 +199,7 @@ def _gram_complement(n: _Near, sign: Tensor | float = 1.0) -> Tensor:
     return gram.clamp_min(0.0) + n.bias * see
 
 
-def _angle_tangent(act: Activation, n: _Near) -> tuple[Tensor, Tensor]:
+def _angle_tangent(act: Activation, n: _Near) -> Tensor:
     """The relu family: the angle's equation (module docstring), then the tangent kernel."""
     root_s = torch.sqrt(n.s11 * n.s22)
     complement = _gram_complement(n) / (root_s * (root_s + n.s12))  # 1 - rho_s
@@ -211,7 +213,7 @@ def _angle_tangent(act: Activation, n: _Near) -> tuple[Tensor, Tensor]:
     return n.ov * root * (kappa + slope * (1.0 - delta) / ((1.0 - n.w * m) + n.w * g * theta))
 
 
-def _distance_tangent(n: _Near) -> tuple[Tensor, Tensor]:
+def _distance_tangent(n: _Near) -> Tensor:
     r"""cos: the equation of the distance :math:`\Delta = q_1 + q_2 - 2K^*`, then the tangent kernel.
 
     With :math:`V = (e^{-\Delta/2} + e^{\Delta/2 - Q})/2`, ``Q = q1 + q2``, the pair equation less
@@ -244,7 +246,7 @@ def _distance_tangent(n: _Near) -> tuple[Tensor, Tensor]:
     return n.ov * (value + slope * cov / (1.0 - n.w * slope))
 
 
-def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
+def _arcsine_outputs(n: _Near, output: str) -> Tensor:
     r"""erf: the arcsine variable's complement ``u = 1 - t``, ``t = K* / (r1 r2)``, ``r = sqrt(q + 1/2)``.
 
     ``t - alpha asin t = beta`` (:mod:`.arcsine`) is :math:`u - \alpha\arccos(1 - u) = G`,
@@ -296,7 +298,7 @@ def _arcsine_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
     return sign * n.ov * (value + slope * cov / (1.0 - n.w * slope))
 
 
-def _step_outputs(n: _Near, output: str) -> tuple[Tensor, Tensor]:
+def _step_outputs(n: _Near, output: str) -> Tensor:
     r"""The step: ``K* = w (pi - theta)/(2 pi) + s12`` with ``q = w/2 + s``, in the angle.
 
     :math:`H(\theta) = 2r\sin^2(\theta/2) - w\theta/(2\pi) = r - w/2 - s_{12}`, ``r = sqrt(q1 q2)``,

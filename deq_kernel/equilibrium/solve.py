@@ -151,7 +151,7 @@ def _ntk(act: Activation, derivative: Activation, p: Pairs, w: Tensor, ov: Tenso
     if square:
         slope = 0.5 * (slope + slope.mT)  # a quadrature fallback may integrate in one order of the pair
     out = tangent_kernel(value, cov, slope, w, ov)
-    if act.offers.near_one is not None and (act.offers.near_one != "arcsine" or arcsine_near_possible(p)):
+    if act.offers.near_one is not None:
         # "identical" above is judged on s, to its rounding: points a few ulps apart are re-solved too
         out = near_one(act, p, rho, zero, out, w, ov)
     if square:
