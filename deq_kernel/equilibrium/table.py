@@ -142,32 +142,31 @@ def correlation_root(a: float, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Te
     rho = torch.maximum(rho, -1.0 + (c + 1.0 - w * a) / (1.0 - w * a)).clamp_(-1.0, 1.0)  # tangent at -1
     tol = tolerance(c.dtype)
     max_iter = settings.max_iterations.value()
-    # The iteration writes into these arrays in place: on the CPU a fresh array of a few
-    # hundred kilobytes per operation costs more than the operation (new pages from the system).
-    theta, sin, kappa, kappa_prime, r, work, ratio = (torch.empty_like(rho) for _ in range(7))
+    one = torch.ones((), dtype=rho.dtype, device=rho.device)
     for iteration in range(max_iter + 1):
-        torch.arccos(rho, out=theta)
-        torch.sub(theta, math.pi, out=kappa_prime).mul_(-g)  # g (pi - theta)
+        theta = torch.arccos(rho)
+        kappa_prime = (math.pi - theta).mul_(g)  # g (pi - theta) + a
         if a:
             kappa_prime.add_(a)
-        torch.sin(theta, out=sin)
-        torch.mul(sin, g, out=kappa).addcmul_(rho, kappa_prime)  # kappa = rho kappa' + g sin(theta)
-        torch.sub(rho, c, out=r).addcmul_(w, kappa, value=-1.0)  # r = rho - c - w kappa
-        worst = float(torch.stack(torch.aminmax(r)).abs().amax()) if r.numel() else 0.0
-        if worst > tol:  # the exact rule, |r| <= tol (1 + |w kappa + c|), only where the quick one fails
-            torch.sub(rho, r, out=work).abs_().add_(1.0)
-            worst = float(torch.abs(r, out=ratio).div_(work).amax())
-        step = r.div_(torch.mul(kappa_prime, w, out=work).neg_().add_(1.0))  # r / (1 - w kappa')
+        sin = torch.sin(theta)
+        kappa = torch.mul(sin, g).addcmul_(rho, kappa_prime)  # kappa = rho kappa' + g sin(theta)
+        r = torch.sub(rho, c).addcmul_(w, kappa, value=-1.0)  # r = rho - c - w kappa
+        worst = float(r.abs().amax()) if r.numel() else 0.0
+        # The exact rule, |r| <= tol (1 + |w kappa + c|), only where the quick one fails and the
+        # exact one can hold: |w kappa + c| = |rho - r| <= 1 + |r|, so not once |r| > 3 tol.
+        if tol < worst <= 3.0 * tol:
+            worst = float(r.abs().div_((rho - r).abs_().add_(1.0)).amax())
+        step = r.div_(torch.addcmul(one, kappa_prime, w, value=-1.0))  # r / (1 - w kappa')
         if worst <= tol:
             # One more Newton step takes the root from the tolerance to rounding level; kappa and
             # kappa' follow to first order (kappa'' = g / sin(theta)), which is exact to rounding.
-            curvature = torch.reciprocal(sin, out=ratio).mul_(g).masked_fill_(sin <= 0, 0.0)  # sin(theta) >= 0
-            polished = torch.sub(rho, step, out=theta).clamp_(-1.0, 1.0)
-            delta = torch.sub(polished, rho, out=work)
+            curvature = torch.reciprocal(sin).mul_(g).masked_fill_(sin <= 0, 0.0)  # sin(theta) >= 0
+            polished = torch.sub(rho, step).clamp_(-1.0, 1.0)
+            delta = polished - rho
             return polished, kappa.addcmul_(kappa_prime, delta), kappa_prime.addcmul_(curvature, delta)
         if iteration == max_iter:
             raise unconverged("pair", worst, tol, max_iter)
-        rho.sub_(step).clamp_(-1.0, 1.0)
+        rho = rho.sub_(step).clamp_(-1.0, 1.0)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
