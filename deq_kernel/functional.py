@@ -27,7 +27,7 @@ from .equilibrium.backend import check_output_fits
 from .equilibrium.plan import OUTPUTS, as_hyper, as_input, batch_shape, check_hypers
 from .equilibrium.solve import solve
 
-__all__ = ["OUTPUTS", "equilibrium_covariance"]
+__all__ = ["OUTPUTS", "checked_covariance", "equilibrium_covariance"]
 
 ArrayLike = Any
 
@@ -116,19 +116,8 @@ def equilibrium_covariance(
     if activation_kwargs:
         check_keywords(activation_kwargs, activation, where="equilibrium_covariance", own=_ARGUMENTS)
     act = get_activation(activation, **activation_kwargs)
-
-    x1 = as_input(x1, "x1")
-    symmetric = x2 is None or x2 is x1
-    x2 = x1 if symmetric else as_input(x2, "x2", like=x1)
-    if x1.dtype != x2.dtype:
-        dtype = torch.promote_types(x1.dtype, x2.dtype)
-        x1, x2 = x1.to(dtype), x2.to(dtype)
+    x1, x2, symmetric = _inputs(x1, x2, diag)
     d = x1.shape[-1]
-    if x2.shape[-1] != d:
-        raise ValueError(f"x2 must have the same number of features as x1 (d={d}), got x2 of shape {tuple(x2.shape)}")
-    if diag and not symmetric and x2.shape[-2] != x1.shape[-2]:
-        raise ValueError(f"with diag=True, x2 must have as many points as x1 ({x1.shape[-2]}), got {x2.shape[-2]}")
-
     if weight_variance is None:
         weight_variance = act.default_weight_variance
     w = as_hyper(weight_variance, "weight_variance", x1, check=False)
@@ -142,6 +131,63 @@ def equilibrium_covariance(
             f"(one variance per input dimension), got shape {tuple(iv.shape)}"
         )
     act.check_weight_variance(w)
+    return _covariance(act, x1, x2, symmetric, w, iv, b, ov, diag, output)
+
+
+def checked_covariance(
+    act: Activation,
+    x1: Tensor,
+    x2: Tensor | None,
+    w: Tensor,
+    iv: Tensor,
+    b: Tensor,
+    *,
+    diag: bool,
+    output: str,
+) -> Tensor:
+    """:func:`equilibrium_covariance` for a caller that has checked the hyperparameters itself.
+
+    For the GPyTorch kernel, whose hyperparameters are tensors of the inputs' dtype that it
+    checks once per call (finite, non-negative, ``w`` below the bound, ``iv`` of last dimension
+    1 or ``d``); the inputs are validated here as by :func:`equilibrium_covariance`, and the
+    output variance is 1.
+    """
+    refuse_function_transforms("DEQKernel")
+    x1, x2, symmetric = _inputs(x1, x2, diag)
+    w, iv, b = (t.to(device=x1.device, dtype=x1.dtype) for t in (w, iv, b))
+    ov = torch.ones((), dtype=x1.dtype, device=x1.device)
+    return _covariance(act, x1, x2, symmetric, w, iv, b, ov, diag, output)
+
+
+def _inputs(x1: ArrayLike, x2: ArrayLike | None, diag: bool) -> tuple[Tensor, Tensor, bool]:
+    """``(x1, x2, symmetric)``: validated tensors of one dtype, ``x2`` is ``x1`` for a symmetric matrix."""
+    x1 = as_input(x1, "x1")
+    symmetric = x2 is None or x2 is x1
+    x2 = x1 if symmetric else as_input(x2, "x2", like=x1)
+    if x1.dtype != x2.dtype:
+        dtype = torch.promote_types(x1.dtype, x2.dtype)
+        x1, x2 = x1.to(dtype), x2.to(dtype)
+    d = x1.shape[-1]
+    if x2.shape[-1] != d:
+        raise ValueError(f"x2 must have the same number of features as x1 (d={d}), got x2 of shape {tuple(x2.shape)}")
+    if diag and not symmetric and x2.shape[-2] != x1.shape[-2]:
+        raise ValueError(f"with diag=True, x2 must have as many points as x1 ({x1.shape[-2]}), got {x2.shape[-2]}")
+    return x1, x2, symmetric
+
+
+def _covariance(
+    act: Activation,
+    x1: Tensor,
+    x2: Tensor,
+    symmetric: bool,
+    w: Tensor,
+    iv: Tensor,
+    b: Tensor,
+    ov: Tensor,
+    diag: bool,
+    output: str,
+) -> Tensor:
+    """The kernel of validated arguments: the batch shape, the output's memory, float32 solved in float64."""
     batch = batch_shape(x1, x2, w=w, iv=iv, b=b, ov=ov)
     if x1.dtype == torch.float32:
         # float32 resolves a correlation near +-1 only to sqrt(eps32) in angle (collinear or
@@ -155,5 +201,4 @@ def equilibrium_covariance(
         return out.to(torch.float32)
     if not diag:
         check_output_fits((*batch, x1.shape[-2], x2.shape[-2]), x1.dtype, x1.device)
-
     return solve(act, x1, x2, symmetric, w, iv, b, ov, diag=diag, output=output, batch=batch)

@@ -38,7 +38,8 @@ from .activations import Activation, get_activation
 from .activations.registry import check_keywords
 from .convolutional import check_conv_options, conv_equilibrium_covariance
 from .equilibrium.newton import ConvergenceError
-from .functional import equilibrium_covariance
+from .equilibrium.plan import check_hypers
+from .functional import checked_covariance
 from .settings import positive_int
 
 __all__ = [
@@ -374,13 +375,13 @@ class DEQKernel(Kernel):
     ) -> Tensor:
         w, iv, b = self._checked(x1, x2, last_dim_is_batch)
         # Parameters are (*batch, 1) and (*batch, 1, d); the core wants (*batch) and (*batch, d).
-        return equilibrium_covariance(
+        return checked_covariance(
+            self.activation,
             x1,
             None if _same_points(x1, x2) else x2,
-            activation=self.activation,
-            weight_variance=w.squeeze(-1),
-            input_variance=iv.squeeze(-2),
-            bias_variance=b.squeeze(-1),
+            w.squeeze(-1),
+            iv.squeeze(-2),
+            b.squeeze(-1),
             diag=diag,
             output=self.kernel,
         )
@@ -389,8 +390,10 @@ class DEQKernel(Kernel):
         """``(weight_variance, input_variance, bias_variance)`` for :meth:`forward`, after its checks.
 
         ``last_dim_is_batch`` is refused, the inputs' batch dimensions must broadcast with
-        :attr:`batch_shape`, an ARD kernel's inputs must have its ``ard_num_dims`` features, and
-        non-finite hyperparameters raise :class:`NonFiniteHyperparameterError`.
+        :attr:`batch_shape`, an ARD kernel's inputs must have its ``ard_num_dims`` features,
+        non-finite hyperparameters raise :class:`NonFiniteHyperparameterError`, and negative ones
+        or a weight variance at the activation's bound the core's ``ValueError`` (a constraint of
+        the user's own may allow them). :meth:`forward` then hands them to the core unchecked.
         """
         if last_dim_is_batch:
             raise ValueError(_NO_LAST_DIM_IS_BATCH)
@@ -401,6 +404,14 @@ class DEQKernel(Kernel):
             )
         self._check_batch(x1, x2)
         w, iv, b = self.weight_variance, self.input_variance, self.bias_variance
+        # One synchronisation for every check; the messages are worked out only when one fails.
+        values = torch.cat([t.detach().reshape(-1) for t in (w, iv, b)])
+        fine = torch.isfinite(values).all() & (values >= 0).all()
+        bound = self.activation.weight_variance_bound
+        if math.isfinite(bound):
+            fine = fine & (w.detach() < bound).all()
+        if bool(fine):
+            return w, iv, b
         if not all(bool(torch.isfinite(t).all()) for t in (w, iv, b)):
             raise NonFiniteHyperparameterError(
                 f"{type(self).__name__}'s hyperparameters must be finite: weight_variance={_describe(w.detach())}, "
@@ -408,7 +419,9 @@ class DEQKernel(Kernel):
                 "(an optimiser step left the range; fitting routines such as BoTorch's fit_gpytorch_mll catch this "
                 "error and retry)"
             )
-        return w, iv, b
+        check_hypers(weight_variance=w, input_variance=iv, bias_variance=b)
+        self.activation.check_weight_variance(w)
+        raise AssertionError("unreachable: a check above failed")  # pragma: no cover
 
 
 class ConvDEQKernel(DEQKernel):

@@ -749,6 +749,30 @@ def test_non_finite_hyperparameters_raise_an_error_fitting_routines_catch():
     assert math.isfinite(result.log_marginal_likelihood) and calls["n"] > 3
 
 
+def test_hyperparameters_a_users_constraint_allows_are_checked_once_with_the_cores_messages():
+    # The kernel checks its hyperparameters itself (one synchronisation) and hands them to the
+    # core unchecked. Constraints that allow negative variances or the bound are refused when
+    # it is built; one registered afterwards (GPyTorch's register_constraint) may still let the
+    # weight variance reach the bound, which the call refuses with the core's message.
+    x = torch.randn(6, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="must not allow negative values"):
+        DEQKernel(input_variance_constraint=Interval(-1.0, 1.0))
+    at_bound = DEQKernel("erf").double()
+    at_bound.register_constraint("raw_weight_variance", Interval(0.0, 2.0))
+    at_bound.double()
+    at_bound.weight_variance = torch.tensor(math.pi / 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"weight_variance must be < 0\.785398 for activation 'erf'"):
+        at_bound(x).to_dense()
+    # In range, the kernel is the public function's.
+    fine = DEQKernel("erf").double()
+    hypers = {
+        name: getattr(fine, name).detach().reshape(())
+        for name in ("weight_variance", "input_variance", "bias_variance")
+    }
+    expected = deq_kernel.equilibrium_covariance(x, activation="erf", **hypers)
+    assert torch.equal(fine(x).to_dense().detach(), expected)
+
+
 def test_botorch_batched_models_fantasies_and_shape_errors():
     pytest.importorskip("botorch", reason="BoTorch is an optional extra (pip install 'deq-kernel[botorch]')")
     from botorch.fit import fit_gpytorch_mll
