@@ -96,6 +96,34 @@ def test_diagonal_fixed_point_satisfies_its_equation():
     assert q[0] == 0.0
 
 
+_DIAGONAL_DUALS = {
+    # D(q) = E[phi(u)^2], u ~ N(0, q), in closed form, written independently of the library.
+    "erf": lambda q: (2.0 / math.pi) * np.arcsin(2.0 * q / (1.0 + 2.0 * q)),
+    "sin": lambda q: -0.5 * np.expm1(-2.0 * q),  # without cancellation at small q
+    "cos": lambda q: 0.5 * (1.0 + np.exp(-2.0 * q)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DIAGONAL_DUALS))
+@pytest.mark.parametrize("fraction", [0.3, 0.95])
+def test_unbracketed_diagonal_newton_against_plain_fixed_point_iteration(name, fraction):
+    # erf, sin and cos have a dual D concave or convex in q, and their diagonal is solved by
+    # Newton's method without a bracket (monotone_diagonal). Reference: the plain fixed-point
+    # iteration q <- w D(q) + s, a contraction under the bound, run to its limit.
+    act = get_activation(name)
+    assert act.offers.monotone_diagonal
+    s = np.concatenate([[0.0, 1e-8], np.geomspace(1e-4, 1e4, 30)])
+    w = fraction * act.weight_variance_bound
+    q_ref = s.copy()
+    for _ in range(3000):
+        q_ref = w * _DIAGONAL_DUALS[name](q_ref) + s
+    q, d = solve_diagonal(act, torch.as_tensor(s), torch.tensor(w, dtype=torch.float64))
+    np.testing.assert_allclose(q.numpy(), q_ref, rtol=2e-14, atol=1e-300)
+    np.testing.assert_allclose(d.numpy(), _DIAGONAL_DUALS[name](q_ref), rtol=1e-13, atol=1e-300)
+    with settings.max_iterations(1), pytest.raises(ConvergenceError, match="diagonal fixed point did not converge"):
+        solve_diagonal(act, torch.as_tensor(s), torch.tensor(w, dtype=torch.float64))
+
+
 def test_settings_validate_and_nest():
     with pytest.raises(ValueError, match="max_iterations must be a positive integer"):
         settings.max_iterations(0)

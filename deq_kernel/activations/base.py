@@ -80,6 +80,10 @@ class Offers:
     series_states : bool
         :meth:`Activation.prepare` returns Hermite coefficient states whose order
         ``narrow(state1, state2, coverage)`` can lower for the correlations a call reaches.
+    monotone_diagonal : bool
+        ``D`` is concave or convex on ``q >= 0`` (erf, sin: concave; cos: convex), so Newton's
+        method on the diagonal equation converges from ``q = s`` without a bracket
+        (:func:`deq_kernel.equilibrium.diagonal.monotone_diagonal`).
     near_one : {"angle", "distance", "arcsine", "step"} or None
         The pairs near correlation one can be re-solved in a complement of the correlation
         (:mod:`deq_kernel.equilibrium.complement`): ``"angle"`` for the relu family and
@@ -91,6 +95,7 @@ class Offers:
     linear_diagonal: bool = False
     hermite_series: bool = False
     series_states: bool = False
+    monotone_diagonal: bool = False
     near_one: str | None = None
 
 

@@ -23,7 +23,7 @@ class Erf(Activation):
 
     name = "erf"
     weight_variance_bound = _PI / 4.0
-    offers = Offers(pair_equation="arcsine", near_one="arcsine")
+    offers = Offers(pair_equation="arcsine", monotone_diagonal=True, near_one="arcsine")
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.erf(x)

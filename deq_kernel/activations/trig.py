@@ -17,6 +17,7 @@ class Sin(Activation):
 
     name = "sin"
     weight_variance_bound = 1.0
+    offers = Offers(monotone_diagonal=True)  # D concave
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.sin(x)
@@ -47,7 +48,7 @@ class Cos(Activation):
 
     name = "cos"
     weight_variance_bound = 2.0
-    offers = Offers(near_one="distance")
+    offers = Offers(monotone_diagonal=True, near_one="distance")  # D convex
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.cos(x)

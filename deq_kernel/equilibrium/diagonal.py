@@ -1,7 +1,8 @@
 r"""The diagonal fixed point, one per point: :math:`q = w\,D(q) + s`, :math:`D(q) = E[\phi(u)^2]`.
 
-Closed form for activations whose :math:`D` is linear (the relu family); for many points
-and one weight variance, one scalar function :math:`q^*(s)` interpolated from a few exact
+Closed form for activations whose :math:`D` is linear (the relu family); Newton's method
+without a bracket where :math:`D` is concave or convex (erf, sin, cos); for many points and
+one weight variance, one scalar function :math:`q^*(s)` interpolated from a few exact
 solves and polished by Newton's method; otherwise the bracketed Newton method of
 :mod:`.newton`. The gradient is the implicit function theorem's,
 :math:`dq = (D\,dw + ds)/(1 - w D'(q))`.
@@ -15,11 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import settings
 from .._autograd import first_derivatives_only
 from ..activations import Activation
-from .newton import newton, tolerance
+from .newton import newton, tolerance, unconverged
 
-__all__ = ["bracketed_diagonal", "interpolated_diagonal", "solve_diagonal"]
+__all__ = ["bracketed_diagonal", "interpolated_diagonal", "monotone_diagonal", "solve_diagonal"]
 
 
 #: Chebyshev nodes of the interpolated start of the diagonal (see :func:`interpolated_diagonal`).
@@ -28,6 +30,8 @@ DIAGONAL_NODES = 33
 
 def _diagonal_forward(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(q, D(q), D'(q))`` at the diagonal fixed point (an activation without a closed form)."""
+    if act.offers.monotone_diagonal:
+        return monotone_diagonal(act, s, w)
     if w.numel() == 1 and s.numel() > 2 * DIAGONAL_NODES:
         done = interpolated_diagonal(act, s, w)
         if done is not None:
@@ -88,6 +92,38 @@ def interpolated_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor
             return q - step, d - dd * step, dd
         q = torch.maximum(q - step, sd)
     return None
+
+
+def monotone_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, D(q), D'(q))`` at the roots of ``r(q) = q - w D(q) - s`` by Newton's method from ``q = s``, unbracketed.
+
+    For a dual ``D`` concave or convex on ``q >= 0`` (``act.offers.monotone_diagonal``). Under
+    the activation's bound ``r`` is increasing, and it is convex or concave. Newton's method
+    converges monotonically to the root of such a function from a start on the side where
+    the tangent stays on one side of the graph, and from any other start its first step lands
+    there: the start ``q = s`` has ``r(s) = -w D(s) <= 0``, so for a concave ``r`` (``D``
+    convex, cos) the iterates increase to the root, and for a convex one (erf, sin) the first
+    step lands above it and the rest decrease to it. The stopping rule is the bracketed
+    method's (:mod:`.newton`), one more step follows it, and an iteration that does not
+    meet it within ``settings.max_iterations`` raises ``ConvergenceError``. A few elementwise
+    operations per step instead of the safeguards' few dozen.
+    """
+    tol = tolerance(s.dtype)
+    max_iter = settings.max_iterations.value()
+    q = s
+    for iteration in range(max_iter + 1):
+        d, dd = act.diag_dual(q)
+        wd = w * d
+        r = q - wd - s
+        step = r / (1.0 - w * dd)
+        bad = r.abs() > tol * (q.abs() + wd.abs() + s)
+        if not bool(bad.any()):
+            return q - step, d - dd * step, dd
+        if iteration == max_iter:
+            worst = float((r.abs() / (q.abs() + wd.abs() + s)).masked_fill(~bad, 0.0).amax())
+            raise unconverged("diagonal", worst, tol, max_iter)
+        q = q - step
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def bracketed_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
