@@ -35,10 +35,10 @@ from torch import Tensor
 
 from .. import settings
 from .._autograd import first_derivatives_only
-from ..activations import Activation, safe_sqrt
+from ..activations import Activation
 from .arcsine import BOUND_EPS, NEWTON_STEPS, arcsine_resolves, solve_block
 from .newton import unconverged
-from .pairs import Pairs, broadcast_shapes, inverse, operands, product, with_exact_diagonal
+from .pairs import Pairs, broadcast_shapes, operands, product, root_and_inverse, with_exact_diagonal
 from .table import correlation_root
 
 __all__ = ["DENSE_PAIRS", "dense", "dense_both", "dense_refuses", "dense_suits"]
@@ -113,9 +113,9 @@ def _solve(act: Activation, p: Pairs, w: Tensor) -> tuple[Tensor, Tensor]:
             return t
 
     if act.offers.pair_equation == "correlation_table":
-        r1 = safe_sqrt(p.q1)
-        r2 = r1 if p.q2 is p.q1 else safe_sqrt(p.q2)
-        rho, kappa = _relu_family(act.negative_slope, pair_product(inverse(r1), inverse(r2)), w)
+        r1, inv1 = root_and_inverse(p.q1)
+        r2, inv2 = (r1, inv1) if p.q2 is p.q1 else root_and_inverse(p.q2)
+        rho, kappa = _relu_family(act.negative_slope, pair_product(inv1, inv2), w)
         root = rows(r1) * cols(r2)
         return unpack(root * kappa), unpack(root * rho)
     # erf: r = sqrt(q + 1/2), so that the arcsine's argument is t = K* / (r1 r2).

@@ -102,9 +102,8 @@ def operands(p: Pairs, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, boo
     (``two_sided``). For elementwise pairs, ``(lhs * rhs).sum(-1)`` is the product.
     """
     if p.outer and p.symmetric and not any(h.requires_grad and bool((h == 0).any()) for h in (p.scale, p.bias)):
-        a = _cat_features(
-            p.x1 * safe_sqrt(p.scale) * left.unsqueeze(-1), (safe_sqrt(p.bias).unsqueeze(-1) * left).unsqueeze(-1)
-        )
+        scale, bias = variance_root(p.scale), variance_root(p.bias)
+        a = _cat_features(p.x1 * scale * left.unsqueeze(-1), (bias.unsqueeze(-1) * left).unsqueeze(-1))
         return _aligned(a), _aligned(a), False
     lhs = _cat_features(p.x1s * left.unsqueeze(-1), (p.bias.unsqueeze(-1) * left).unsqueeze(-1))
     rhs = _cat_features(p.x2 * right.unsqueeze(-1), right.unsqueeze(-1))
@@ -145,6 +144,25 @@ def inverse(r: Tensor) -> Tensor:
     return safe_divide(1.0, r)
 
 
+def variance_root(h: Tensor) -> Tensor:
+    """:func:`~deq_kernel.activations.safe_sqrt` of a variance, as a plain square root where none is 0.
+
+    The same values and gradients; without the guard's two ``where`` it adds one operation to
+    the graph instead of three, which at a few dozen points is much of a call's time. One
+    synchronisation says which applies.
+    """
+    return torch.sqrt(h) if bool((h > 0).all()) else safe_sqrt(h)
+
+
+def root_and_inverse(q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sqrt(q), 1 / sqrt(q))``, both 0 where ``q`` is (:func:`variance_root`, :func:`inverse`)."""
+    if bool((q > 0).all()):
+        r = torch.sqrt(q)
+        return r, 1.0 / r
+    r = safe_sqrt(q)
+    return r, inverse(r)
+
+
 def diagonal_output(p: Pairs, ov: Tensor, nngp: bool) -> Tensor | None:
     """The exact diagonal of a symmetric matrix, from the O(n) diagonal path (else ``None``)."""
     if not (p.outer and p.symmetric):
@@ -168,8 +186,12 @@ def one_product(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) ->
     """The relu family's correlation table (:mod:`.table`) or erf's arcsine variable (:mod:`.arcsine`)."""
     table = act.offers.pair_equation == "correlation_table"
     # The relu family: r = sqrt(q); erf: r = sqrt(q + 1/2), never 0.
-    r1, r2 = (safe_sqrt(p.q1), safe_sqrt(p.q2)) if table else (torch.sqrt(p.q1 + 0.5), torch.sqrt(p.q2 + 0.5))
-    lhs, rhs, two_sided = operands(p, inverse(r1), inverse(r2))
+    if table:
+        (r1, inv1), (r2, inv2) = root_and_inverse(p.q1), root_and_inverse(p.q2)
+    else:
+        r1, r2 = torch.sqrt(p.q1 + 0.5), torch.sqrt(p.q2 + 0.5)
+        inv1, inv2 = 1.0 / r1, 1.0 / r2
+    lhs, rhs, two_sided = operands(p, inv1, inv2)
     options = dict(
         want="value" if nngp else "cov",
         matrix=p.outer,
