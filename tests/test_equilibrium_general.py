@@ -12,7 +12,7 @@ import torch
 import deq_kernel
 from deq_kernel import ConvergenceError, equilibrium_covariance, settings
 from deq_kernel.activations import get_activation
-from deq_kernel.equilibrium import pairs
+from deq_kernel.equilibrium import diagonal, pairs
 from deq_kernel.equilibrium.diagonal import solve_diagonal
 from deq_kernel.equilibrium.general import solve_pairs
 from deq_kernel.equilibrium.table import TABLE_SIZE, CorrelationTable
@@ -122,6 +122,38 @@ def test_unbracketed_diagonal_newton_against_plain_fixed_point_iteration(name, f
     np.testing.assert_allclose(d.numpy(), _DIAGONAL_DUALS[name](q_ref), rtol=1e-13, atol=1e-300)
     with settings.max_iterations(1), pytest.raises(ConvergenceError, match="diagonal fixed point did not converge"):
         solve_diagonal(act, torch.as_tensor(s), torch.tensor(w, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "sigmoid"])
+def test_unbracketed_diagonal_newton_of_quadrature_activations_against_fixed_point_iteration(name):
+    # Without a proof that D is concave or convex, the unbracketed Newton method is tried first
+    # and checked as it goes. Where it holds it must give the fixed point: against plain
+    # fixed-point iteration with an independent trapezoid rule for D.
+    from reference import quadrature_diag
+
+    act = get_activation(name)
+    fn = {"tanh": np.tanh, "softplus": lambda x: np.logaddexp(0.0, x), "sigmoid": lambda x: 0.5 * (1 + np.tanh(x / 2))}
+    s = np.concatenate([[0.0], np.geomspace(1e-4, 20.0, 11)])
+    w = 0.8 * act.weight_variance_bound
+    done = diagonal.monotone_diagonal(act, torch.as_tensor(s), torch.tensor(w, dtype=torch.float64))
+    assert done is not None
+    q_ref = s.copy()
+    for _ in range(300):
+        q_ref = w * quadrature_diag(fn[name], q_ref) + s
+    np.testing.assert_allclose(done[0].numpy(), q_ref, rtol=1e-12, atol=1e-300)
+
+
+def test_unbracketed_diagonal_newton_hands_over_to_the_bracket_where_its_check_fails():
+    # gelu near its bound at unit variance: an iterate crosses to the other side of the root
+    # (its D is neither concave nor convex there), so the attempt returns None and the bracketed
+    # method solves the diagonal; solve_diagonal's answer is the fixed point either way.
+    act = get_activation("gelu")
+    s = torch.linspace(0.0, 1.0, 40, dtype=torch.float64)
+    w = torch.tensor(0.99 * act.weight_variance_bound, dtype=torch.float64)
+    assert diagonal.monotone_diagonal(act, s, w) is None
+    q, d = solve_diagonal(act, s, w)
+    torch.testing.assert_close(q, w * d + s, rtol=1e-14, atol=1e-300)
+    torch.testing.assert_close(q, diagonal.bracketed_diagonal(act, s, w)[0], rtol=1e-13, atol=1e-300)
 
 
 def test_settings_validate_and_nest():

@@ -83,7 +83,8 @@ class Offers:
     monotone_diagonal : bool
         ``D`` is concave or convex on ``q >= 0`` (erf, sin: concave; cos: convex), so Newton's
         method on the diagonal equation converges from ``q = s`` without a bracket
-        (:func:`deq_kernel.equilibrium.diagonal.monotone_diagonal`).
+        (:func:`deq_kernel.equilibrium.diagonal.monotone_diagonal`), and ``D`` is cheap
+        enough to solve every point of a diagonal directly.
     near_one : {"angle", "distance", "arcsine", "step"} or None
         The pairs near correlation one can be re-solved in a complement of the correlation
         (:mod:`deq_kernel.equilibrium.complement`): ``"angle"`` for the relu family and

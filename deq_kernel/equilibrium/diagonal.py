@@ -1,10 +1,11 @@
 r"""The diagonal fixed point, one per point: :math:`q = w\,D(q) + s`, :math:`D(q) = E[\phi(u)^2]`.
 
-Closed form for activations whose :math:`D` is linear (the relu family); Newton's method
-without a bracket where :math:`D` is concave or convex (erf, sin, cos); for many points and
-one weight variance, one scalar function :math:`q^*(s)` interpolated from a few exact
-solves and polished by Newton's method; otherwise the bracketed Newton method of
-:mod:`.newton`. The gradient is the implicit function theorem's,
+Closed form for activations whose :math:`D` is linear (the relu family); for many points
+and one weight variance of an activation whose dual is a quadrature, one scalar function
+:math:`q^*(s)` interpolated from a few exact solves and polished by Newton's method. An
+exact solve is Newton's method without a bracket, which converges monotonically where
+:math:`D` is concave or convex (erf, sin, cos) and is checked as it goes elsewhere;
+where that check fails, the bracketed Newton method of :mod:`.newton`. The gradient is the implicit function theorem's,
 :math:`dq = (D\,dw + ds)/(1 - w D'(q))`.
 """
 
@@ -19,7 +20,7 @@ from torch import Tensor
 from .. import settings
 from .._autograd import first_derivatives_only
 from ..activations import Activation
-from .newton import newton, tolerance, unconverged
+from .newton import newton, tolerance
 
 __all__ = ["bracketed_diagonal", "interpolated_diagonal", "monotone_diagonal", "solve_diagonal"]
 
@@ -30,13 +31,12 @@ DIAGONAL_NODES = 33
 
 def _diagonal_forward(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(q, D(q), D'(q))`` at the diagonal fixed point (an activation without a closed form)."""
-    if act.offers.monotone_diagonal:
-        return monotone_diagonal(act, s, w)
-    if w.numel() == 1 and s.numel() > 2 * DIAGONAL_NODES:
+    if w.numel() == 1 and s.numel() > 2 * DIAGONAL_NODES and not act.offers.monotone_diagonal:
+        # Many points of an activation whose dual is costly (a quadrature per point).
         done = interpolated_diagonal(act, s, w)
         if done is not None:
             return done
-    return bracketed_diagonal(act, s, w)
+    return _exact_diagonal(act, s, w)
 
 
 #: Newton steps from the interpolated start before the bracketed method takes over.
@@ -63,7 +63,7 @@ def interpolated_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor
     u_nodes = 0.5 * (u_lo + u_hi) + 0.5 * (u_hi - u_lo) * torch.cos(math.pi * k / (DIAGONAL_NODES - 1))
     nodes = (torch.exp(u_nodes) - delta).clamp_min(0.0) if logarithmic else u_nodes
     w64 = w.detach().to(torch.float64).reshape(())
-    q_nodes = bracketed_diagonal(act, nodes, w64)[0]
+    q_nodes = _exact_diagonal(act, nodes, w64)[0]
     # Values spanning a few ulps (points on a sphere, whose s differ by rounding only) put the
     # nodes within rounding of each other: the barycentric weights 1/(u - u_k) then cancel to
     # inf - inf. One node's value, polished by Newton's method below, is then the start.
@@ -94,36 +94,51 @@ def interpolated_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor
     return None
 
 
-def monotone_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def monotone_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """``(q, D(q), D'(q))`` at the roots of ``r(q) = q - w D(q) - s`` by Newton's method from ``q = s``, unbracketed.
 
-    For a dual ``D`` concave or convex on ``q >= 0`` (``act.offers.monotone_diagonal``). Under
-    the activation's bound ``r`` is increasing, and it is convex or concave. Newton's method
-    converges monotonically to the root of such a function from a start on the side where
-    the tangent stays on one side of the graph, and from any other start its first step lands
-    there: the start ``q = s`` has ``r(s) = -w D(s) <= 0``, so for a concave ``r`` (``D``
-    convex, cos) the iterates increase to the root, and for a convex one (erf, sin) the first
-    step lands above it and the rest decrease to it. The stopping rule is the bracketed
-    method's (:mod:`.newton`), one more step follows it, and an iteration that does not
-    meet it within ``settings.max_iterations`` raises ``ConvergenceError``. A few elementwise
-    operations per step instead of the safeguards' few dozen.
+    Where ``D`` is concave or convex on ``q >= 0`` (``act.offers.monotone_diagonal``: erf, sin,
+    cos) this always converges: under the activation's bound ``r`` is increasing, and Newton's
+    method on an increasing convex or concave function converges monotonically, after at most
+    one step, from any start. The start ``q = s`` has ``r(s) = -w D(s) <= 0``: for a concave
+    ``r`` (``D`` convex, cos) the iterates increase to the root, for a convex one (erf, sin) the
+    first step lands above it and the rest decrease to it.
+
+    For any other activation it is tried first, and checked as it goes: every iterate after
+    the first must stay on the side of the root the first one took (the residual keeps its
+    sign, or meets the stopping rule), with a positive slope ``1 - w D'``. It returns ``None``
+    (the caller then uses :func:`bracketed_diagonal`) on the first violation, or when the
+    stopping rule of :mod:`.newton` is not met within ``settings.max_iterations``; once it
+    is met, one more step follows, as in the bracketed method. A few elementwise operations
+    per step instead of the safeguards' few dozen.
     """
     tol = tolerance(s.dtype)
-    max_iter = settings.max_iterations.value()
-    q = s
-    for iteration in range(max_iter + 1):
+    q, first = s, None
+    for iteration in range(settings.max_iterations.value() + 1):
         d, dd = act.diag_dual(q)
         wd = w * d
         r = q - wd - s
-        step = r / (1.0 - w * dd)
-        bad = r.abs() > tol * (q.abs() + wd.abs() + s)
-        if not bool(bad.any()):
+        slope = 1.0 - w * dd
+        met = r.abs() <= tol * (q.abs() + wd.abs() + s)  # False for NaN
+        if iteration == 1:
+            first = r
+        fine = slope > 0
+        if first is not None:
+            fine = fine & ((r * first >= 0) | met)
+        met_all, fine_all = torch.stack([met.all(), fine.all()]).tolist()
+        if not fine_all:
+            return None
+        step = r / slope
+        if met_all:
             return q - step, d - dd * step, dd
-        if iteration == max_iter:
-            worst = float((r.abs() / (q.abs() + wd.abs() + s)).masked_fill(~bad, 0.0).amax())
-            raise unconverged("diagonal", worst, tol, max_iter)
         q = q - step
-    raise AssertionError("unreachable")  # pragma: no cover
+    return None
+
+
+def _exact_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, D(q), D'(q))``: :func:`monotone_diagonal` where it holds, else :func:`bracketed_diagonal`."""
+    done = monotone_diagonal(act, s, w)
+    return done if done is not None else bracketed_diagonal(act, s, w)
 
 
 def bracketed_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
