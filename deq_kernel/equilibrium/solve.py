@@ -8,6 +8,7 @@ tangent kernel (:mod:`.ntk`) from what the solvers return.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -97,6 +98,13 @@ def solve(
     return out.expand(*batch, x1.shape[-2], *((x2.shape[-2],) if outer else ()))
 
 
+@functools.lru_cache(maxsize=16)
+def _direction(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fixed direction in ``R^d`` with distinct, irregular components (for :func:`_repeated_points`)."""
+    direction = torch.linspace(1.0, 2.0, d, dtype=dtype, device=device)
+    return direction * torch.linspace(-1.0, 1.0, d, dtype=dtype, device=device).exp()
+
+
 def _repeated_points(x1: Tensor, x2: Tensor, symmetric: bool) -> Tensor | None:
     """``(n, m)`` mask of the pairs of equal rows, off the diagonal of a symmetric matrix; ``None`` if there are none.
 
@@ -105,8 +113,7 @@ def _repeated_points(x1: Tensor, x2: Tensor, symmetric: bool) -> Tensor | None:
     """
     if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] * x2.shape[0] == 0:
         return None
-    direction = torch.linspace(1.0, 2.0, x1.shape[-1], dtype=x1.dtype, device=x1.device)
-    direction = direction * torch.linspace(-1.0, 1.0, x1.shape[-1], dtype=x1.dtype, device=x1.device).exp()
+    direction = _direction(x1.shape[-1], x1.dtype, x1.device)
     points = x1.detach() if symmetric else torch.cat([x1.detach(), x2.detach()])
     keys = (points @ direction).sort().values
     if not bool((keys[1:] == keys[:-1]).any()):
