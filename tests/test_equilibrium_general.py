@@ -143,17 +143,25 @@ def test_unbracketed_diagonal_newton_of_quadrature_activations_against_fixed_poi
     np.testing.assert_allclose(done[0].numpy(), q_ref, rtol=1e-12, atol=1e-300)
 
 
-def test_unbracketed_diagonal_newton_hands_over_to_the_bracket_where_its_check_fails():
-    # gelu near its bound at unit variance: an iterate crosses to the other side of the root
-    # (its D is neither concave nor convex there), so the attempt returns None and the bracketed
-    # method solves the diagonal; solve_diagonal's answer is the fixed point either way.
-    act = get_activation("gelu")
-    s = torch.linspace(0.0, 1.0, 40, dtype=torch.float64)
-    w = torch.tensor(0.99 * act.weight_variance_bound, dtype=torch.float64)
+def test_unbracketed_diagonal_newton_hands_over_to_the_bracket_where_its_check_fails(monkeypatch):
+    # A dual that reports three times its slope at q = 0 makes 1 - w D' negative there near
+    # the bound: the unbracketed attempt must give up (None) rather than step with it, and the
+    # bracketed method, which never takes a step with a negative slope, finds the fixed point.
+    act = get_activation("tanh")
+    true_dual = type(act).diag_dual
+    s = torch.linspace(0.0, 2.0, 30, dtype=torch.float64)
+    w = torch.tensor(0.9 * act.weight_variance_bound, dtype=torch.float64)
+    reference, _ = solve_diagonal(act, s, w)
+
+    def misreported(self, q):
+        d, dd = true_dual(self, q)
+        return d, torch.where(q == 0, 3.0 * dd, dd)
+
+    monkeypatch.setattr(type(act), "diag_dual", misreported)
     assert diagonal.monotone_diagonal(act, s, w) is None
     q, d = solve_diagonal(act, s, w)
     torch.testing.assert_close(q, w * d + s, rtol=1e-14, atol=1e-300)
-    torch.testing.assert_close(q, diagonal.bracketed_diagonal(act, s, w)[0], rtol=1e-13, atol=1e-300)
+    torch.testing.assert_close(q, reference, rtol=1e-13, atol=1e-300)
 
 
 def test_settings_validate_and_nest():

@@ -104,27 +104,26 @@ def monotone_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Te
     ``r`` (``D`` convex, cos) the iterates increase to the root, for a convex one (erf, sin) the
     first step lands above it and the rest decrease to it.
 
-    For any other activation it is tried first, and checked as it goes: every iterate after
-    the first must stay on the side of the root the first one took (the residual keeps its
-    sign, or meets the stopping rule), with a positive slope ``1 - w D'``. It returns ``None``
+    For any other activation it is tried first, and checked as it goes: from the second step
+    on, every residual must shrink (or meet the stopping rule), and the slope ``1 - w D'``
+    must stay positive, as they do once Newton's method converges. It returns ``None``
     (the caller then uses :func:`bracketed_diagonal`) on the first violation, or when the
     stopping rule of :mod:`.newton` is not met within ``settings.max_iterations``; once it
     is met, one more step follows, as in the bracketed method. A few elementwise operations
     per step instead of the safeguards' few dozen.
     """
     tol = tolerance(s.dtype)
-    q, first = s, None
+    q, previous = s, None
     for iteration in range(settings.max_iterations.value() + 1):
         d, dd = act.diag_dual(q)
         wd = w * d
         r = q - wd - s
         slope = 1.0 - w * dd
-        met = r.abs() <= tol * (q.abs() + wd.abs() + s)  # False for NaN
-        if iteration == 1:
-            first = r
+        size = r.abs()
+        met = size <= tol * (q.abs() + wd.abs() + s)  # False for NaN
         fine = slope > 0
-        if first is not None:
-            fine = fine & ((r * first >= 0) | met)
+        if previous is not None:
+            fine = fine & ((size < previous) | met)
         met_all, fine_all = torch.stack([met.all(), fine.all()]).tolist()
         if not fine_all:
             return None
@@ -132,6 +131,7 @@ def monotone_diagonal(act: Activation, s: Tensor, w: Tensor) -> tuple[Tensor, Te
         if met_all:
             return q - step, d - dd * step, dd
         q = q - step
+        previous = size if iteration >= 1 else None  # the first step may overshoot
     return None
 
 
