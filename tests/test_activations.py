@@ -226,6 +226,29 @@ def test_direct_quadrature_gradients_in_the_variances(name):
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("name", ["tanh", "softplus"])
+@pytest.mark.parametrize("q", [1e4, 1e6])
+@pytest.mark.parametrize("rho", [0.96, -0.9])
+def test_direct_quadrature_of_large_variances_against_nested_adaptive_quadrature(name, q, rho):
+    """The two-dimensional rule for strongly correlated pairs of large variance. On the
+    ``(z1, z2)`` grid it resolved ``phi(v)``'s steep part only along the axes and erred by
+    1e-4 (tanh, inputs of scale 100) to 2e-3 (scale 1e5) for correlations away from 0 and +-1,
+    which a sweep caught as an eigenvalue of -4e-3 of a 6 x 6 tanh kernel."""
+    import warnings
+
+    from reference import nested_quadrature_dual
+
+    act = get_activation(name)
+    fn = {"tanh": math.tanh, "softplus": lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))}[name]
+    q1, q2 = torch.tensor([q], dtype=torch.float64), torch.tensor([1.3 * q], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    value, _ = act._direct_pairs(q1, q2, torch.tensor([rho], dtype=torch.float64), torch.tensor([True]), zero, zero)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # QUADPACK's roundoff notes at the steep parts
+        expected = nested_quadrature_dual(fn, q, 1.3 * q, rho)
+    assert float(value) == pytest.approx(expected, rel=1e-11)
+
+
 def test_direct_quadrature_keeps_no_nodes_for_the_backward_pass():
     """A graph through the integrand kept every pair's nodes (tens of thousands of numbers per
     pair): a few thousand strongly correlated pairs of large variances ran out of memory."""
