@@ -27,6 +27,7 @@ Usage::
 
     python benchmarks/bench_bo.py                                     # everything (long)
     python benchmarks/bench_bo.py --problems hartmann6 --seeds 2 --iterations 6 --models default,deq-relu
+    python benchmarks/bench_bo.py --problems hartmann6in50 --models deq-erf --input-variance-median 10
 """
 
 from __future__ import annotations
@@ -85,11 +86,20 @@ def build(model: str, X: torch.Tensor, Y: torch.Tensor):
     return build_deq(X, Y, activation=activation, kernel=kernel)
 
 
+#: ``--input-variance-median``: the median of the DEQ surrogates' input-variance prior (None: the library's).
+INPUT_VARIANCE_MEDIAN: float | None = None
+
+
 def deq_surrogate(X: torch.Tensor, Y: torch.Tensor, *, activation: str, kernel: str):
     """The recommended DEQ surrogate: :func:`deq_kernel.botorch.deq_surrogate` (harmonic inputs, priors)."""
+    from gpytorch.priors import LogNormalPrior
+
     from deq_kernel.botorch import deq_surrogate as recommended
 
-    return recommended(X, Y, activation=activation, kernel=kernel)
+    priors = None
+    if INPUT_VARIANCE_MEDIAN is not None:
+        priors = {"input_variance_prior": LogNormalPrior(math.log(INPUT_VARIANCE_MEDIAN), 1.5)}
+    return recommended(X, Y, activation=activation, kernel=kernel, priors=priors)
 
 
 def centred_surrogate(X: torch.Tensor, Y: torch.Tensor, *, activation: str, kernel: str):
@@ -142,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", type=int, default=0, help="initial points (default: 2d + 2, at most 24)")
     parser.add_argument("--json", help="save the traces here")
     parser.add_argument("--plot", help="save a figure of the best value by iteration here (needs matplotlib)")
+    parser.add_argument(
+        "--input-variance-median",
+        type=float,
+        help="median of the deq-* surrogates' log-normal input-variance prior, log-scale 1.5 (default: the library's)",
+    )
     args = parser.parse_args(argv)
+    global INPUT_VARIANCE_MEDIAN
+    INPUT_VARIANCE_MEDIAN = args.input_variance_median
     torch.set_default_dtype(torch.float64)  # a benchmark script owns its process
     models, problems = args.models.split(","), args.problems.split(",")
     print(

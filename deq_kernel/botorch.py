@@ -176,6 +176,7 @@ def deq_surrogate(
     kernel: str = "nngp",
     bounds: Tensor | None = None,
     harmonics: int = HARMONICS,
+    priors: dict[str, Prior | None] | None = None,
     **model_kwargs: Any,
 ) -> Any:
     """BoTorch's ``SingleTaskGP`` with the recommended DEQ kernel: one line, unit-cube coordinates.
@@ -196,6 +197,10 @@ def deq_surrogate(
     bounds : Tensor, shape ``(2, d)``, optional
         The search box; default the unit cube. Inputs are mapped from it to the unit cube.
     harmonics : int, default 2
+    priors : dict, optional
+        Replaces entries of :func:`default_priors` (keys ``"input_variance_prior"``,
+        ``"bias_variance_prior"``, ``"weight_variance_prior"``; a value of ``None`` removes
+        that prior).
     **model_kwargs
         Passed to ``SingleTaskGP`` (``train_Yvar``, ``likelihood``, ``outcome_transform``).
 
@@ -238,11 +243,24 @@ def deq_surrogate(
         # densities are undefined (an L-BFGS step there raised from inside the fit).
         input_variance_constraint=GreaterThan(VARIANCE_FLOOR),
         bias_variance_constraint=GreaterThan(VARIANCE_FLOOR),
-        **default_priors(d),
+        **_priors(d, priors),
     )
     return SingleTaskGP(
         train_X, train_Y, covar_module=covar, input_transform=Normalize(d, bounds=bounds), **model_kwargs
     )
+
+
+def _priors(d: int, chosen: dict[str, Prior | None] | None) -> dict[str, Prior]:
+    """:func:`default_priors`, with the entries of ``chosen`` replacing (``None``: removing) them."""
+    merged: dict[str, Prior | None] = {**default_priors(d), **(chosen or {})}
+    allowed = ("input_variance_prior", "bias_variance_prior", "weight_variance_prior")
+    unknown = sorted(set(merged) - set(allowed))
+    if unknown:
+        raise ValueError(f"priors has unknown key(s) {unknown}; expected some of {list(allowed)}")
+    for key, prior in merged.items():
+        if prior is not None and not isinstance(prior, Prior):
+            raise TypeError(f"priors[{key!r}] must be a gpytorch Prior or None, got {type(prior).__name__}")
+    return {key: prior for key, prior in merged.items() if prior is not None}
 
 
 def _model_batch(train_X: Tensor, train_Y: Tensor) -> torch.Size:

@@ -111,6 +111,34 @@ def test_bad_input_to_the_harmonic_kernel_and_the_surrogate():
         deq_surrogate(X[0], Y)
 
 
+def test_surrogate_priors_replace_or_remove_the_defaults():
+    from gpytorch.priors import GammaPrior, LogNormalPrior
+
+    X, Y = torch.rand(8, 3, dtype=torch.float64), torch.rand(8, 1, dtype=torch.float64)
+
+    def priors_of(model):
+        return {name: prior for name, _, prior, _, _ in model.covar_module.named_priors()}
+
+    default = priors_of(deq_surrogate(X, Y))
+    assert set(default) == {"input_variance_prior", "bias_variance_prior"}
+    chosen = deq_surrogate(
+        X,
+        Y,
+        priors={
+            "input_variance_prior": LogNormalPrior(2.3, 1.5),
+            "bias_variance_prior": None,
+            "weight_variance_prior": GammaPrior(2.0, 2.0),
+        },
+    )
+    got = priors_of(chosen)
+    assert set(got) == {"input_variance_prior", "weight_variance_prior"}
+    assert float(got["input_variance_prior"].loc) == pytest.approx(2.3)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['noise_prior'\]"):
+        deq_surrogate(X, Y, priors={"noise_prior": GammaPrior(1.0, 1.0)})
+    with pytest.raises(TypeError, match=r"priors\['bias_variance_prior'\] must be a gpytorch Prior"):
+        deq_surrogate(X, Y, priors={"bias_variance_prior": 0.1})
+
+
 def test_surrogate_in_a_box_batched_multi_output_and_fantasies():
     from botorch.fit import fit_gpytorch_mll
     from botorch.sampling import SobolQMCNormalSampler
