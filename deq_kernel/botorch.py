@@ -52,7 +52,7 @@ from gpytorch.constraints import GreaterThan
 from gpytorch.priors import LogNormalPrior, Prior
 from torch import Tensor
 
-from .functional import equilibrium_covariance
+from .functional import checked_covariance
 from .gpytorch import DEQKernel, _same_points
 
 __all__ = ["HarmonicDEQKernel", "collapsed_fit", "default_priors", "deq_surrogate"]
@@ -130,14 +130,9 @@ class HarmonicDEQKernel(DEQKernel):
         same = _same_points(x1, x2)
         z1 = self._features(x1)
         z2 = z1 if same else self._features(x2)
-        options = {
-            "activation": self.activation,
-            "weight_variance": w.squeeze(-1),
-            "input_variance": self._feature_variances(iv.squeeze(-2), d),
-            "bias_variance": b.squeeze(-1),
-            "output": self.kernel,
-        }
-        k = equilibrium_covariance(z1, None if same else z2, diag=diag, **options)
+        # Checked by _checked (the feature variances are the coordinates', repeated).
+        hypers = (w.squeeze(-1), self._feature_variances(iv.squeeze(-2), d), b.squeeze(-1))
+        k = checked_covariance(self.activation, z1, None if same else z2, *hypers, diag=diag, output=self.kernel)
         # Every point has the same variance: that of one point, the kernel's constant diagonal.
         # A diagonal or a symmetric matrix holds it already (the same exact diagonal solve).
         if diag and same:
@@ -145,7 +140,7 @@ class HarmonicDEQKernel(DEQKernel):
         elif same:
             variance = k.diagonal(dim1=-2, dim2=-1)[..., :1]
         else:
-            variance = equilibrium_covariance(z1[..., :1, :], diag=True, **options)
+            variance = checked_covariance(self.activation, z1[..., :1, :], None, *hypers, diag=True, output=self.kernel)
         return k / (variance if diag else variance.unsqueeze(-1))
 
 
