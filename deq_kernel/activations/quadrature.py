@@ -350,10 +350,10 @@ class QuadratureActivation(Activation):
             z, weights = self._nodes(max_or_zero(q1m), hermite=False)
             z, weights = z.to(rho.device), weights.to(rho.device)
             # The inner rule: nodes tau about the crossing, over twice the Gaussian window (so
-            # that [-9, 9] stays inside for any centre in it), with plain (not Gaussian) weights.
+            # that [-9, 9] stays inside for any centre in it); its N(0, 1) weights are moved to
+            # the shifted nodes t = centre + tau by the ratio of the densities.
             tau, tau_weights = self._nodes(max_or_zero(q2m * sm * sm), hermite=False, half_width=2.0 * _WINDOW)
             tau, tau_weights = tau.to(rho.device), tau_weights.to(rho.device)
-            plain = tau_weights * torch.exp(0.5 * tau * tau) * math.sqrt(2.0 * math.pi)
             z1 = z[None, :, None]
             w1 = weights[None, :, None]
             sums: list[list[Tensor]] = [[], [], [], []]
@@ -363,7 +363,7 @@ class QuadratureActivation(Activation):
                 r, sr = rhom[sl, None, None], sm[sl, None, None]
                 centre = safe_divide(-r * z1, sr).clamp(-_WINDOW, _WINDOW)
                 t = centre + tau[None, None, :]
-                inner = plain * torch.exp(-0.5 * t * t)
+                inner = tau_weights * torch.exp(0.5 * (tau * tau - t * t))
                 # Normalised: the inner rule integrates a constant exactly, so that a pair at
                 # correlation 1 (s = 0) is the diagonal's one-dimensional rule to rounding; near
                 # the weight variance's bound the equilibrium amplifies a mismatch of 1e-14.

@@ -4,9 +4,9 @@ Closed form for activations whose :math:`D` is linear (the relu family); for man
 and one weight variance of an activation whose dual is a quadrature, one scalar function
 :math:`q^*(s)` interpolated from a few exact solves and polished by Newton's method. An
 exact solve is Newton's method without a bracket, which converges monotonically where
-:math:`D` is concave or convex (erf, sin, cos) and is checked as it goes elsewhere;
-where that check fails, the bracketed Newton method of :mod:`.newton`. The gradient is the implicit function theorem's,
-:math:`dq = (D\,dw + ds)/(1 - w D'(q))`.
+:math:`D` is concave or convex (erf, sin, cos) and is checked as it goes elsewhere; where
+that check fails, the bracketed Newton method of :mod:`.newton`. The gradient is the
+implicit function theorem's, :math:`dq = (D\,dw + ds)/(1 - w D'(q))`.
 """
 
 from __future__ import annotations
