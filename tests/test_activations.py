@@ -156,6 +156,26 @@ def test_diagonal_dual_and_its_derivative(name, q):
     assert slope == pytest.approx(fd, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("q", [1e-6, 0.1, 1.0, 3.56, 40.0, 1e4])
+def test_gelu_diagonal_slope_against_quadrature_of_the_heat_equation(q):
+    """D'(q) = E[phi'(u)^2 + phi(u) phi''(u)], u ~ N(0, q), by adaptive quadrature (scipy).
+
+    The closed form crosses zero in its second term near q = 3.56, where a wrong sign or
+    factor would show; the finite-difference test above holds it only to 1e-5.
+    """
+    from scipy import integrate
+    from scipy.stats import norm
+
+    def integrand(z: float) -> float:
+        x = math.sqrt(q) * z
+        cdf, pdf = norm.cdf(x), norm.pdf(x)
+        return ((cdf + x * pdf) ** 2 + x * cdf * pdf * (2.0 - x * x)) * norm.pdf(z)
+
+    expected = integrate.quad(integrand, -12.0, 12.0, epsabs=1e-16, epsrel=1e-14, limit=400, points=[0.0])[0]
+    slope = float(get_activation("gelu").diag_dual(torch.tensor([q], dtype=torch.float64))[1])
+    assert slope == pytest.approx(expected, rel=1e-13, abs=1e-16)
+
+
 PIECES = [(-np.inf, -2.0), (-2.0, 0.0), (0.0, 2.0), (2.0, np.inf)]
 
 

@@ -80,10 +80,23 @@ class Gelu(Activation):
         return value, _derivative_dual_terms(c, a, b, det, root_det, t)
 
     def diag_dual(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.enable_grad():
-            qd = q.detach().requires_grad_(True)
-            (slope,) = torch.autograd.grad(self._value(qd, qd, qd).sum(), qd)
-        return self._value(q, q, q), slope
+        return self._value(q, q, q), self._diagonal_slope(q)
+
+    @staticmethod
+    def _diagonal_slope(q: Tensor) -> Tensor:
+        r"""``D'(q)`` of ``D(q) = E[phi(u)^2]``, ``u ~ N(0, q)``, in closed form.
+
+        By the heat equation :math:`D'(q) = E[\phi'(u)^2] + E[\phi(u)\phi''(u)]`. The first is
+        the derivative's dual at ``c = q``; for the second, ``phi''(u) = (2 - u^2) pdf(u)`` and the
+        product of the two Gaussian densities is that of ``v = q/(1 + q)``, where Stein's identity
+        gives :math:`E[u\Phi(u)]` and :math:`E[u^3\Phi(u)]`:
+        :math:`E[\phi\phi''] = \frac{v}{2\pi\sqrt{1 + 2q}}\big(\frac{2}{1 + q} - \frac{q}{1 + 2q}\big)`.
+        """
+        a = q + 1.0
+        det = 2.0 * q + 1.0
+        root_det = torch.sqrt(det)
+        slope_dual = _derivative_dual_terms(q, a, a, det, root_det, torch.atan2(root_det, q))
+        return slope_dual + q / (a * _TWO_PI * root_det) * (2.0 / a - q / det)
 
     def derivative_activation(self) -> Activation:
         return _GeluDerivative()
