@@ -290,6 +290,14 @@ def _fixed_point_50_digits(x, activation: str, w: float, iv: float, b: float, ov
 
 
 _COS_X = [[0.0, 0.0], [1.17982e-06, 6.84683e-07], [1.08442e-06, -1.20445e-06], [-1.99120e-07, 1.21002e-06]]
+_COS_NEAR_X = [
+    [4.616001984756528e-08, -1.7327834997949465e-07],
+    [4.616001989472531e-08, -1.7327835015177303e-07],
+    [1.334639784631216e-07, 1.9719700520622706e-06],
+    [-8.885424030661786e-07, -9.628992581899867e-07],
+    [2.18131665076449e-07, 1.744326467487817e-06],
+    [1.2064722936350411e-06, 5.986275116006324e-07],
+]
 _STEP_X = [[263556.128719064], [-1773964.7380981196], [306684.9774561852], [-1920305.3951625698], [1346180.67890585]]
 _ERF_X = [[-534469.59], [1219645.48], [817950.91], [1397580.49], [1031971.27]]
 #: (activation, its reference closed form, inputs, (w, iv, b, ov), output, what went wrong)
@@ -327,6 +335,9 @@ NEAR_ONE = [
     ),
     # cos near its bound at scale 1e-6: the rounding of rho reached the NTK squared (1e-11).
     ("cos", "cos", [*_COS_X, [-1.17982e-06, -6.84683e-07]], (1.99251, 6.76291, 1.89509, 2.64468), "ntk"),
+    # cos near its bound at scale 1e-7, with near-duplicate rows (sweep seed 9): every pair is
+    # near one, and the NNGP kernel's rounding gave an eigenvalue of -1.06e-12 of its largest entry.
+    *[("cos", "cos", _COS_NEAR_X, (1.99818, 6.31866, 3.43312, 1.07184), out) for out in ("nngp", "preactivation")],
     # erf at scale 1e6, collinear: the rounding of t reached the entries as eps sqrt(q) through
     # the arcsine's slope (NNGP 2e-10, NTK 1e-4 off).
     *[("erf", "erf", _ERF_X, (0.25832, 5.56835, 0.0, 1.28589), out) for out in ("nngp", "preactivation", "ntk")],

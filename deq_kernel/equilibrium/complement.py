@@ -2,13 +2,14 @@ r"""Pairs near correlation +-1, re-solved in a complement of the correlation (re
 
 The activations whose ``offers.near_one`` names a complement have a pair equation that can be
 written in it in closed form: the relu family in the angle (below), cos in the distance
-``q1 + q2 - 2 K*`` (:func:`_distance_tangent`; its dual is smooth, but near its bound the
-pair equation's rounding, ``eps / (1 - w V_c)`` in ``rho``, reached the tangent kernel squared:
-inputs at scale 1e-6 near the bound had entries 1e-11 off and eigenvalues of -3e-12), erf in
+``q1 + q2 - 2 K*`` (:func:`_distance_outputs`; its dual is smooth, but near its bound the
+pair equation's rounding, ``eps / (1 - w V_c)`` in ``rho``, reached every output, the tangent
+kernel squared: inputs at scale 1e-6 near the bound had tangent kernels 1e-11 off with
+eigenvalues of -3e-12, and NNGP kernels with eigenvalues of -1.06e-12 of the largest entry), erf in
 ``1 - t`` of its arcsine variable (:func:`_arcsine_outputs`; the arcsine's slope turned the
 rounding of ``t`` into ``eps sqrt(q)`` in every output), and the step in its angle
 (:func:`_step_outputs`; its dual ``(pi - theta)/(2 pi)`` has an infinite slope at both ends).
-The relu family and cos correct the tangent kernel, erf and the step every output, the last
+The relu family corrects the tangent kernel; cos, erf and the step every output, the last
 two near -1 as well.
 
 The derivative dual of a piecewise-linear activation is :math:`\kappa'(\rho) = m - g\theta`
@@ -101,8 +102,8 @@ def near_one(
     ``act.offers.near_one`` says in which complement. ``rho = K* / sqrt(q1 q2)`` is the pairs'
     correlation as solved, ``skip`` the pairs that take another value (zero-variance points;
     ``None``: found here, only if some pair is near one);
-    ``w`` and ``ov`` broadcast against the pair array. The relu family and cos correct the
-    tangent kernel only (their NNGP duals have finite slopes at one); erf and the step every output.
+    ``w`` and ``ov`` broadcast against the pair array. The relu family corrects the tangent
+    kernel only (its NNGP dual has a finite slope at one); cos, erf and the step every output.
     """
     odd = act.offers.near_one == "arcsine"
     if odd and not arcsine_near_possible(p):
@@ -134,7 +135,7 @@ def near_one(
         if act.offers.near_one == "angle":
             solved = _angle_tangent(act, pairs)
         elif act.offers.near_one == "distance":
-            solved = _distance_tangent(pairs)
+            solved = _distance_outputs(pairs, output)
         elif act.offers.near_one == "step":
             solved = _step_outputs(pairs, output)
         else:
@@ -213,8 +214,8 @@ def _angle_tangent(act: Activation, n: _Near) -> Tensor:
     return n.ov * root * (kappa + slope * (1.0 - delta) / ((1.0 - n.w * m) + n.w * g * theta))
 
 
-def _distance_tangent(n: _Near) -> Tensor:
-    r"""cos: the equation of the distance :math:`\Delta = q_1 + q_2 - 2K^*`, then the tangent kernel.
+def _distance_outputs(n: _Near, output: str) -> Tensor:
+    r"""cos: the equation of the distance :math:`\Delta = q_1 + q_2 - 2K^*`, then the ``output``.
 
     With :math:`V = (e^{-\Delta/2} + e^{\Delta/2 - Q})/2`, ``Q = q1 + q2``, the pair equation less
     the two diagonal ones is
@@ -243,6 +244,10 @@ def _distance_tangent(n: _Near) -> Tensor:
     shrink, grow = 1.0 + torch.expm1(-0.5 * dist), lift(dist) + damp
     value, slope = 0.5 * (shrink + grow), 0.5 * (shrink - grow)
     cov = 0.5 * (total - dist)
+    if output == "preactivation":
+        return cov
+    if output == "nngp":
+        return n.ov * value
     return n.ov * (value + slope * cov / (1.0 - n.w * slope))
 
 

@@ -67,13 +67,12 @@ def solve(
     w_b, ov_b = (w_point.unsqueeze(-1), ov_point.unsqueeze(-1)) if outer else (w_point, ov_point)
     if output == "ntk":
         out = _ntk(act, derivative, pairs, w_b, ov_b)
-    elif act.offers.near_one == "step":
-        # One solve of the requested output; the correlation for the pairs near +-1 from it
-        # (the step's value is (pi - theta) / (2 pi), so rho = -cos(2 pi V)).
+    elif act.offers.near_one in ("step", "distance"):
+        # One solve of the requested output; the correlation for the pairs near +-1 from it.
         out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
         with torch.no_grad():
             if output == "nngp":
-                rho = -torch.cos((2.0 * math.pi) * out / torch.where(ov_b > 0, ov_b, 1.0))
+                rho = _value_correlation(act, pairs, out / torch.where(ov_b > 0, ov_b, 1.0))
             else:
                 rho = pairs.correlation(out)
         out = near_one(act, pairs, rho, None, out, w_b, ov_b, output)
@@ -124,6 +123,22 @@ def _repeated_points(x1: Tensor, x2: Tensor, symmetric: bool) -> Tensor | None:
     if symmetric:
         same.fill_diagonal_(False)  # the diagonal is exact already
     return same if bool(same.any()) else None
+
+
+def _value_correlation(act: Activation, p: Pairs, value: Tensor) -> Tensor:
+    """The correlation of pairs from their dual ``E[phi(u) phi(v)]``, for the step and cos (to find those near +-1).
+
+    The step's dual is ``(pi - theta) / (2 pi)``, so ``rho = -cos(2 pi V)``. cos has
+    ``V = (e^{-Delta/2} + e^{Delta/2 - Q}) / 2``, ``Q = q1 + q2``, ``Delta = Q - 2 K*``: a quadratic in
+    ``y = e^{-Delta/2}`` whose larger root is ``V + sqrt(V^2 - e^{-Q})`` (``Delta <= Q``).
+    """
+    if act.offers.near_one == "step":
+        return -torch.cos((2.0 * math.pi) * value)
+    q1, q2 = p.rows(p.q1), p.cols(p.q2)
+    total = q1 + q2
+    y = value + torch.sqrt((value * value - torch.exp(-total)).clamp_min(0.0))
+    distance = -2.0 * torch.log(y.clamp_min(torch.finfo(value.dtype).tiny))
+    return ((total - distance) / (2.0 * torch.sqrt(q1 * q2)).clamp_min(torch.finfo(value.dtype).tiny)).clamp(-1.0, 1.0)
 
 
 def _pair_output(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
