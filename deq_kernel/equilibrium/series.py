@@ -67,6 +67,8 @@ ORDERS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 #: Largest pair array whose blocks' solutions the forward pass keeps for the backward pass
 #: (three arrays of its size).
 SAVE_ELEMENTS = 1 << 21
+#: Largest ``terms x pairs`` whose series coefficients are formed at once (:func:`_terms`).
+STACK_ELEMENTS = 1 << 18
 #: Pairs sampled to choose the order.
 SAMPLE = 2048
 #: A coefficient is dropped when it is this small, relative to ``sqrt(D)``, at every point.
@@ -89,11 +91,24 @@ def _int_power(r: Tensor, e: int) -> Tensor:
         base = base * base
 
 
+def _terms(a1: Tensor, a2: Tensor, stacked: bool) -> Callable[[int], Tensor]:
+    """The coefficients ``P_k`` of a block's series, by position: ``a1`` is ``(rows, terms)``, ``a2`` ``(terms, cols)``.
+
+    With ``stacked``, all products are formed at once, in one array ``(terms, rows, cols)``, and
+    read as views: for small eager blocks, where each operation's fixed cost dominates, that
+    saves one operation per term and evaluation. Otherwise each is formed where it is used
+    (in a compiled loop, for free).
+    """
+    if stacked:
+        return (a1.T.unsqueeze(-1) * a2.unsqueeze(1)).unbind(0).__getitem__
+    return lambda i: a1[:, i : i + 1] * a2[i : i + 1, :]
+
+
 def _series(
-    rho: Tensor, a1: Tensor, a2: Tensor, exps: tuple[int, ...], derivatives: int
+    rho: Tensor, term: Callable[[int], Tensor], exps: tuple[int, ...], derivatives: int
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Mehler's series of a block and its derivatives: ``a1`` is ``(rows, terms)``, ``a2`` is ``(terms, cols)``."""
-    return horner(rho, lambda i: a1[:, i : i + 1] * a2[i : i + 1, :], exps, derivatives)
+    """Mehler's series of a block and its derivatives, with the coefficients of :func:`_terms`."""
+    return horner(rho, term, exps, derivatives)
 
 
 def _solve(
@@ -110,6 +125,7 @@ def _solve(
     order: int,
     steps: int,
     eps: float,
+    stacked: bool = False,
 ) -> tuple[Tensor, ...]:
     """``(rho, h, h', alpha, flag)`` at the root: ``flag`` marks pairs left to the general solver.
 
@@ -117,27 +133,28 @@ def _solve(
     caller: under ``torch.compile``, ``1 in exps`` on a closure's tuple evaluated to False.
     """
     alpha = params[0] / torch.sqrt(q1 * q2)
-    rho = _start(c, alpha, a1, a2, exps, low)
+    term = _terms(a1, a2, stacked)
+    rho = _start(c, alpha, term, exps, low)
     for _ in range(steps):
-        h, dh, _ = _series(rho, a1, a2, exps, 1)
+        h, dh, _ = _series(rho, term, exps, 1)
         rho = _newton_step(rho, h, dh, alpha, c)
-    h, dh, d2h = _series(rho, a1, a2, exps, 2)
+    h, dh, d2h = _series(rho, term, exps, 2)
     rho_new, value, slope, flag = _checked(rho, h, dh, d2h, alpha, c, tau1, tau2, order, eps)
     return rho_new, value, slope, alpha, flag
 
 
 def _start(
-    c: Tensor, alpha: Tensor, a1: Tensor, a2: Tensor, exps: tuple[int, ...], low: tuple[int | None, int | None]
+    c: Tensor, alpha: Tensor, term: Callable[[int], Tensor], exps: tuple[int, ...], low: tuple[int | None, int | None]
 ) -> Tensor:
     """The root of the series cut after its quadratic term (exact for small ``rho``), in [-1, 1].
 
     ``alpha P2 rho^2 - (1 - alpha P1) rho + (c + alpha P0) = 0``, in its cancellation-free form.
     """
     one, two = low
-    const = c + alpha * (a1[:, 0:1] * a2[0:1, :]) if exps[0] == 0 else c
-    lin = 1.0 - alpha * (a1[:, one : one + 1] * a2[one : one + 1, :]) if one is not None else None
+    const = c + alpha * term(0) if exps[0] == 0 else c
+    lin = 1.0 - alpha * term(one) if one is not None else None
     if two is not None:
-        quad = alpha * (a1[:, two : two + 1] * a2[two : two + 1, :])
+        quad = alpha * term(two)
         b = lin if lin is not None else torch.ones_like(quad)
         root = torch.sqrt((b * b - 4.0 * quad * const).clamp_min(0.0))
         rho = torch.where(b > 0, 2.0 * const / (b + root), const)
@@ -191,16 +208,19 @@ def _low_positions(exps: tuple[int, ...]) -> tuple[int | None, int | None]:
 
 @functools.lru_cache(maxsize=64)
 def _forward_function(
-    exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float, save: bool = False
+    exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float, save: bool = False, stacked: bool = False
 ) -> Callable[..., tuple[Tensor, ...] | None]:
-    """The block function of the forward pass; with ``save``, it also returns ``(rho, h, h')`` for the backward pass."""
+    """The block function of the forward pass; with ``save``, it also returns ``(rho, h, h')`` for the backward pass.
+
+    ``stacked``: the series' coefficients of a block formed at once (:func:`_terms`).
+    """
     low = _low_positions(exps)
 
     def forward_block(
         out: Tensor, flag: Tensor, scale: Tensor, params: Tensor, *block: Tensor
     ) -> tuple[Tensor, ...] | None:
         c, q1, q2, a1, a2, tau1, tau2 = block
-        rho, v, dh, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
+        rho, v, dh, _, miss = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps, stacked)
         out.copy_((v if value else torch.sqrt(q1) * torch.sqrt(q2) * rho) * scale)
         flag.copy_(miss)
         return (rho, v, dh) if save else None
@@ -226,6 +246,7 @@ def _gradient_terms(
     exps: tuple[int, ...],
     order: int,
     value: bool,
+    stacked: bool = False,
 ) -> tuple[Tensor, ...]:
     """The backward pass of a block at its solution: ``(lambda, e1, e2, flag, dL/dalpha terms, dL/dscale terms)``.
 
@@ -235,8 +256,8 @@ def _gradient_terms(
     exceeds the tolerance is flagged for the general solver too.
     """
     flag = flag | _gradient_series_miss(rho.abs(), order, 1.0 - alpha * dh, tails)
-    h1, _, _ = _series(rho, da1, a2, exps, 0)
-    h2, _, _ = _series(rho, a1, da2, exps, 0)
+    h1, _, _ = _series(rho, _terms(da1, a2, stacked), exps, 0)
+    h2, _, _ = _series(rho, _terms(a1, da2, stacked), exps, 0)
     return _gradient_from(rho, h, dh, h1, h2, alpha, flag, grad, scale, q1, q2, value)
 
 
@@ -317,7 +338,9 @@ def _gradient_from(
 
 
 @functools.lru_cache(maxsize=64)
-def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float) -> Callable[..., Any]:
+def _backward_function(
+    exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float, stacked: bool = False
+) -> Callable[..., Any]:
     low = _low_positions(exps)
 
     def backward_block(
@@ -333,16 +356,20 @@ def _backward_function(exps: tuple[int, ...], order: int, steps: int, value: boo
         *block: Tensor,
     ) -> tuple[Tensor, ...]:
         c, q1, q2, a1, a2, tau1, tau2 = block
-        rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps)
+        rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps, stacked)
         tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
         series = (a1, a2, da1, da2)
-        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, tails, exps, order, value)
+        return _gradient_terms(
+            rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, tails, exps, order, value, stacked
+        )
 
     return backward_block
 
 
 @functools.lru_cache(maxsize=64)
-def _backward_saved_function(exps: tuple[int, ...], order: int, value: bool) -> Callable[..., Any]:
+def _backward_saved_function(
+    exps: tuple[int, ...], order: int, value: bool, stacked: bool = False
+) -> Callable[..., Any]:
     def backward_block(
         grad: Tensor,
         scale: Tensor,
@@ -367,7 +394,9 @@ def _backward_saved_function(exps: tuple[int, ...], order: int, value: bool) -> 
         alpha = params[0] / torch.sqrt(q1 * q2)
         tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
         series = (a1, a2, da1, da2)
-        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, tails, exps, order, value)
+        return _gradient_terms(
+            rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, tails, exps, order, value, stacked
+        )
 
     return backward_block
 
@@ -551,11 +580,12 @@ def _fewest_steps(sample: tuple[Tensor, ...], exps: tuple[int, ...]) -> int:
     eps = torch.finfo(f64).eps
     with torch.no_grad():
         alpha = params[0] / torch.sqrt(qi * qj)
-        rho = _start(c, alpha, a1, a2, exps, _low_positions(exps))
-        h, dh, _ = _series(rho, a1, a2, exps, 1)
+        term = _terms(a1, a2, False)
+        rho = _start(c, alpha, term, exps, _low_positions(exps))
+        h, dh, _ = _series(rho, term, exps, 1)
         for steps in range(1, NEWTON_STEPS + 1):
             rho = _newton_step(rho, h, dh, alpha, c)
-            h, dh, d2h = _series(rho, a1, a2, exps, 2)
+            h, dh, d2h = _series(rho, term, exps, 2)
             if not bool(_checked(rho, h, dh, d2h, alpha, c, tau, tau, exps[-1], eps)[3].any()):
                 return steps
     return NEWTON_STEPS
@@ -599,38 +629,54 @@ class _SeriesKernel(torch.autograd.Function):
         # Small arrays whose gradient will be asked for keep each block's solution for the
         # backward pass, which then evaluates two series per pair instead of solving again.
         saving = any(ctx.needs_input_grad[4:10]) and n * m <= SAVE_ELEMENTS
-        kernel = backend.fused(_forward_function(plan.exps, plan.order, plan.steps, value, eps, saving), n * m, device)
+        stacked = len(plan.exps) * n * m <= STACK_ELEMENTS
+        forward_block = _forward_function(plan.exps, plan.order, plan.steps, value, eps, saving, stacked)
+        kernel = backend.fused(forward_block, n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
         scale_d = scale.detach().reshape(1, 1)
         handed = []
         ctx.solutions = [] if saving else None
+        # With saved solutions, the pairs whose gradient series will miss their bound are found
+        # here too, so that one longer-series solve (_refined) serves both passes.
+        ctx.slopes = _slope_data(plan, q1, q2, symmetric, dtype) if saving else None
         for rows in _row_blocks(torch.Size((n, m)), True, n * m, device, symmetric):
             for cols, mirrored in _pieces(rows, n, symmetric):
                 dest = result[rows, cols]
                 c = _c_block(lhs, rhs, rows, cols, True, two_sided)
                 flag = torch.empty(c.shape, dtype=torch.bool, device=device)
-                solution = kernel(dest, flag, scale_d, params, c, *_point_blocks(plan, q1c, q2r, rows, cols))
+                point = _point_blocks(plan, q1c, q2r, rows, cols)
+                solution = kernel(dest, flag, scale_d, params, c, *point)
+                both = flag
                 if saving:
                     ctx.solutions.append((rows, cols, mirrored, *solution, flag.clone()))
+                    rho, _, dh = solution
+                    slope = 1.0 - params[0] / torch.sqrt(point[0] * point[1]) * dh
+                    tails = (*point[4:], *_block_tails(ctx.slopes, rows, cols))
+                    both = flag | _gradient_series_miss(rho.abs(), plan.order, slope, tails)
                 if symmetric and not mirrored:
-                    flag = _upper(flag, diagonal is not None)
-                if bool(flag.any()):
-                    i, j = flag.nonzero(as_tuple=True)
-                    handed.append((i + rows.start, j + (cols.start or 0), c[i, j]))
+                    flag, both = _upper(flag, diagonal is not None), _upper(both, diagonal is not None)
+                if bool(both.any()):
+                    i, j = both.nonzero(as_tuple=True)
+                    handed.append((i + rows.start, j + (cols.start or 0), c[i, j], flag[i, j]))
                 if mirrored:
                     # A transposed store inside the fused loop is several times slower.
                     result[cols, rows] = dest.mT
             if symmetric:
                 _symmetrise_square(result, rows)
-        ctx.exact = None
+        ctx.exact = ctx.refined = None
         if handed:
-            gi, gj, c_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
+            gi, gj, c_vals, missed = (torch.cat(parts) for parts in zip(*handed, strict=True))
             # A longer series first (for tanh it takes almost all of them), then the general solver.
-            resolved, refined = _refined_value(plan, gi, gj, c_vals, q1, q2, w, value)
+            r = _refined(plan, gi, gj, c_vals, q1, q2, w, symmetric)
+            if saving:
+                ctx.refined = (gi * m + gj, r)
+            # Only the pairs whose value missed its bound: the others' gradients alone need more.
+            gi, gj, c_vals, r = gi[missed], gj[missed], c_vals[missed], _take(r, missed)
+            refined = (r.h if value else r.x * torch.sqrt(r.qa * r.qb)).to(dtype)
             result[gi, gj] = refined * scale_d.reshape(())  # the unresolved ones are overwritten below
             if symmetric:
                 result[gj, gi] = result[gi, gj]
-            left = ~resolved
+            left = ~r.value_resolved
             handed = bool(left.any())
             gi, gj, c_vals = gi[left], gj[left], c_vals[left]
         if handed:
@@ -668,18 +714,14 @@ class _SeriesKernel(torch.autograd.Function):
             grad.diagonal().zero_()  # the overridden entries do not depend on the rest
         params = w.detach().reshape(1).to(dtype)
         saved = None if ctx.solutions is None else list(ctx.solutions)
+        stacked = len(plan.exps) * n * m <= STACK_ELEMENTS
         if saved is not None:
-            kernel = backend.fused(_backward_saved_function(plan.exps, plan.order, value), n * m, device)
+            backward_block = _backward_saved_function(plan.exps, plan.order, value, stacked)
         else:
-            kernel = backend.fused(_backward_function(plan.exps, plan.order, plan.steps + 1, value, eps), n * m, device)
+            backward_block = _backward_function(plan.exps, plan.order, plan.steps + 1, value, eps, stacked)
+        kernel = backend.fused(backward_block, n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
-        da1, sigma1, omega1 = plan.slopes(q1, plan.rows[0].T, dtype)
-        da1, sigma1, omega1 = da1.T.contiguous(), sigma1.reshape(n, 1), omega1.reshape(n, 1)
-        if symmetric:
-            da2, sigma2, omega2 = da1.T.contiguous(), sigma1.reshape(1, m), omega1.reshape(1, m)
-        else:
-            da2, sigma2, omega2 = plan.slopes(q2, plan.cols[0], dtype)
-            da2, sigma2, omega2 = da2.contiguous(), sigma2.reshape(1, m), omega2.reshape(1, m)
+        slopes = ctx.slopes if ctx.slopes is not None else _slope_data(plan, q1, q2, symmetric, dtype)
         scale_d = scale.detach().reshape(1, 1)
         g_lhs, g_rhs = torch.zeros_like(lhs), torch.zeros_like(rhs)
         g_q1, g_q2 = torch.zeros(n, 1, dtype=dtype, device=device), torch.zeros(1, m, dtype=dtype, device=device)
@@ -704,7 +746,8 @@ class _SeriesKernel(torch.autograd.Function):
                     g = g + grad[cols, rows].mT
             c = _c_block(lhs, rhs, rows, cols, True, two_sided)
             point = _point_blocks(plan, q1c, q2r, rows, cols)
-            tails = (da1[rows], da2[:, cols], sigma1[rows], sigma2[:, cols], omega1[rows], omega2[:, cols])
+            da1, da2 = slopes[0][rows], slopes[1][:, cols]
+            tails = (da1, da2, *_block_tails(slopes, rows, cols))
             if saved is not None:
                 rho, h, dh, flag = saved[k][3:]
                 lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, *tails, rho, h, dh, flag, *point)
@@ -721,8 +764,9 @@ class _SeriesKernel(torch.autograd.Function):
             _accumulate_product_grads(lam, lhs, rhs, g_lhs, g_rhs, rows, cols, two_sided)
         if handed:
             gi, gj, c_vals, g_vals = (torch.cat(parts) for parts in zip(*handed, strict=True))
+            saved_pairs = (ctx.exact, ctx.refined)
             g_c, g1, g2, gw, gs = _exact_gradient(
-                plan, gi, gj, c_vals, q1, q2, w, g_vals, scale_d.reshape(()), value, ctx.exact, m
+                plan, gi, gj, c_vals, q1, q2, w, g_vals, scale_d.reshape(()), value, *saved_pairs, m, symmetric
             )
             g_q1.index_add_(0, gi, g1.unsqueeze(-1))
             g_q2.index_add_(1, gj, g2.unsqueeze(0))
@@ -751,6 +795,40 @@ class _SeriesKernel(torch.autograd.Function):
         )
 
 
+def _slope_data(plan: SeriesPlan, q1: Tensor, q2: Tensor, symmetric: bool, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """``(da1, da2, sigma1, sigma2, omega1, omega2)`` of :meth:`SeriesPlan.slopes`, shaped as the blocks read them.
+
+    ``da1`` is ``(n, terms)``, ``da2`` ``(terms, m)``; the tails ``(n, 1)`` and ``(1, m)``.
+    """
+    n, m = q1.shape[-1], q2.shape[-1]
+    da1, sigma1, omega1 = plan.slopes(q1, plan.rows[0].T, dtype)
+    if symmetric:
+        da2, sigma2, omega2 = da1, sigma1, omega1
+    else:
+        da2, sigma2, omega2 = plan.slopes(q2, plan.cols[0], dtype)
+    return (
+        da1.T.contiguous(),
+        da2.contiguous(),
+        sigma1.reshape(n, 1),
+        sigma2.reshape(1, m),
+        omega1.reshape(n, 1),
+        omega2.reshape(1, m),
+    )
+
+
+def _block_tails(slopes: tuple[Tensor, ...], rows: slice, cols: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(sigma1, sigma2, omega1, omega2)`` of a block, from :func:`_slope_data`."""
+    _, _, sigma1, sigma2, omega1, omega2 = slopes
+    return sigma1[rows], sigma2[:, cols], omega1[rows], omega2[:, cols]
+
+
+def _lookup(keys: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+    """``(position, found)``: where each of ``query`` sits in the unsorted, distinct ``keys``."""
+    order = torch.argsort(keys)
+    position = order[torch.searchsorted(keys[order], query).clamp_max(keys.numel() - 1)]
+    return position, keys[position] == query
+
+
 def _point_blocks(plan: SeriesPlan, q1: Tensor, q2: Tensor, rows: slice, cols: slice) -> tuple[Tensor, ...]:
     """``(q1, q2, a1, a2, tau1, tau2)`` of a block: the rows' and the columns' per-point data."""
     (a1, tau1), (a2, tau2) = plan.rows, plan.cols
@@ -774,14 +852,17 @@ def _exact_gradient(
     scale: Tensor,
     value: bool,
     saved: tuple[Tensor, tuple[Tensor, ...], Tensor] | None,
+    refined: tuple[Tensor, _Refined] | None,
     m: int,
+    symmetric: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by the general solver.
 
     ``saved`` is the forward pass's ``(i m + j, leaves, output)`` of the pairs it handed to the
     general solver, with their graph: the pairs it holds get their gradients from one backward
     pass through it (the others a zero weight); the rest (pairs whose gradient series alone
-    missed its bound) are solved here.
+    missed its bound) are solved here, from ``refined`` (the forward pass's
+    ``(i m + j, _Refined)``) where it holds them all.
     """
     g_c, g_q1, g_q2 = torch.zeros_like(c), torch.zeros_like(c), torch.zeros_like(c)
     g_w = torch.zeros((), dtype=c.dtype, device=c.device)
@@ -789,9 +870,7 @@ def _exact_gradient(
     missing = torch.ones_like(i, dtype=torch.bool)
     if saved is not None:
         keys, leaves, out = saved
-        order = torch.argsort(keys)
-        position = order[torch.searchsorted(keys[order], i * m + j).clamp_max(keys.numel() - 1)]
-        found = keys[position] == i * m + j
+        position, found = _lookup(keys, i * m + j)
         if bool(found.any()):
             at = position[found]
             weights = torch.zeros_like(out).index_put_((at,), (g * scale)[found], accumulate=True)
@@ -804,7 +883,15 @@ def _exact_gradient(
         # Pairs whose value met its bound but whose gradient series did not: the series to a
         # higher order first, the general solver for those it does not resolve either.
         at = missing.nonzero().squeeze(-1)
-        resolved, lam, e1, e2, gw, gs = _refined_gradient(plan, i[at], j[at], c[at], q1, q2, w, g[at], scale, value)
+        r = None
+        if refined is not None:
+            position, found = _lookup(refined[0], i[at] * m + j[at])
+            r = _take(refined[1], position) if bool(found.all()) else None
+        if r is None:
+            r = _refined(plan, i[at], j[at], c[at], q1, q2, w, symmetric)
+        resolved, lam, e1, e2, gw, gs = _refined_gradient(
+            plan, r, i[at], j[at], q1, q2, g[at], scale, value, c.dtype, symmetric
+        )
         done = at[resolved]
         g_c[done], g_q1[done], g_q2[done] = lam[resolved], e1[resolved], e2[resolved]
         g_w, g_scale = g_w + gw, g_scale + gs
@@ -857,14 +944,27 @@ class _Refined(NamedTuple):
     value_resolved: Tensor
 
 
-def _refined(plan: SeriesPlan, i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: Tensor, w: Tensor) -> _Refined:
+def _per_point(fn: Callable[[Tensor], tuple[Tensor, ...]], q: Tensor, *indices: Tensor) -> list[tuple[Tensor, ...]]:
+    """``fn`` of the float64 variances ``q[index]`` for each of ``indices``: once per distinct point of them all.
+
+    ``fn`` returns arrays whose last dimension indexes the points; each is read back per entry.
+    """
+    points, back = torch.unique(torch.cat(indices), return_inverse=True)
+    out = fn(q.detach().to(torch.float64)[points])
+    return [tuple(t[..., b] for t in out) for b in back.split([index.numel() for index in indices])]
+
+
+def _refined(
+    plan: SeriesPlan, i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: Tensor, w: Tensor, symmetric: bool
+) -> _Refined:
     """The pairs ``(i, j)`` solved again by the checked Newton method on the series to :data:`REFINED_ORDER`.
 
-    The series is summed from a table of powers, with coefficients computed once per point.
-    ``value_resolved`` marks the pairs whose truncation bound (with the ``1/r'`` of the root)
-    holds at that order: strongly correlated pairs that the bulk order cannot take but a
-    longer series can, without the general solver's quadrature (for tanh at moderate
-    variance the coefficients beyond 128 are below rounding even at correlation 1).
+    The series is summed from a table of powers, with coefficients computed once per point
+    (once for the rows and columns together where ``symmetric``: ``q1`` and ``q2`` are the
+    same points). ``value_resolved`` marks the pairs whose truncation bound (with the ``1/r'``
+    of the root) holds at that order: strongly correlated pairs that the bulk order cannot
+    take but a longer series can, without the general solver's quadrature (for tanh at
+    moderate variance the coefficients beyond 128 are below rounding even at correlation 1).
     """
     f64 = torch.float64
     order = REFINED_ORDER
@@ -872,12 +972,15 @@ def _refined(plan: SeriesPlan, i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: 
     k = torch.arange(order + 1, dtype=f64, device=c.device)
     tol = series_tolerance(c.dtype) * REFINED_TIGHTER
 
-    def per_point(q: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        points, back = torch.unique(index, return_inverse=True)
-        a, d = plan.act.hermite_expansion(q.detach().to(f64)[points], order)
-        return a.T[back], _relative_tail(d - (a * a).sum(0), d, tol)[back]
+    def expansion(q: Tensor) -> tuple[Tensor, Tensor]:
+        a, d = plan.act.hermite_expansion(q, order)
+        return a, _relative_tail(d - (a * a).sum(0), d, tol)
 
-    (a1, tau1), (a2, tau2) = per_point(q1, i), per_point(q2, j)
+    if symmetric:
+        (a1, tau1), (a2, tau2) = _per_point(expansion, q1, i, j)
+    else:
+        ((a1, tau1),), ((a2, tau2),) = _per_point(expansion, q1, i), _per_point(expansion, q2, j)
+    a1, a2 = a1.T, a2.T
     products = a1 * a2
     alpha = w.detach().to(f64) / torch.sqrt(qa * qb)
     c64 = c.detach().to(f64)
@@ -902,50 +1005,46 @@ def _refined(plan: SeriesPlan, i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: 
     return _Refined(x, h, dh, slope, alpha, qa, qb, pw, (a1, a2), (tau1, tau2), value_resolved)
 
 
-def _refined_value(
-    plan: SeriesPlan, i: Tensor, j: Tensor, c: Tensor, q1: Tensor, q2: Tensor, w: Tensor, value: bool
-) -> tuple[Tensor, Tensor]:
-    """``(resolved, output)`` of the pairs ``(i, j)`` by :func:`_refined`: ``V`` (``value``) or ``K*``, in c's dtype."""
-    r = _refined(plan, i, j, c, q1, q2, w)
-    out = r.h if value else r.x * torch.sqrt(r.qa * r.qb)
-    return r.value_resolved, out.to(c.dtype)
+def _take(r: _Refined, at: Tensor) -> _Refined:
+    """The pairs ``at`` (an index or a mask) of ``r``."""
+    return _Refined(*(tuple(t[at] for t in f) if isinstance(f, tuple) else f[at] for f in r))
 
 
 def _refined_gradient(
     plan: SeriesPlan,
+    r: _Refined,
     i: Tensor,
     j: Tensor,
-    c: Tensor,
     q1: Tensor,
     q2: Tensor,
-    w: Tensor,
     g: Tensor,
     scale: Tensor,
     value: bool,
+    dtype: torch.dtype,
+    symmetric: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(resolved, dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, by :func:`_refined`.
+    """``(resolved, dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, from :func:`_refined`'s ``r``.
 
     The gradient terms read ``h, h'`` and the ``q`` slopes at the refined root; ``resolved``
     marks the pairs for which the truncation bounds of all four series hold at that order
     (the others, and their contributions, are left at zero).
     """
-    f64, dtype = torch.float64, c.dtype
+    f64 = torch.float64
     order = REFINED_ORDER
-    k = torch.arange(order + 1, dtype=f64, device=c.device)
+    k = torch.arange(order + 1, dtype=f64, device=g.device)
     tol = series_tolerance(dtype)
-    r = _refined(plan, i, j, c, q1, q2, w)
 
-    def per_point(q: Tensor, index: Tensor, a: Tensor) -> tuple[Tensor, ...]:
-        """Slopes and the two gradient tails of the points ``q[index]`` (slopes once per point;
-        the coefficients ``a``, per pair, are the refined solution's)."""
-        points, back = torch.unique(index, return_inverse=True)
-        slopes = plan.act.hermite_slopes(q.detach().to(f64)[points], order)
-        s, slope_total, weighted_total = (t[..., back] for t in slopes)
-        sigma, omega = _gradient_tails(k.unsqueeze(-1), a.T, s, slope_total, weighted_total, tol)
-        return s.T, sigma, omega
+    def slopes(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return plan.act.hermite_slopes(q, order)
 
+    if symmetric:
+        (s1, total1, weighted1), (s2, total2, weighted2) = _per_point(slopes, q1, i, j)
+    else:
+        ((s1, total1, weighted1),), ((s2, total2, weighted2),) = _per_point(slopes, q1, i), _per_point(slopes, q2, j)
     (a1, a2), (tau1, tau2) = r.coefs, r.tails
-    (s1, sigma1, omega1), (s2, sigma2, omega2) = per_point(q1, i, a1), per_point(q2, j, a2)
+    sigma1, omega1 = _gradient_tails(k.unsqueeze(-1), a1.T, s1, total1, weighted1, tol)
+    sigma2, omega2 = _gradient_tails(k.unsqueeze(-1), a2.T, s2, total2, weighted2, tol)
+    s1, s2 = s1.T, s2.T
     h1, h2 = (s1 * a2 * r.powers).sum(-1), (a1 * s2 * r.powers).sum(-1)
     tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
     resolved = r.value_resolved & ~_gradient_series_miss(r.x.abs(), order, r.slope, tails)
