@@ -324,3 +324,38 @@ def test_saved_solutions_serve_a_backward_pass_with_other_blocks_and_a_second_on
     saved, solved = gradient(1 << 21), gradient(0)
     assert torch.equal(saved[0], saved[1])
     assert torch.allclose(saved[0], solved[0], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu"])
+def test_eager_newton_steps_stop_when_converged_with_the_same_result(rng, monkeypatch, name):
+    # Eager blocks stop Newton's steps once the last two show the final, checked correction
+    # will meet its bound; the result is that of the fixed number of steps to rounding.
+    x = torch.as_tensor(rng.normal(size=(48, 6)))
+    w = get_activation(name).weight_variance_bound * 0.5
+    steps = []
+    original = mehler._newton_step
+
+    def counted(*args):
+        steps.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(mehler, "_newton_step", counted)
+    adaptive = equilibrium_covariance(x, activation=name, weight_variance=w, bias_variance=0.1)
+    taken = len(steps)
+    make = mehler._forward_function
+    monkeypatch.setattr(mehler, "_forward_function", lambda *args: make(*args[:-1], False))  # fixed steps
+    steps.clear()
+    fixed = equilibrium_covariance(x, activation=name, weight_variance=w, bias_variance=0.1)
+    assert taken < len(steps) == mehler.NEWTON_STEPS
+    assert torch.allclose(adaptive, fixed, rtol=0, atol=4e-16 * float(fixed.abs().max()))
+    assert torch.equal(adaptive, adaptive.mT)
+
+
+def test_newton_convergence_estimate():
+    eps = torch.finfo(torch.float64).eps
+    step = torch.tensor([0.0, 1e-6, 4e-5, 4e-5, float("nan"), 1e-3])
+    last = torch.tensor([0.0, 1e-3, 0.017, 1e-3, 1e-2, 1e-3])
+    # zero steps pass; 1e-6 after 1e-3 (C ~ 1) passes; 4e-5 after 0.017 (C ~ 0.14) passes;
+    # 4e-5 after 1e-3 (C ~ 40: bound ~ 1.6e-13) does not; NaN does not; a step that does not shrink does not.
+    assert mehler._converging(step, last, eps).tolist() == [True, True, True, False, False, False]
+    assert mehler._converging(step, None, eps).tolist() == [True, True, False, False, False, False]

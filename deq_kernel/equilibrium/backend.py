@@ -44,6 +44,7 @@ __all__ = [
     "block_elements",
     "check_output_fits",
     "fused",
+    "may_compile",
     "wait_compiled",
 ]
 
@@ -59,7 +60,11 @@ GIVE_UP_AFTER = 3
 COMPILE_AFTER_SECONDS = 20.0
 
 
-def _wants_compile(elements: int, device: torch.device) -> bool:
+def may_compile(elements: int, device: torch.device) -> bool:
+    """Whether :func:`fused` may run the kernels of a pair array of ``elements`` entries compiled.
+
+    ``False`` means they always run eagerly, so that they may use data-dependent control flow.
+    """
     mode = settings.compile.value()
     if mode is False or not hasattr(torch, "compile"):
         return False
@@ -74,7 +79,7 @@ def block_elements(total: int, device: torch.device) -> int:
     if chosen is not None:
         return chosen
     eager, compiled = BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
-    return compiled if _wants_compile(total, device) else eager
+    return compiled if may_compile(total, device) else eager
 
 
 def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -202,7 +207,7 @@ def fused(fn: Callable[..., Any], total: int, device: torch.device) -> Callable[
 
     ``total`` is the size of the whole pair array the call belongs to.
     """
-    if not _wants_compile(total, device):
+    if not may_compile(total, device):
         return fn
     background = settings.compile.value() == "auto"
 
