@@ -501,3 +501,20 @@ def test_quadrature_pair_dual_slope_and_gradient_at_high_correlation(name, rho):
     expected = float((derivative * np.outer(w, w)).sum())
     assert float(slope) == pytest.approx(expected, rel=1e-12, abs=1e-14)
     assert float(by_autograd) == pytest.approx(expected * math.sqrt(1.3 * 2.1), rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus", "gelu"])
+@pytest.mark.parametrize("cover", [0.3, 0.8, 0.9])
+def test_smallest_order_is_the_first_whose_tail_bound_holds(name, cover):
+    from deq_kernel.activations.hermite import smallest_order
+
+    q = torch.linspace(0.05, 30.0, 40, dtype=torch.float64)
+    a, d = get_activation(name).hermite_expansion(q, 64)
+    orders = (8, 16, 24, 32, 48, 64)
+    tol = 1e-12
+
+    def holds(k):  # the tail beyond order k, point by point
+        return bool(((d - (a[: k + 1] ** 2).sum(0)) / d * cover ** (k + 1) <= tol).all())
+
+    expected = next((k for k in orders if holds(k)), None)
+    assert smallest_order([a, a[:, :5]], [d, d[:5]], orders, cover, tol) == expected

@@ -25,7 +25,7 @@ __all__ = [
     "horner",
     "mapped_nodes",
     "series_tolerance",
-    "tail_ratio",
+    "smallest_order",
     "trapezoid_nodes",
     "weighted_hermite_table",
 ]
@@ -331,10 +331,27 @@ def _horner_gaps(
     return v, (d if d is not None or not derivatives else zero), (dd if dd is not None or derivatives < 2 else zero)
 
 
-def tail_ratio(coef: Tensor, total: Tensor, order: int) -> float:
-    """Largest relative tail ``T_K(q) / D(q)`` over the points."""
-    tail = total.detach() - (coef[: order + 1].detach() ** 2).sum(0)
-    return float((tail / total.detach().clamp_min(1e-300)).max()) if tail.numel() else 0.0
+def smallest_order(
+    coefs: Sequence[Tensor], totals: Sequence[Tensor], orders: Sequence[int], cover: float, tol: float
+) -> int | None:
+    """The first of ``orders`` whose truncation bound holds at ``|rho| <= cover`` for every point, or ``None``.
+
+    The bound at order ``K`` is ``max_q T_K(q) / D(q) * cover^(K+1) <= tol``, with the tail
+    ``T_K = D - sum_{k <= K} a_k^2``; the tails of every order come from one cumulative sum
+    (coefficient stacks ``(K+1, points)`` with their totals ``D``), and one transfer.
+    """
+    worst = torch.zeros(len(orders), dtype=torch.float64)
+    for coef, total in zip(coefs, totals, strict=True):
+        if not total.numel():
+            continue
+        top = min(max(orders), coef.shape[0] - 1)
+        at = torch.tensor([min(k, top) for k in orders], device=coef.device)
+        tails = total.detach() - torch.cumsum(coef[: top + 1].detach() ** 2, 0)[at]
+        ratios = (tails / total.detach().clamp_min(1e-300)).reshape(len(orders), -1).amax(-1)
+        worst = torch.maximum(worst, ratios.cpu().to(torch.float64))
+    powers = torch.tensor([cover ** (k + 1) for k in orders], dtype=torch.float64)
+    good = (worst * powers <= tol).nonzero()
+    return orders[int(good[0])] if good.numel() else None
 
 
 def pair_index(coef: Tensor, shape: torch.Size, mask: Tensor) -> Tensor:

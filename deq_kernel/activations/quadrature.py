@@ -17,7 +17,7 @@ from .hermite import (
     max_or_zero,
     pair_index,
     series_tolerance,
-    tail_ratio,
+    smallest_order,
     trapezoid_nodes,
     weighted_hermite_table,
 )
@@ -241,11 +241,8 @@ class QuadratureActivation(Activation):
         """
         tol = series_tolerance(raw[0][0].dtype)
         cover = 0.9 if coverage is None else min(max(float(coverage), 0.0), 0.9)
-        main = self._ORDERS[-2]
-        for candidate in self._ORDERS[:-1]:
-            if all(tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for _, coef, total, _ in raw):
-                main = candidate
-                break
+        main = smallest_order([r[1] for r in raw], [r[2] for r in raw], self._ORDERS[:-1], cover, tol)
+        main = self._ORDERS[-2] if main is None else main
         states = []
         for q, coef, total, weighted in raw:
             tail_main = (total - (coef[: main + 1] ** 2).sum(0)).clamp_min(0.0)

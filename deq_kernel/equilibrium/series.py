@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .._autograd import first_derivatives_only
 from ..activations import Activation
-from ..activations.hermite import horner, series_tolerance, tail_ratio
+from ..activations.hermite import horner, series_tolerance, smallest_order
 from . import backend
 from .blocks import _accumulate_product_grads, _c_block, _folded_square, _pieces, _row_blocks, _symmetrise_square
 from .newton import newton
@@ -483,11 +483,8 @@ class SeriesPlan:
 
 
 def _main_order(coefs: list[Tensor], totals: list[Tensor], cover: float, tol: float) -> int:
-    for candidate in ORDERS:
-        pairs = zip(coefs, totals, strict=True)
-        if all(tail_ratio(coef, total, candidate) * cover ** (candidate + 1) <= tol for coef, total in pairs):
-            return candidate
-    return ORDERS[-1]
+    order = smallest_order(coefs, totals, ORDERS, cover, tol)
+    return ORDERS[-1] if order is None else order
 
 
 def series_plan(
