@@ -205,8 +205,7 @@ class Activation(abc.ABC):
         """
         q64 = q.detach().to(torch.float64)
         spacing = self._series_spacing(order + 1)
-        b, second_moment = hermite_expansion(self.derivative, q64, order + 1, spacing)
-        _, weighted_moment = hermite_expansion(lambda u: self.derivative(u) * u, q64, 0, spacing)
+        b, second_moment, weighted_moment = hermite_expansion(self.derivative, q64, order + 1, spacing, moment=True)
         k = torch.arange(order + 1, dtype=torch.float64, device=q.device).reshape(-1, *([1] * q.dim()))
         up = torch.sqrt(k + 1.0) * b[1:]
         down = torch.sqrt(k[1:]) * b[:order]

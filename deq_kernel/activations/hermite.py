@@ -110,20 +110,27 @@ def hermite_table(z: Tensor, order: int) -> Tensor:
     return out
 
 
-def hermite_expansion(fn: Callable[[Tensor], Tensor], q: Tensor, order: int, spacing: float) -> tuple[Tensor, Tensor]:
+def hermite_expansion(
+    fn: Callable[[Tensor], Tensor], q: Tensor, order: int, spacing: float, *, moment: bool = False
+) -> tuple[Tensor, ...]:
     """``(a, D)`` of :meth:`Activation.hermite_expansion` for ``fn`` (``q`` float64, no gradient).
 
     The trapezoid rule on the mapped nodes of :func:`mapped_nodes` with a window of 14
-    (Hermite products grow like ``exp(z^2 / 4)``).
+    (Hermite products grow like ``exp(z^2 / 4)``). With ``moment``, also ``E[fn(u)^2 u^2]``,
+    ``u = sqrt(q) Z``, from the same nodes.
     """
     with torch.no_grad():
         q_max = max_or_zero(q)
         z, weights = mapped_nodes(q_max, spacing, 14.0)
         _, weighted = weighted_hermite_table(q_max, spacing, 14.0, order)  # (nodes, order + 1)
         z, weights, weighted = z.to(q.device), weights.to(q.device), weighted.to(q.device)
-        phi = fn(torch.sqrt(q.clamp_min(0.0)).unsqueeze(-1) * z)  # no gradient here
+        u = torch.sqrt(q.clamp_min(0.0)).unsqueeze(-1) * z
+        phi = fn(u)  # no gradient here
         coef = torch.movedim(phi @ weighted, -1, 0)
-        total = (phi * phi * weights).sum(-1)
+        square = phi * phi * weights
+        total = square.sum(-1)
+        if moment:
+            return coef, total, (square * u * u).sum(-1)
     return coef, total
 
 
