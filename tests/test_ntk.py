@@ -215,8 +215,8 @@ def test_ntk_is_the_limit_of_finite_deq_ntks(rng):
 def _fixed_point_50_digits(x, activation: str, w: float, iv: float, b: float, ov: float, output: str = "ntk"):
     """The kernel from the diagonal and pair fixed points solved at 50 digits, by bracketed root finding.
 
-    ``activation`` names a closed form: ``("leaky", a)``-style strings ``"leaky:a"``, ``"cos"``
-    or ``"erf"``; each gives the diagonal dual, the pair dual ``V(q1, q2, c)`` and the
+    ``activation`` names a closed form: ``("leaky", a)``-style strings ``"leaky:a"``, ``"cos"``,
+    ``"step"``, ``"gelu"`` or ``"erf"``; each gives the diagonal dual, the pair dual ``V(q1, q2, c)`` and the
     derivative dual ``E(q1, q2, c)`` as written in their papers.
     """
     import mpmath as mp
@@ -254,6 +254,25 @@ def _fixed_point_50_digits(x, activation: str, w: float, iv: float, b: float, ov
             def diag(q):
                 return mp.mpf(0.5)
 
+        elif activation == "gelu":
+            # E[phi'(u) phi'(v)] as (1 + d/dl)(1 + d/dm) of E[Phi(l u) Phi(m v)] = 1/4 + asin(r)/(2 pi),
+            # r = l m c / sqrt((l^2 q1 + 1)(m^2 q2 + 1)), at l = m = 1 by the chain rule; V by Price's
+            # theorem: E[phi(u)] E[phi(v)] plus the integral of that from 0 to c.
+            def slope_at(q1, q2, c):
+                a, b = q1 + 1, q2 + 1
+                r, one_minus = c / mp.sqrt(a * b), (a * b - c * c) / (a * b)
+                r_l, r_m, r_lm = c / (mp.sqrt(b) * a**1.5), c / (mp.sqrt(a) * b**1.5), c / (a * b) ** 1.5
+                first = (r_l + r_m) / mp.sqrt(one_minus)
+                mixed = r_lm / mp.sqrt(one_minus) + r_l * r_m * r / one_minus**1.5
+                return mp.mpf(1) / 4 + (mp.asin(r) + first + mixed) / (2 * mp.pi)
+
+            def pair(q1, q2, c):
+                mean = q1 / mp.sqrt(2 * mp.pi * (1 + q1)) * q2 / mp.sqrt(2 * mp.pi * (1 + q2))
+                return mean + mp.quad(lambda t: slope_at(q1, q2, t), [0, c]), slope_at(q1, q2, c)
+
+            def diag(q):
+                return pair(q, q, q)[0]
+
         else:  # erf
 
             def pair(q1, q2, c):
@@ -277,15 +296,18 @@ def _fixed_point_50_digits(x, activation: str, w: float, iv: float, b: float, ov
                 hi *= 2
             return root(f, s(i, i), hi)
 
-        q = [diagonal(i) for i in range(len(rows))]
+        q = [s(i, i) if w == 0 else diagonal(i) for i in range(len(rows))]
         out = np.empty((len(rows), len(rows)))
         for i in range(len(rows)):
-            for j in range(len(rows)):
+            for j in range(i, len(rows)):  # every form is symmetric in the pair
                 r = mp.sqrt(q[i] * q[j])
-                cov = q[i] if i == j else root(lambda t, i=i, j=j: t - w * pair(q[i], q[j], t)[0] - s(i, j), -r, r)
+                if i == j or w == 0:  # without the equilibrium, K* = s
+                    cov = q[i] if i == j else s(i, j)
+                else:
+                    cov = root(lambda t, i=i, j=j: t - w * pair(q[i], q[j], t)[0] - s(i, j), -r, r)
                 value, slope = pair(q[i], q[j], cov)
                 tangent = value + slope * cov / (1 - w * slope)
-                out[i, j] = float({"nngp": ov * value, "preactivation": cov, "ntk": ov * tangent}[output])
+                out[i, j] = out[j, i] = float({"nngp": ov * value, "preactivation": cov, "ntk": ov * tangent}[output])
     return out
 
 
@@ -300,6 +322,7 @@ _COS_NEAR_X = [
 ]
 _STEP_X = [[263556.128719064], [-1773964.7380981196], [306684.9774561852], [-1920305.3951625698], [1346180.67890585]]
 _ERF_X = [[-534469.59], [1219645.48], [817950.91], [1397580.49], [1031971.27]]
+_GELU_X = [[89552.95778940094], [89552.95787905391], [72312.04970471389], [72188.65471252028], [20388.03907022545]]
 #: (activation, its reference closed form, inputs, (w, iv, b, ov), output, what went wrong)
 NEAR_ONE = [
     # Inputs a millionth apart with a large bias near the bound: the pair equation's
@@ -341,6 +364,9 @@ NEAR_ONE = [
     # erf at scale 1e6, collinear: the rounding of t reached the entries as eps sqrt(q) through
     # the arcsine's slope (NNGP 2e-10, NTK 1e-4 off).
     *[("erf", "erf", _ERF_X, (0.25832, 5.56835, 0.0, 1.28589), out) for out in ("nngp", "preactivation", "ntk")],
+    # gelu without the equilibrium at scale 1e5, near-duplicate rows (sweep seed 9): the
+    # complement q1 q2 - K*^2 from the rounded correlation moved the derivative dual by 1e-12.
+    ("gelu", "gelu", _GELU_X, (0.0, 3.5276, 4.5769, 1.58204), "ntk"),
     # The step at large weight variance and scale 1e5: its dual's slope is infinite at one.
     *[("step", "step", _STEP_X, (7.93842, 7.09872, 4.94066, 1.76057), out) for out in ("nngp", "preactivation")],
 ]

@@ -85,11 +85,13 @@ class Offers:
         method on the diagonal equation converges from ``q = s`` without a bracket
         (:func:`deq_kernel.equilibrium.diagonal.monotone_diagonal`), and ``D`` is cheap
         enough to solve every point of a diagonal directly.
-    near_one : {"angle", "distance", "arcsine", "step"} or None
+    near_one : {"angle", "distance", "arcsine", "step", "gram"} or None
         The pairs near correlation one can be re-solved in a complement of the correlation
         (:mod:`deq_kernel.equilibrium.complement`): ``"angle"`` for the relu family and
         ``"distance"`` (``q1 + q2 - 2 K*``) for cos (the tangent kernel), ``"arcsine"``
-        (``1 - t``) for erf and ``"step"`` (the angle) for the step (every output).
+        (``1 - t``) for erf and ``"step"`` (the angle) for the step (every output);
+        ``"gram"`` (gelu's tangent kernel) only at ``weight_variance = 0``, where ``K*`` is the
+        input covariance and ``q1 q2 - K*^2`` the inputs' Gram complement.
     """
 
     pair_equation: str | None = None

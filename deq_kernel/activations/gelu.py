@@ -33,7 +33,7 @@ class Gelu(Activation):
 
     name = "gelu"
     weight_variance_bound = 1.728
-    offers = Offers(hermite_series=True)
+    offers = Offers(hermite_series=True, near_one="gram")
 
     def __call__(self, x: Tensor) -> Tensor:
         return x * _normal_cdf(x)
@@ -46,8 +46,13 @@ class Gelu(Activation):
         return Gelu._value_and_slope(q1, q2, c, slope=False)[0]
 
     @staticmethod
-    def _value_and_slope(q1: Tensor, q2: Tensor, c: Tensor, *, slope: bool = True) -> tuple[Tensor, Tensor | None]:
+    def _value_and_slope(
+        q1: Tensor, q2: Tensor, c: Tensor, *, slope: bool = True, complement: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """``V`` and (with ``slope``) ``dV/dc = E[phi'(u) phi'(v)]``, the dual of :class:`_GeluDerivative`.
+
+        ``complement``: ``q1 q2 - c^2`` where the caller knows it more accurately than from
+        ``c`` (near correlation one it is a difference of two nearly equal numbers).
 
         The slope is that dual's closed form, not the derivative of ``V``'s expression: the
         terms of ``V`` are of the size of the variances, and differentiating them term by term
@@ -60,7 +65,7 @@ class Gelu(Activation):
         # residual covariance of (u, v) given (a, b) is c/Delta.
         root = safe_sqrt(q1 * q2)
         rho = safe_divide(c, root).clamp(-1.0, 1.0)
-        e = q1 * q2 * (1.0 - rho) * (1.0 + rho)
+        e = q1 * q2 * (1.0 - rho) * (1.0 + rho) if complement is None else complement
         a = q1 + 1.0
         b = q2 + 1.0
         det = e + q1 + q2 + 1.0

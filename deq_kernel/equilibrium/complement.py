@@ -1,4 +1,4 @@
-r"""Pairs near correlation +-1, re-solved in a complement of the correlation (relu family, cos, erf).
+r"""Pairs near correlation +-1, re-solved in a complement of the correlation (relu family, cos, erf, step, gelu).
 
 The activations whose ``offers.near_one`` names a complement have a pair equation that can be
 written in it in closed form: the relu family in the angle (below), cos in the distance
@@ -10,7 +10,9 @@ eigenvalues of -3e-12, and NNGP kernels with eigenvalues of -1.06e-12 of the lar
 rounding of ``t`` into ``eps sqrt(q)`` in every output), and the step in its angle
 (:func:`_step_outputs`; its dual ``(pi - theta)/(2 pi)`` has an infinite slope at both ends).
 The relu family corrects the tangent kernel; cos, erf and the step every output, the last
-two near -1 as well.
+two near -1 as well. gelu's tangent kernel is corrected only without the equilibrium
+(``weight_variance = 0``), where ``q1 q2 - K*^2`` is the inputs' Gram complement
+(:func:`_gram_outputs`); with it, a complement of gelu's pair equation is not written yet.
 
 The derivative dual of a piecewise-linear activation is :math:`\kappa'(\rho) = m - g\theta`
 (``theta = arccos rho``, ``g = (1-a)^2/(2 pi)``, ``m = (1+a^2)/2``): its slope in ``rho`` is
@@ -127,6 +129,8 @@ def near_one(
     if skip is None:
         skip = (p.rows(p.q1) * p.cols(p.q2)).detach() == 0
     near = near & ~skip
+    if act.offers.near_one == "gram":
+        near = near & (w.detach() == 0)  # one layer: K* = s12 (see _gram_outputs)
     if not bool(near.any()):
         return out
     idx = near.nonzero(as_tuple=True)
@@ -138,6 +142,8 @@ def near_one(
             solved = _distance_outputs(pairs, output)
         elif act.offers.near_one == "step":
             solved = _step_outputs(pairs, output)
+        elif act.offers.near_one == "gram":
+            solved = _gram_outputs(act, pairs, output)
         else:
             solved = _arcsine_outputs(pairs, output)
         change = torch.zeros(near.shape, dtype=out.dtype, device=out.device)
@@ -249,6 +255,23 @@ def _distance_outputs(n: _Near, output: str) -> Tensor:
     if output == "nngp":
         return n.ov * value
     return n.ov * (value + slope * cov / (1.0 - n.w * slope))
+
+
+def _gram_outputs(act: Activation, n: _Near, output: str) -> Tensor:
+    r"""gelu's tangent kernel at ``weight_variance = 0``, with ``q1 q2 - K*^2`` from the inputs.
+
+    Without the equilibrium (one layer) ``q = s`` and ``K* = s12``, so the complement its closed
+    form reads, :math:`q_1 q_2 - K^{*2} = s_{11}s_{22} - s_{12}^2`, is the inputs' Gram
+    complement, exact however close the inputs; from the rounded correlation it erred by
+    ``eps q1 q2``, which at variances of 1e10 moved the derivative dual by 1e-12 of itself
+    and gave near-duplicate rows a tangent kernel with an eigenvalue of -2.3e-12 of the
+    largest entry.
+    """
+    if output != "ntk":  # the NNGP kernel and K* keep their accuracy there
+        raise ValueError(f"the Gram complement serves the tangent kernel only, not {output!r}")
+    q1, q2 = torch.minimum(n.s11, n.s22), torch.maximum(n.s11, n.s22)
+    value, slope = act._value_and_slope(q1, q2, n.s12, complement=_gram_complement(n))
+    return n.ov * (value + slope * n.s12)
 
 
 def _arcsine_outputs(n: _Near, output: str) -> Tensor:
