@@ -191,6 +191,23 @@ REGRESSIONS = [
         True,
         "1 - t re-solved where rho, not t, was near one (t ~ 1e-12): eigenvalue -2e-6",
     ),
+    (
+        "cos",
+        [[0.0], [-805948.4154217], [805948.4154217]],
+        _hyper(0.36360, iv=4.0479, ov=2.2474),
+        True,
+        "antipodal points read as near-duplicates from the even dual: infinite NNGP entries",
+    ),
+    (
+        "cos",
+        [
+            [142.0572950238075, -78.12513478113343, -191.27550737464475],
+            [-142.0572950238075, 78.12513478113343, 191.27550737464475],
+        ],
+        _hyper(1.99901, iv=8.1066, b=1.4253, ov=0.95723),
+        False,
+        "antipodal points near the bound, float32: infinite NNGP entries",
+    ),
 ]
 
 

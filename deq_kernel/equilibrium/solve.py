@@ -72,7 +72,7 @@ def solve(
         out = _pair_output(act, pairs, w_b, ov_b, output == "nngp")
         with torch.no_grad():
             if output == "nngp":
-                rho = _value_correlation(act, pairs, out / torch.where(ov_b > 0, ov_b, 1.0))
+                rho = _value_correlation(act, pairs, out / torch.where(ov_b > 0, ov_b, 1.0), w_b)
             else:
                 rho = pairs.correlation(out)
         out = near_one(act, pairs, rho, None, out, w_b, ov_b, output)
@@ -125,20 +125,19 @@ def _repeated_points(x1: Tensor, x2: Tensor, symmetric: bool) -> Tensor | None:
     return same if bool(same.any()) else None
 
 
-def _value_correlation(act: Activation, p: Pairs, value: Tensor) -> Tensor:
+def _value_correlation(act: Activation, p: Pairs, value: Tensor, w: Tensor) -> Tensor:
     """The correlation of pairs from their dual ``E[phi(u) phi(v)]``, for the step and cos (to find those near +-1).
 
-    The step's dual is ``(pi - theta) / (2 pi)``, so ``rho = -cos(2 pi V)``. cos has
-    ``V = (e^{-Delta/2} + e^{Delta/2 - Q}) / 2``, ``Q = q1 + q2``, ``Delta = Q - 2 K*``: a quadratic in
-    ``y = e^{-Delta/2}`` whose larger root is ``V + sqrt(V^2 - e^{-Q})`` (``Delta <= Q``).
+    The step's dual is ``(pi - theta) / (2 pi)``, so ``rho = -cos(2 pi V)``. cos's dual
+    ``e^{-Q/2} cosh(K*)`` is even in ``K*`` and does not give its sign (reading it back as the
+    larger root took antipodal points for near-duplicates, and their re-solve overflowed to an
+    infinite kernel); the pair equation does: ``K* = s12 + w V``.
     """
     if act.offers.near_one == "step":
         return -torch.cos((2.0 * math.pi) * value)
-    q1, q2 = p.rows(p.q1), p.cols(p.q2)
-    total = q1 + q2
-    y = value + torch.sqrt((value * value - torch.exp(-total)).clamp_min(0.0))
-    distance = -2.0 * torch.log(y.clamp_min(torch.finfo(value.dtype).tiny))
-    return ((total - distance) / (2.0 * torch.sqrt(q1 * q2)).clamp_min(torch.finfo(value.dtype).tiny)).clamp(-1.0, 1.0)
+    cov = inner(p) + w * value
+    tiny = torch.finfo(value.dtype).tiny
+    return (cov / torch.sqrt(p.rows(p.q1) * p.cols(p.q2)).clamp_min(tiny)).clamp(-1.0, 1.0)
 
 
 def _pair_output(act: Activation, p: Pairs, w: Tensor, ov: Tensor, nngp: bool) -> Tensor:
