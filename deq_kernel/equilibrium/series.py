@@ -374,7 +374,13 @@ def _gradient_from(
 
 @functools.lru_cache(maxsize=64)
 def _backward_function(
-    exps: tuple[int, ...], order: int, steps: int, value: bool, eps: float, stacked: bool = False
+    exps: tuple[int, ...],
+    order: int,
+    steps: int,
+    value: bool,
+    eps: float,
+    stacked: bool = False,
+    adaptive: bool = False,
 ) -> Callable[..., Any]:
     low = _low_positions(exps)
 
@@ -391,7 +397,8 @@ def _backward_function(
         *block: Tensor,
     ) -> tuple[Tensor, ...]:
         c, q1, q2, a1, a2, tau1, tau2 = block
-        rho, h, dh, alpha, flag = _solve(c, q1, q2, a1, a2, tau1, tau2, params, exps, low, order, steps, eps, stacked)
+        pairs = (c, q1, q2, a1, a2, tau1, tau2, params)
+        rho, h, dh, alpha, flag = _solve(*pairs, exps, low, order, steps, eps, stacked, adaptive)
         tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
         series = (a1, a2, da1, da2)
         return _gradient_terms(
@@ -507,6 +514,8 @@ def series_plan(
     A fixed sample of pairs, solved with the series at the top order, sets the order (its
     correlations' 99.9% quantile plus 0.05, at most 0.9) and then the Newton steps: the
     fewest, up to :data:`NEWTON_STEPS`, after which no sampled pair misses the error bound.
+    Arrays whose blocks always run eagerly stop their steps by themselves (:func:`_solve`'s
+    ``adaptive``) and skip that count.
     """
     top = ORDERS[-1]
     first = act.hermite_expansion(q1, top)
@@ -524,7 +533,7 @@ def series_plan(
         cover = min(float(torch.quantile(r, 0.999)) + 0.05, 0.9)
     order = _main_order([coef1, coef2], [total1, total2], cover, tol)
     exps = _kept([coef1[: order + 1], coef2[: order + 1]], [total1, total2], order)
-    if sample is not None:
+    if sample is not None and backend.may_compile(lhs.shape[-2] * rhs.shape[-2], lhs.device):
         steps = _fewest_steps(sample, exps)
 
     def stack(coef: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
@@ -595,6 +604,7 @@ def _solve_sample(sample: tuple[Tensor, ...], exps: tuple[int, ...], steps: int)
             exps[-1],
             steps,
             torch.finfo(f64).eps,
+            adaptive=True,
         )
     return rho, flag
 
@@ -751,7 +761,8 @@ class _SeriesKernel(torch.autograd.Function):
         if saved is not None:
             backward_block = _backward_saved_function(plan.exps, plan.order, value, stacked)
         else:
-            backward_block = _backward_function(plan.exps, plan.order, plan.steps + 1, value, eps, stacked)
+            adaptive = not backend.may_compile(n * m, device)
+            backward_block = _backward_function(plan.exps, plan.order, plan.steps + 1, value, eps, stacked, adaptive)
         kernel = backend.fused(backward_block, n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
         slopes = ctx.slopes if ctx.slopes is not None else _slope_data(plan, q1, q2, symmetric, dtype)
