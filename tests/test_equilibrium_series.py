@@ -127,10 +127,9 @@ def test_backward_reuses_the_handed_pairs_of_the_forward_pass(rng, monkeypatch):
     assert plans[0].handed > 0 and plans[0].calls == 1
     weights = torch.as_tensor(rng.normal(size=(30, 30)))
     first = torch.autograd.grad((k * weights).sum(), [x, w], retain_graph=True)
-    # Pairs solved again in the backward pass (whose gradient series alone missed its bound)
-    # are other pairs than the forward pass's.
-    forward, *backward = plans[0].pairs
-    assert all(not (forward & later) for later in backward)
+    # The pairs whose gradient series alone missed its bound, even at the longer order, were
+    # found in the forward pass and solved with the others there: no call in the backward pass.
+    assert plans[0].calls == 1
     second = torch.autograd.grad((k * weights).sum(), [x, w])
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)

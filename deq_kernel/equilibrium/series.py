@@ -712,14 +712,19 @@ class _SeriesKernel(torch.autograd.Function):
             # A longer series first (for tanh it takes almost all of them), then the general solver.
             r = _refined(plan, gi, gj, c_vals, q1, q2, w, symmetric)
             if saving:
+                # The gradients' bounds too: the pairs that the longer series leaves open for
+                # either pass go to the general solver once, here, with their graph kept.
+                r = _with_slopes(plan, r, gi, gj, q1, q2, dtype, symmetric)
                 ctx.refined = (gi * m + gj, r)
-            # Only the pairs whose value missed its bound: the others' gradients alone need more.
-            gi, gj, c_vals, r = gi[missed], gj[missed], c_vals[missed], _take(r, missed)
-            refined = (r.h if value else r.x * torch.sqrt(r.qa * r.qb)).to(dtype)
-            result[gi, gj] = refined * scale_d.reshape(())  # the unresolved ones are overwritten below
+                left = ~r.resolved
+            else:
+                left = missed & ~r.value_resolved
+            # The values of the pairs whose value missed its bound (the others' met it).
+            ri, rj, rr = gi[missed], gj[missed], _take(r, missed)
+            refined = (rr.h if value else rr.x * torch.sqrt(rr.qa * rr.qb)).to(dtype)
+            result[ri, rj] = refined * scale_d.reshape(())  # the unresolved ones are overwritten below
             if symmetric:
-                result[gj, gi] = result[gi, gj]
-            left = ~r.value_resolved
+                result[rj, ri] = result[ri, rj]
             handed = bool(left.any())
             gi, gj, c_vals = gi[left], gj[left], c_vals[left]
         if handed:
@@ -933,9 +938,8 @@ def _exact_gradient(
             r = _take(refined[1], position) if bool(found.all()) else None
         if r is None:
             r = _refined(plan, i[at], j[at], c[at], q1, q2, w, symmetric)
-        resolved, lam, e1, e2, gw, gs = _refined_gradient(
-            plan, r, i[at], j[at], q1, q2, g[at], scale, value, c.dtype, symmetric
-        )
+            r = _with_slopes(plan, r, i[at], j[at], q1, q2, c.dtype, symmetric)
+        resolved, lam, e1, e2, gw, gs = _refined_gradient(r, g[at], scale, value, c.dtype)
         done = at[resolved]
         g_c[done], g_q1[done], g_q2[done] = lam[resolved], e1[resolved], e2[resolved]
         g_w, g_scale = g_w + gw, g_scale + gs
@@ -986,6 +990,10 @@ class _Refined(NamedTuple):
     coefs: tuple[Tensor, Tensor]
     tails: tuple[Tensor, Tensor]
     value_resolved: Tensor
+    #: Filled by :func:`_with_slopes`: ``dh/dq1``, ``dh/dq2``, and the verdict of all four bounds.
+    h1: Tensor | None = None
+    h2: Tensor | None = None
+    resolved: Tensor | None = None
 
 
 def _per_point(fn: Callable[[Tensor], tuple[Tensor, ...]], q: Tensor, *indices: Tensor) -> list[tuple[Tensor, ...]]:
@@ -1051,31 +1059,21 @@ def _refined(
 
 def _take(r: _Refined, at: Tensor) -> _Refined:
     """The pairs ``at`` (an index or a mask) of ``r``."""
-    return _Refined(*(tuple(t[at] for t in f) if isinstance(f, tuple) else f[at] for f in r))
+    return _Refined(*(tuple(t[at] for t in f) if isinstance(f, tuple) else f if f is None else f[at] for f in r))
 
 
-def _refined_gradient(
-    plan: SeriesPlan,
-    r: _Refined,
-    i: Tensor,
-    j: Tensor,
-    q1: Tensor,
-    q2: Tensor,
-    g: Tensor,
-    scale: Tensor,
-    value: bool,
-    dtype: torch.dtype,
-    symmetric: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(resolved, dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of the pairs ``(i, j)``, from :func:`_refined`'s ``r``.
+def _with_slopes(
+    plan: SeriesPlan, r: _Refined, i: Tensor, j: Tensor, q1: Tensor, q2: Tensor, dtype: torch.dtype, symmetric: bool
+) -> _Refined:
+    """``r`` with the series of ``dh/dq1`` and ``dh/dq2`` at its roots, and ``resolved``: the pairs whose
+    truncation bounds of all four series (``h``, ``h'`` and the two slopes) hold at :data:`REFINED_ORDER`.
 
-    The gradient terms read ``h, h'`` and the ``q`` slopes at the refined root; ``resolved``
-    marks the pairs for which the truncation bounds of all four series hold at that order
-    (the others, and their contributions, are left at zero).
+    The coefficients' ``q`` slopes are computed once per point (once for rows and columns
+    together where ``symmetric``).
     """
     f64 = torch.float64
     order = REFINED_ORDER
-    k = torch.arange(order + 1, dtype=f64, device=g.device)
+    k = torch.arange(order + 1, dtype=f64, device=r.x.device)
     tol = series_tolerance(dtype)
 
     def slopes(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -1092,10 +1090,22 @@ def _refined_gradient(
     h1, h2 = (s1 * a2 * r.powers).sum(-1), (a1 * s2 * r.powers).sum(-1)
     tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
     resolved = r.value_resolved & ~_gradient_series_miss(r.x.abs(), order, r.slope, tails)
+    return r._replace(h1=h1, h2=h2, resolved=resolved)
+
+
+def _refined_gradient(
+    r: _Refined, g: Tensor, scale: Tensor, value: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(resolved, dL/dc, dL/dq1, dL/dq2, dL/dw, dL/dscale)`` of pairs that :func:`_with_slopes` completed as ``r``.
+
+    The gradient terms read ``h, h'`` and the ``q`` slopes at the refined root; the pairs not
+    ``resolved``, and their contributions, are left at zero.
+    """
+    f64 = torch.float64
     lam, e1, e2, _, gw, gs = _gradient_from(
-        r.x, r.h, r.dh, h1, h2, r.alpha, ~resolved, g.to(f64), scale.to(f64), r.qa, r.qb, value
+        r.x, r.h, r.dh, r.h1, r.h2, r.alpha, ~r.resolved, g.to(f64), scale.to(f64), r.qa, r.qb, value
     )
-    return resolved, lam.to(dtype), e1.to(dtype), e2.to(dtype), gw.sum().to(dtype), gs.sum().to(dtype)
+    return r.resolved, lam.to(dtype), e1.to(dtype), e2.to(dtype), gw.sum().to(dtype), gs.sum().to(dtype)
 
 
 def series_kernel(
