@@ -277,7 +277,7 @@ def _gradient_terms(
     a2: Tensor,
     da1: Tensor,
     da2: Tensor,
-    tails: tuple[Tensor, ...],
+    tails: tuple[Tensor, ...] | None,
     exps: tuple[int, ...],
     order: int,
     value: bool,
@@ -288,9 +288,11 @@ def _gradient_terms(
     ``tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)`` (see :meth:`SeriesPlan.slopes`). The
     series of ``dV/dq`` and ``dV/drho`` are cut where ``V``'s is, but their coefficients decay
     more slowly; a pair whose truncation bound for them, amplified by ``1 / r'`` as ``V``'s is,
-    exceeds the tolerance is flagged for the general solver too.
+    exceeds the tolerance is flagged for the general solver too. ``tails=None``: ``flag``
+    already holds those pairs (the forward pass found them).
     """
-    flag = flag | _gradient_series_miss(rho.abs(), order, 1.0 - alpha * dh, tails)
+    if tails is not None:
+        flag = flag | _gradient_series_miss(rho.abs(), order, 1.0 - alpha * dh, tails)
     h1, _, _ = _series(rho, _terms(da1, a2, stacked), exps, 0)
     h2, _, _ = _series(rho, _terms(a1, da2, stacked), exps, 0)
     return _gradient_from(rho, h, dh, h1, h2, alpha, flag, grad, scale, q1, q2, value)
@@ -418,10 +420,6 @@ def _backward_saved_function(
         params: Tensor,
         da1: Tensor,
         da2: Tensor,
-        sigma1: Tensor,
-        sigma2: Tensor,
-        omega1: Tensor,
-        omega2: Tensor,
         rho: Tensor,
         h: Tensor,
         dh: Tensor,
@@ -433,12 +431,10 @@ def _backward_saved_function(
         tau1: Tensor,
         tau2: Tensor,
     ) -> tuple[Tensor, ...]:
+        # flag: the forward pass's, the gradient series' misses included.
         alpha = params[0] / torch.sqrt(q1 * q2)
-        tails = (tau1, tau2, sigma1, sigma2, omega1, omega2)
         series = (a1, a2, da1, da2)
-        return _gradient_terms(
-            rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, tails, exps, order, value, stacked
-        )
+        return _gradient_terms(rho, h, dh, alpha, flag, grad, scale, q1, q2, *series, None, exps, order, value, stacked)
 
     return backward_block
 
@@ -671,8 +667,7 @@ class _SeriesKernel(torch.autograd.Function):
         # Small arrays whose gradient will be asked for keep each block's solution for the
         # backward pass, which then evaluates two series per pair instead of solving again.
         saving = any(ctx.needs_input_grad[4:10]) and n * m <= SAVE_ELEMENTS
-        stacked = len(plan.exps) * n * m <= STACK_ELEMENTS
-        adaptive = not backend.may_compile(n * m, device)
+        stacked, adaptive = _block_variant(plan, n * m, device)
         forward_block = _forward_function(plan.exps, plan.order, plan.steps, value, eps, saving, stacked, adaptive)
         kernel = backend.fused(forward_block, n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
@@ -691,11 +686,12 @@ class _SeriesKernel(torch.autograd.Function):
                 solution = kernel(dest, flag, scale_d, params, c, *point)
                 both = flag
                 if saving:
-                    ctx.solutions.append((rows, cols, mirrored, *solution, flag.clone()))
                     rho, _, dh = solution
                     slope = 1.0 - params[0] / torch.sqrt(point[0] * point[1]) * dh
                     tails = (*point[4:], *_block_tails(ctx.slopes, rows, cols))
                     both = flag | _gradient_series_miss(rho.abs(), plan.order, slope, tails)
+                    # The backward pass reads these flags instead of testing the bounds again.
+                    ctx.solutions.append((rows, cols, mirrored, *solution, both))
                 if symmetric and not mirrored:
                     flag, both = _upper(flag, diagonal is not None), _upper(both, diagonal is not None)
                 if bool(both.any()):
@@ -762,11 +758,10 @@ class _SeriesKernel(torch.autograd.Function):
             grad.diagonal().zero_()  # the overridden entries do not depend on the rest
         params = w.detach().reshape(1).to(dtype)
         saved = None if ctx.solutions is None else list(ctx.solutions)
-        stacked = len(plan.exps) * n * m <= STACK_ELEMENTS
+        stacked, adaptive = _block_variant(plan, n * m, device)
         if saved is not None:
             backward_block = _backward_saved_function(plan.exps, plan.order, value, stacked)
         else:
-            adaptive = not backend.may_compile(n * m, device)
             backward_block = _backward_function(plan.exps, plan.order, plan.steps + 1, value, eps, stacked, adaptive)
         kernel = backend.fused(backward_block, n * m, device)
         q1c, q2r = q1.detach().reshape(n, 1), q2.detach().reshape(1, m)
@@ -796,11 +791,11 @@ class _SeriesKernel(torch.autograd.Function):
             c = _c_block(lhs, rhs, rows, cols, True, two_sided)
             point = _point_blocks(plan, q1c, q2r, rows, cols)
             da1, da2 = slopes[0][rows], slopes[1][:, cols]
-            tails = (da1, da2, *_block_tails(slopes, rows, cols))
             if saved is not None:
                 rho, h, dh, flag = saved[k][3:]
-                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, *tails, rho, h, dh, flag, *point)
+                lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, da1, da2, rho, h, dh, flag, *point)
             else:
+                tails = (da1, da2, *_block_tails(slopes, rows, cols))
                 lam, e1, e2, flag, gw_b, gs_b = kernel(g, scale_d, params, *tails, c, *point)
             g_w += gw_b.sum()
             g_scale += gs_b.sum()
@@ -842,6 +837,15 @@ class _SeriesKernel(torch.autograd.Function):
             g_scale.reshape(scale.shape) if needs[9] else None,
             grad_diag,
         )
+
+
+def _block_variant(plan: SeriesPlan, pairs: int, device: torch.device) -> tuple[bool, bool]:
+    """``(stacked, adaptive)`` of the block functions of a call with ``pairs`` entries, the same for both passes.
+
+    ``stacked``: the coefficients formed at once (:func:`_terms`), for small arrays;
+    ``adaptive``: Newton's steps stop early (:func:`_solve`), where the blocks always run eagerly.
+    """
+    return len(plan.exps) * pairs <= STACK_ELEMENTS, not backend.may_compile(pairs, device)
 
 
 def _slope_data(plan: SeriesPlan, q1: Tensor, q2: Tensor, symmetric: bool, dtype: torch.dtype) -> tuple[Tensor, ...]:
